@@ -1,0 +1,1 @@
+"""Evaluation harness (VQA benchmarks, metrics, runners). Not built yet: see the eval issue."""

@@ -1,0 +1,6 @@
+"""Hot-path ops of vlm_prune: a reference PyTorch implementation of each (the CPU path and the
+test oracle), with fused Triton kernels beside them where they pay (see issue: kernels)."""
+
+from .cls_attention import cls_attention_scores
+
+__all__ = ["cls_attention_scores"]

@@ -1,0 +1,2 @@
+"""Model-family patches: one module per family, selected by `config.model_type`
+(see vlm_prune.registry.FAMILIES)."""

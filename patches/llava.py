@@ -1,0 +1,170 @@
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`, model_type "llava"): prune before the LLM.
+
+Seam: a forward pre-hook on the inner `LlavaModel`. It runs `get_image_features` itself (the
+same call LlavaModel.forward makes), reduces each image's tokens with the method, and hands the
+model `inputs_embeds` of the shortened sequence with `pixel_values=None`, so LlavaModel.forward
+goes straight to the language model. Nothing in transformers is modified.
+
+[CLS] attention: forward hooks on the chosen vision layers' q_proj / k_proj keep the [CLS]
+query row and the keys; the row softmax(q_cls . K^T * scale) is computed from them
+(`vlm_prune.kernels.cls_attention_scores`), so the tower keeps SDPA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+
+from vlm_prune.kernels import cls_attention_scores
+
+from .base import ImageTokens, VisionStagePatch
+
+
+class LlavaPatch(VisionStagePatch):
+    default_positions = "renumber"  # what the LLaVA pruning papers do
+
+    def check_model(self) -> None:
+        inner = self.model.model
+        self.vision_layers = self._encoder_layers(inner.vision_tower)
+        self.has_cls = hasattr(getattr(inner.vision_tower, "embeddings", None), "class_embedding") or hasattr(
+            getattr(getattr(inner.vision_tower, "vision_model", None), "embeddings", None), "class_embedding"
+        )
+        self.score_layers: tuple[int, ...] = ()
+        if "cls_attention" in self.method.needs:
+            if not self.has_cls:
+                raise ValueError(
+                    f"method {self.config.method!r} needs a [CLS] token, but the vision tower "
+                    f"{type(inner.vision_tower).__name__} has none; use a method without "
+                    "[CLS] signals (e.g. 'pool', 'random')"
+                )
+            self.score_layers = self._resolve_layers(self.config.options.get("layers"))
+
+    # -- layers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _encoder_layers(vision_tower) -> torch.nn.ModuleList:
+        tower = getattr(vision_tower, "vision_model", vision_tower)  # transformers < 5 nests it
+        return tower.encoder.layers
+
+    def _feature_producing_layer(self) -> int:
+        """Index into encoder.layers of the layer whose output is hidden_states[vision_feature_layer]."""
+        feature_layer = self.model.config.vision_feature_layer
+        if not isinstance(feature_layer, int):
+            feature_layer = max(f % (len(self.vision_layers) + 1) for f in feature_layer)
+        produced_by = feature_layer % (len(self.vision_layers) + 1) - 1
+        if produced_by < 0:
+            raise ValueError(
+                f"vision_feature_layer={feature_layer} selects the embeddings; no attention layer "
+                "produces them, so pass layers=[...] to cls_attention"
+            )
+        return produced_by
+
+    def _resolve_layers(self, layers: tuple[int, ...] | None) -> tuple[int, ...]:
+        n = len(self.vision_layers)
+        if layers is None:
+            return (self._feature_producing_layer(),)
+        bad = [layer for layer in layers if not -n <= layer < n]
+        if bad:
+            raise ValueError(f"layers={list(layers)}: {bad} out of range for a vision tower of {n} layers ([-{n}, {n - 1}])")
+        resolved = tuple(sorted(layer % n for layer in layers))
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(f"layers={list(layers)} names the same layer twice")
+        return resolved
+
+    # -- family hooks ------------------------------------------------------------------------
+
+    def target_module(self) -> torch.nn.Module:
+        return self.model.model
+
+    def image_token_mask(self, kw: dict[str, Any]) -> torch.Tensor:
+        token_id = self.model.config.image_token_id
+        if kw.get("input_ids") is not None:
+            return kw["input_ids"] == token_id
+        image_embed = self.embed(torch.tensor([[token_id]], device=kw["inputs_embeds"].device))
+        return (kw["inputs_embeds"] == image_embed).all(-1)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model.get_input_embeddings()(input_ids)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = getattr(self.model.config.text_config, "pad_token_id", None)
+        return 0 if pad is None else int(pad)
+
+    def encode_images(self, kw: dict[str, Any]) -> list[ImageTokens]:
+        named = {
+            "pixel_values", "vision_feature_layer", "vision_feature_select_strategy", "image_sizes",
+            "input_ids", "attention_mask", "position_ids", "cache", "past_key_values",
+            "inputs_embeds", "mm_encoder_outputs",
+        }
+        extra = {k: v for k, v in kw.items() if k not in named}
+        with self._capture_cls_attention() as captured:
+            out = self.model.model.get_image_features(
+                pixel_values=kw["pixel_values"],
+                vision_feature_layer=kw.get("vision_feature_layer"),
+                vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
+                image_sizes=kw.get("image_sizes"),
+                return_dict=True,
+                **extra,
+            )
+        features = list(out.pooler_output)
+        scores = captured.get("cls_attention")
+        strategy = kw.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+        # With "full", a CLIP tower's [CLS] feature is the first token: keep it, prune the patches.
+        n_prefix = 1 if (strategy == "full" and self.has_cls) else 0
+        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        images = []
+        for i, feats in enumerate(features):
+            if feats.shape[0] - n_prefix != side * side:
+                raise ValueError(
+                    f"image {i} gives {feats.shape[0]} visual tokens; expected a {side}x{side} patch "
+                    f"grid{' plus [CLS]' if n_prefix else ''}"
+                )
+            signals = {"cls_attention": scores[i, 1:]} if scores is not None else {}
+            images.append(ImageTokens(feats, (side, side), signals, n_prefix))
+        return images
+
+    @contextlib.contextmanager
+    def _capture_cls_attention(self):
+        """Yields a dict that holds, once the tower ran, "cls_attention": [I, T] float32, the
+        [CLS] attention rows of `score_layers` summed (T includes the [CLS] key itself)."""
+        self._signal_s = 0.0
+        result: dict[str, torch.Tensor] = {}
+        if not self.score_layers:
+            yield result
+            return
+        captured: dict[int, dict[str, torch.Tensor]] = {}
+        handles = []
+        for layer_idx in self.score_layers:
+            attn = self.vision_layers[layer_idx].self_attn
+            slot = captured.setdefault(layer_idx, {})
+            # q: only the [CLS] row is kept; k: all keys. Both are the layer's own projections.
+            handles.append(attn.q_proj.register_forward_hook(_store(slot, "q", first_row=True)))
+            handles.append(attn.k_proj.register_forward_hook(_store(slot, "k")))
+        try:
+            yield result
+        finally:
+            for h in handles:
+                h.remove()
+        start = time.perf_counter()
+        total = None
+        for layer_idx in self.score_layers:
+            attn = self.vision_layers[layer_idx].self_attn
+            q, k = captured[layer_idx]["q"], captured[layer_idx]["k"]
+            heads, head_dim = attn.num_heads, attn.head_dim
+            query = q.view(q.shape[0], heads, head_dim)
+            keys = k.view(k.shape[0], k.shape[1], heads, head_dim).transpose(1, 2)
+            row = cls_attention_scores(query, keys, attn.scale)
+            total = row if total is None else total + row
+        result["cls_attention"] = total
+        self._signal_s = time.perf_counter() - start
+
+
+def _store(slot: dict[str, torch.Tensor], key: str, first_row: bool = False):
+    def hook(module, inputs, output):
+        slot[key] = output[:, 0] if first_row else output
+
+    return hook

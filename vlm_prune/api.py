@@ -1,0 +1,98 @@
+"""The public entry points: patch / unpatch / pruned, and the handle they return."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+
+from .config import PruneConfig
+from .registry import get_family
+
+_HANDLE_ATTR = "_vlm_prune_handle"
+
+
+class PruneHandle:
+    """The pruning attached to one model instance.
+
+    config: the validated PruneConfig.
+    stats:  per sample of the last prefill, {"visual_tokens": n_in, "kept": n_kept}.
+    timings: of the last prefill, {"vision_s": vision tower, "select_s": scoring + compaction}.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: PruneConfig, family_patch: Any):
+        self.model = model
+        self.config = config
+        self._patch = family_patch
+
+    @property
+    def stats(self) -> list[dict[str, int]]:
+        return [dict(s) for s in self._patch.stats]
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return dict(self._patch.timings)
+
+    @property
+    def active(self) -> bool:
+        return getattr(self.model, _HANDLE_ATTR, None) is self
+
+    def remove(self) -> None:
+        """Restores the model exactly (same as `vlm_prune.unpatch(model)`); idempotent."""
+        if self.active:
+            self._patch.remove()
+            delattr(self.model, _HANDLE_ATTR)
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"PruneHandle({type(self.model).__name__}, {self.config}, {state})"
+
+
+def patch(model: torch.nn.Module, method: str, keep: int | float, **options: Any) -> PruneHandle:
+    """Prunes the visual tokens of one loaded transformers VLM instance, in place, reversibly.
+
+    keep: int = visual tokens kept per image (keep=1 keeps one); float in (0, 1] = fraction kept
+    (keep=1.0 keeps all). options: `positions`, `backend` and the method's own options.
+    Patching an already patched model replaces its configuration. On any error the model is
+    left exactly as it was.
+    """
+    config = PruneConfig.from_kwargs(method, keep, **options)
+    family_patch = get_family(model)(model, config)  # validates the model against the method
+    previous = getattr(model, _HANDLE_ATTR, None)
+    if previous is not None:
+        previous.remove()
+    handle = PruneHandle(model, config, family_patch)
+    family_patch.install()
+    setattr(model, _HANDLE_ATTR, handle)
+    return handle
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Removes vlm_prune from `model`; a no-op if it is not patched."""
+    handle = getattr(model, _HANDLE_ATTR, None)
+    if handle is not None:
+        handle.remove()
+
+
+def get_handle(model: torch.nn.Module) -> PruneHandle | None:
+    """The active handle of a patched model, or None."""
+    return getattr(model, _HANDLE_ATTR, None)
+
+
+@contextlib.contextmanager
+def pruned(model: torch.nn.Module, method: str, keep: int | float, **options: Any) -> Iterator[PruneHandle]:
+    """`with vlm_prune.pruned(model, "cls_attention", 64): ...` — patched inside the block only;
+    a configuration active before the block is restored after it."""
+    previous = get_handle(model)
+    handle = patch(model, method, keep, **options)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+        if previous is not None:
+            restored = patch(model, previous.config.method, previous.config.keep,
+                             positions=previous.config.positions, backend=previous.config.backend,
+                             **previous.config.options)
+            previous._patch, previous.config = restored._patch, restored.config
+            setattr(model, _HANDLE_ATTR, previous)

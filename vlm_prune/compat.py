@@ -1,0 +1,46 @@
+"""Everything that differs between the transformers releases we support (5.16 -> newest 5.x)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+
+# transformers 5.2x renamed the decoder argument `past_key_values` to `cache`; both spellings
+# reach a model forward depending on the release (and on the caller).
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def get_cache(kwargs: dict[str, Any]) -> Any:
+    for name in CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def cache_length(cache: Any) -> int:
+    """Tokens already in a KV cache (0 for None or an empty cache)."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:  # legacy tuples
+        return int(cache[0][0].shape[-2])
+    return 0
+
+
+def bind_to_kwargs(forward: Callable, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Turns positional arguments of a module call into keywords (LLaVA-NeXT passes input_ids
+    positionally to its inner model)."""
+    if not args:
+        return dict(kwargs)
+    names = [
+        p.name
+        for p in inspect.signature(forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+

@@ -1,0 +1,153 @@
+"""`PruneConfig`: one validated pruning configuration, and the option specs methods declare.
+
+Validation happens at construction, before anything is patched: a bad value raises
+`ValueError` (or `TypeError` for a wrong type) naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+POSITION_POLICIES = ("renumber", "original")
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One method option: its default, a checker that returns the normalised value or raises,
+    and a one-line description for docs and error messages."""
+
+    default: Any
+    check: Callable[[str, Any], Any]
+    doc: str = ""
+
+
+# -- checkers: each takes (name, value) and returns the normalised value --------------------
+
+
+def is_number(value: Any) -> bool:
+    """True for real numbers; `bool` is not a number here."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def choice(*allowed: Any) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+
+    return check
+
+
+def integer(minimum: int | None = None) -> Callable[[str, Any], int]:
+    def check(name: str, value: Any) -> int:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"{name}={value!r} must be an int")
+        if minimum is not None and value < minimum:
+            raise ValueError(f"{name}={value!r} must be >= {minimum}")
+        return int(value)
+
+    return check
+
+
+def optional_int_list(name: str, value: Any) -> tuple[int, ...] | None:
+    """None, one int, or a non-empty list/tuple of distinct ints (layer indices, negative allowed)."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return (int(value),)
+    if isinstance(value, (list, tuple)) and value:
+        if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
+            if len(set(value)) != len(value):
+                raise ValueError(f"{name}={value!r} lists a layer twice")
+            return tuple(int(v) for v in value)
+    raise TypeError(f"{name}={value!r} must be None, an int or a non-empty list of ints")
+
+
+# -- keep --------------------------------------------------------------------------------
+
+
+def check_keep(keep: Any) -> int | float:
+    """`keep` int = visual tokens kept per image (>= 1); float in (0, 1] = fraction kept."""
+    if not is_number(keep):
+        raise TypeError(
+            f"keep={keep!r} ({type(keep).__name__}) must be an int (tokens kept per image) "
+            "or a float in (0, 1] (fraction kept); bool is not allowed"
+        )
+    if isinstance(keep, numbers.Integral):
+        if keep <= 0:
+            raise ValueError(f"keep={keep!r} must be >= 1 when an int (tokens kept per image)")
+        return int(keep)
+    keep = float(keep)
+    if math.isnan(keep) or not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep={keep!r} must be in (0, 1] when a float (fraction of tokens kept)")
+    return keep
+
+
+def tokens_to_keep(keep: int | float, n_tokens: int) -> int:
+    """Budget for one image of `n_tokens` visual tokens.
+
+    An int keeps that many (clamped to the tokens there are); a float keeps
+    round(keep * n_tokens), at least one. keep=1 keeps one token, keep=1.0 keeps all.
+    """
+    if n_tokens <= 0:
+        return 0
+    if isinstance(keep, int):
+        return min(keep, n_tokens)
+    return min(n_tokens, max(1, math.floor(keep * n_tokens + 0.5)))
+
+
+# -- the config --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """A validated pruning configuration.
+
+    Args:
+        method: a name from `vlm_prune.available_methods()`.
+        keep: int = visual tokens kept per image; float in (0, 1] = fraction kept.
+        positions: "renumber" (kept tokens numbered consecutively) or "original" (kept tokens
+            keep their position ids); None = the model family's default.
+        backend: "auto" (Triton on CUDA when available, else PyTorch), "torch" or "triton".
+        options: method options; unknown names are rejected, missing ones take defaults.
+    """
+
+    method: str
+    keep: int | float
+    positions: str | None = None
+    backend: str = "auto"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .registry import get_method  # late: the registry imports the methods
+
+        if not isinstance(self.method, str):
+            raise TypeError(f"method={self.method!r} must be a str")
+        method_cls = get_method(self.method)
+        object.__setattr__(self, "keep", check_keep(self.keep))
+        if self.positions is not None and self.positions not in POSITION_POLICIES:
+            raise ValueError(
+                f"positions={self.positions!r} is not allowed; choose one of {list(POSITION_POLICIES)}"
+            )
+        if self.positions is not None and method_cls.stage != "vision":
+            raise ValueError(
+                f"positions={self.positions!r} applies to vision-stage methods only; "
+                f"{self.method!r} prunes inside the LLM and always keeps original positions"
+            )
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is not allowed; choose one of {list(BACKENDS)}")
+        object.__setattr__(self, "options", method_cls.validate_options(dict(self.options)))
+
+    @classmethod
+    def from_kwargs(cls, method: str, keep: int | float, **options: Any) -> "PruneConfig":
+        """`PruneConfig.from_kwargs("cls_attention", 64, positions="original", layers=[-2])`."""
+        common = {k: options.pop(k) for k in ("positions", "backend") if k in options}
+        return cls(method=method, keep=keep, options=options, **common)
+
+    def budget(self, n_tokens: int) -> int:
+        """Visual tokens kept for one image of `n_tokens` tokens."""
+        return tokens_to_keep(self.keep, n_tokens)

@@ -1,0 +1,96 @@
+"""What a pruning method is: its stage, the signals it needs, its options, its reduction.
+
+Methods are pure torch and import no model code; a family patch (vlm_prune.patches) gathers
+the signals a method declares in `needs` and hands them over as tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from ..config import Option
+
+# Signals a family patch can provide to a vision-stage method, per image:
+#   "cls_attention": [I, N] attention of the vision tower's [CLS] query to each visual token
+#                    (heads averaged; summed over the layers in the `layers` option).
+SIGNALS = ("cls_attention",)
+
+
+@dataclass
+class Reduction:
+    """The visual tokens that go on to the LLM, for a group of images of equal token count.
+
+    features: [I, K, D] tokens in raster order (kept tokens, or merged ones).
+    index:    [I, K] int64, strictly increasing per row: the original token each output
+              token stands for (its own index when kept; a representative when merged).
+              Position ids under positions="original" come from here.
+    """
+
+    features: torch.Tensor
+    index: torch.Tensor
+
+
+class Method:
+    """Base of all methods. Subclasses set `name`, `stage`, `needs`, `options`, `paper`."""
+
+    name: ClassVar[str]
+    stage: ClassVar[str]  # "vision" (before the LLM) or "llm" (inside the decoder)
+    needs: ClassVar[frozenset[str]] = frozenset()
+    options: ClassVar[Mapping[str, Option]] = {}
+    paper: ClassVar[str] = ""
+
+    @classmethod
+    def validate_options(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """Checks option names and values; returns all options with defaults filled in."""
+        unknown = sorted(set(given) - set(cls.options))
+        if unknown:
+            allowed = sorted(cls.options) + ["positions", "backend"]
+            raise ValueError(
+                f"unknown option(s) {unknown} for method {cls.name!r}; allowed: {allowed}"
+            )
+        out = {}
+        for name, spec in cls.options.items():
+            value = given.get(name, spec.default)
+            out[name] = value if name not in given else spec.check(name, value)
+        return out
+
+
+class VisionMethod(Method):
+    """A method that reduces each image's visual tokens before the LLM runs."""
+
+    stage: ClassVar[str] = "vision"
+
+    def reduce(
+        self,
+        features: torch.Tensor,
+        grid: tuple[int, int],
+        k: int,
+        signals: Mapping[str, torch.Tensor],
+        options: Mapping[str, Any],
+    ) -> Reduction:
+        """features: [I, N, D] visual tokens of I images in raster order over `grid` (h, w),
+        h * w == N. k: tokens to keep per image (1 <= k <= N). Returns <= k tokens per image."""
+        raise NotImplementedError
+
+
+def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores per row, in increasing (raster) order.
+
+    scores: [I, N] -> [I, k] int64. Ties go to the lower index, so results are stable across
+    batch compositions.
+    """
+    n = scores.shape[-1]
+    if k >= n:
+        return torch.arange(n, device=scores.device).expand(scores.shape[0], n).clone()
+    # A stable descending sort breaks ties by index; topk's tie order is unspecified.
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :k]
+    return order.sort(dim=-1).values
+
+
+def gather_tokens(features: torch.Tensor, index: torch.Tensor) -> Reduction:
+    """features [I, N, D], index [I, K] -> Reduction with features [I, K, D]."""
+    picked = features.gather(1, index.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+    return Reduction(features=picked, index=index)

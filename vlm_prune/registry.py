@@ -1,0 +1,61 @@
+"""Two registries: method name -> method class, and `config.model_type` -> family patch.
+
+A new method is one file in vlm_prune/methods plus `@register_method`; a new model family is
+one module in patches/ plus one line in FAMILIES.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .methods.base import Method
+
+_METHODS: dict[str, type["Method"]] = {}
+
+# model_type -> "module:Class" of its family patch, imported on first use.
+FAMILIES: dict[str, str] = {
+    "llava": "vlm_prune.patches.llava:LlavaPatch",
+}
+
+
+def register_method(cls: type["Method"]) -> type["Method"]:
+    if cls.name in _METHODS:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def _load_methods() -> None:
+    from . import methods  # noqa: F401  (registers the built-in methods)
+
+
+def available_methods() -> list[str]:
+    """Names accepted by `vlm_prune.patch(model, method=...)`, sorted."""
+    _load_methods()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type["Method"]:
+    _load_methods()
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(_METHODS)}")
+    return _METHODS[name]
+
+
+def supported_model_types() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def get_family(model):
+    """The family patch class for a loaded transformers model, from `config.model_type`."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"unsupported model: {type(model).__name__} (model_type={model_type!r}); "
+            f"supported model_type values: {supported_model_types()}"
+        )
+    module_name, class_name = FAMILIES[model_type].split(":")
+    return getattr(importlib.import_module(module_name), class_name)

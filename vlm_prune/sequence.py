@@ -1,0 +1,89 @@
+"""Shortening a padded batch of sequences after some visual tokens were dropped.
+
+A `Compaction` is computed once from the prompt's keep mask and then applied to everything that
+runs along the sequence: token ids (or embeddings), the 2D attention mask and position ids, at
+prefill, at decode (where only the mask covers the prompt), and on the whole growing sequence
+when generate() runs without a cache. Rows that keep different numbers of tokens are re-padded
+on the side the batch was padded on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Compaction:
+    """index:          [B, L'] int64 column of the prompt each kept column comes from; -1 = new pad.
+    dropped_before: [B, L'] int64 prompt tokens dropped before each kept column (renumbering).
+    total_dropped:  [B] int64 prompt tokens dropped per row.
+    prompt_len:     L, the prompt length before compaction.
+    """
+
+    index: torch.Tensor
+    dropped_before: torch.Tensor
+    total_dropped: torch.Tensor
+    prompt_len: int
+
+    @classmethod
+    def from_keep_mask(cls, keep: torch.Tensor, left_padded: bool = True) -> "Compaction":
+        """keep: [B, L] bool, True where a column stays."""
+        batch, length = keep.shape
+        kept_per_row = keep.sum(1)
+        width = int(kept_per_row.max()) if batch else 0
+        columns = torch.arange(length, device=keep.device).expand(batch, length)
+        # Stable sort puts kept columns first, in order; the first kept_per_row of them are real.
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        slot = torch.arange(width, device=keep.device).expand(batch, width)
+        real = slot < kept_per_row[:, None]
+        index = torch.where(real, columns.gather(1, order), torch.full_like(order, -1))
+        if left_padded:  # shift each row right by its missing count so padding stays on the left
+            shift = width - kept_per_row
+            src = (slot - shift[:, None]).clamp(min=0)
+            index = torch.where(slot >= shift[:, None], index.gather(1, src), torch.full_like(index, -1))
+        dropped_cum = torch.cumsum((~keep).long(), dim=1)
+        dropped_before = torch.where(index >= 0, dropped_cum.gather(1, index.clamp(min=0)), 0)
+        return cls(index, dropped_before, (~keep).long().sum(1), length)
+
+    @property
+    def is_identity(self) -> bool:
+        return bool((self.total_dropped == 0).all()) and self.index.shape[1] == self.prompt_len
+
+    @property
+    def needs_mask(self) -> bool:
+        """True when rows were re-padded, so an explicit attention mask is required."""
+        return bool((self.index < 0).any())
+
+    def extended(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, dropped_before) for a sequence of `length` >= prompt_len whose columns past
+        the prompt (tokens generated so far) are all kept."""
+        extra = length - self.prompt_len
+        if extra < 0:
+            raise ValueError(f"sequence of length {length} is shorter than the pruned prompt ({self.prompt_len})")
+        batch = self.index.shape[0]
+        tail = torch.arange(self.prompt_len, length, device=self.index.device).expand(batch, extra)
+        index = torch.cat([self.index, tail], dim=1)
+        dropped = torch.cat([self.dropped_before, self.total_dropped[:, None].expand(batch, extra)], dim=1)
+        return index, dropped
+
+    def gather(self, x: torch.Tensor, pad_value: float | int = 0, seq_dim: int = -1) -> torch.Tensor:
+        """Compacts `x` along `seq_dim` (its length: prompt_len + tokens generated so far).
+
+        x: [..., B, T] (ids, masks, positions incl. [3, B, T]) or [B, T, D] with seq_dim=1.
+        """
+        seq_dim = seq_dim % x.dim()
+        index, _ = self.extended(x.shape[seq_dim])
+        batch_dim = seq_dim - 1
+        shape = [1] * x.dim()
+        shape[batch_dim], shape[seq_dim] = index.shape
+        idx = index.clamp(min=0).view(shape).expand(*x.shape[:seq_dim], index.shape[1], *x.shape[seq_dim + 1 :])
+        out = x.gather(seq_dim, idx)
+        pad = (index < 0).view(shape)
+        return out.masked_fill(pad, pad_value) if bool(pad.any()) else out
+
+    def renumber(self, positions: torch.Tensor) -> torch.Tensor:
+        """Compacted positions [..., B, T'] -> consecutive numbering (dropped tokens removed)."""
+        _, dropped = self.extended(self.prompt_len + positions.shape[-1] - self.index.shape[1])
+        return (positions - dropped).clamp(min=0)

@@ -60,6 +60,7 @@ class VisionStagePatch:
     """Base of the family patches for vision-stage methods (see module docstring)."""
 
     default_positions = "renumber"
+    image_input_keys: tuple[str, ...] = ("pixel_values", "mm_encoder_outputs")
 
     def __init__(self, model: torch.nn.Module, config: PruneConfig):
         method_cls = get_method(config.method)
@@ -74,6 +75,7 @@ class VisionStagePatch:
         self.positions = config.positions or self.default_positions
         self.state: PromptState | None = None
         self.stats: list[dict[str, int]] = []
+        self.kept_indices: list[torch.Tensor] = []
         self.timings: dict[str, float] = {}
         self._hooks: list[Any] = []
         self._in_generate = False
@@ -90,12 +92,16 @@ class VisionStagePatch:
         """The module whose forward receives input_ids, pixel_values, mask and positions."""
         raise NotImplementedError
 
+    def has_image_inputs(self, kw: dict[str, Any]) -> bool:
+        """True when the call carries images (pixels, or features generate() encoded up front)."""
+        raise NotImplementedError
+
     def image_token_mask(self, kw: dict[str, Any]) -> torch.Tensor:
         """[B, L] bool: where the image placeholders are."""
         raise NotImplementedError
 
     def encode_images(self, kw: dict[str, Any]) -> list[ImageTokens]:
-        """Runs the vision tower (and the signals the method needs) for every image."""
+        """Every image's visual tokens and the signals the method needs, in placeholder order."""
         raise NotImplementedError
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -150,7 +156,7 @@ class VisionStagePatch:
         kw = bind_to_kwargs(self._forward, args, kwargs)
         past = cache_length(get_cache(kw))
         if past > 0:
-            if kw.get("pixel_values") is not None and bool(self.image_token_mask(kw).any()):
+            if self.has_image_inputs(kw) and bool(self.image_token_mask(kw).any()):
                 raise NotImplementedError(
                     "vlm_prune: a prompt with images that continues a non-empty KV cache is not "
                     "supported; start a new cache for each prompt with images"
@@ -169,12 +175,11 @@ class VisionStagePatch:
         self.state = None
         is_image = self.image_token_mask(kw)
         counts = is_image.sum(1).tolist()
-        if kw.get("pixel_values") is None or not any(counts):
+        if not self.has_image_inputs(kw) or not any(counts):
             self.stats = [{"visual_tokens": int(n), "kept": int(n)} for n in counts]
+            self.kept_indices = []
             self.timings = {}
             return None
-        if kw.get("mm_encoder_outputs") is not None:
-            raise ValueError("vlm_prune needs pixel_values to score images; got mm_encoder_outputs")
         vision_start = time.perf_counter()
         images = self.encode_images(kw)
         vision_s = time.perf_counter() - vision_start
@@ -203,6 +208,7 @@ class VisionStagePatch:
             prompt_mask = compaction.gather(full, 0)
         self.state = PromptState(compaction, keep, features, prompt_mask)
         new_kw = self._apply(kw, self.state, is_image)
+        self.kept_indices = [_image_index(img, red) for img, red in zip(images, reductions)]
         self.stats = [
             {"visual_tokens": int(n), "kept": int(k)}
             for n, k in zip(counts, (is_image & keep).sum(1).tolist())
@@ -225,6 +231,8 @@ class VisionStagePatch:
             }
             k = self.config.budget(n_tokens - n_prefix)
             red = self.method.reduce(feats, grid, k, signals, self.config.options)
+            if red.index.shape[1] > 1 and not bool((red.index[:, 1:] > red.index[:, :-1]).all()):
+                raise RuntimeError(f"method {self.config.method!r} returned unsorted or repeated token indices")
             for j, i in enumerate(members):
                 out[i] = Reduction(red.features[j], red.index[j])
         return out
@@ -250,13 +258,10 @@ class VisionStagePatch:
         elif state.prompt_mask is not None:
             mask = _extend_mask(state.prompt_mask, extra)
         new_kw = dict(kw)
-        new_kw.update(
-            input_ids=None,
-            inputs_embeds=embeds,
-            pixel_values=None,
-            attention_mask=mask,
-            position_ids=positions,
-        )
+        new_kw.update(input_ids=None, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        for key in self.image_input_keys:  # the features are in inputs_embeds now
+            if key in new_kw:
+                new_kw[key] = None
         return new_kw
 
     def _decode(self, kw: dict[str, Any], past: int) -> dict[str, Any]:
@@ -315,6 +320,12 @@ def _keep_slots(image: ImageTokens, reduction: Reduction) -> torch.Tensor:
     slots[: image.n_prefix] = True
     slots[reduction.index + image.n_prefix] = True
     return slots
+
+
+def _image_index(image: ImageTokens, reduction: Reduction) -> torch.Tensor:
+    """[n_prefix + K] int64: indices into the image's visual tokens of what goes to the LLM."""
+    prefix = torch.arange(image.n_prefix, device=reduction.index.device)
+    return torch.cat([prefix, reduction.index + image.n_prefix])
 
 
 def _with_prefix(image: ImageTokens, reduction: Reduction) -> torch.Tensor:

@@ -94,14 +94,48 @@ class LlavaPatch(VisionStagePatch):
         pad = getattr(self.model.config.text_config, "pad_token_id", None)
         return 0 if pad is None else int(pad)
 
+    def has_image_inputs(self, kw: dict[str, Any]) -> bool:
+        return kw.get("pixel_values") is not None or self._pre_encoded(kw) is not None
+
+    @staticmethod
+    def _pre_encoded(kw: dict[str, Any]):
+        """Image features generate() computed before prefill (transformers >= 5.2x), or None."""
+        outputs = kw.get("mm_encoder_outputs") or {}
+        return outputs.get("image")
+
+    def install(self) -> None:
+        super().install()
+        # generate() runs get_image_features before the first forward and passes its output in;
+        # wrapping the instance's method records the [CLS] signals whenever the tower runs.
+        inner = self.model.model
+        original = inner.get_image_features
+
+        def get_image_features(*args, **kwargs):
+            with self._capture_cls_attention() as signals:
+                out = original(*args, **kwargs)
+            self._last_encoded = (out, signals)
+            return out
+
+        get_image_features.__wrapped__ = original
+        self._own_encoder = get_image_features
+        inner.get_image_features = get_image_features
+
+    def remove(self) -> None:
+        inner = self.model.model
+        if vars(inner).get("get_image_features") is getattr(self, "_own_encoder", None):
+            del inner.get_image_features
+        self._last_encoded = None
+        super().remove()
+
     def encode_images(self, kw: dict[str, Any]) -> list[ImageTokens]:
-        named = {
-            "pixel_values", "vision_feature_layer", "vision_feature_select_strategy", "image_sizes",
-            "input_ids", "attention_mask", "position_ids", "cache", "past_key_values",
-            "inputs_embeds", "mm_encoder_outputs",
-        }
-        extra = {k: v for k, v in kw.items() if k not in named}
-        with self._capture_cls_attention() as captured:
+        out = self._pre_encoded(kw)
+        if out is None:
+            named = {
+                "pixel_values", "vision_feature_layer", "vision_feature_select_strategy", "image_sizes",
+                "input_ids", "attention_mask", "position_ids", "cache", "past_key_values",
+                "inputs_embeds", "mm_encoder_outputs",
+            }
+            extra = {k: v for k, v in kw.items() if k not in named}
             out = self.model.model.get_image_features(
                 pixel_values=kw["pixel_values"],
                 vision_feature_layer=kw.get("vision_feature_layer"),
@@ -110,8 +144,17 @@ class LlavaPatch(VisionStagePatch):
                 return_dict=True,
                 **extra,
             )
+        last = getattr(self, "_last_encoded", None)
+        signals = last[1] if last is not None and last[0] is out else {}
+        self._last_encoded = None
+        missing = self.method.needs - set(signals)
+        if missing:
+            raise ValueError(
+                f"method {self.config.method!r} needs {sorted(missing)} from the vision tower, but the "
+                "image features were computed before vlm_prune.patch; pass pixel_values instead"
+            )
         features = list(out.pooler_output)
-        scores = captured.get("cls_attention")
+        scores = signals.get("cls_attention")
         strategy = kw.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
         # With "full", a CLIP tower's [CLS] feature is the first token: keep it, prune the patches.
         n_prefix = 1 if (strategy == "full" and self.has_cls) else 0
@@ -123,8 +166,8 @@ class LlavaPatch(VisionStagePatch):
                     f"image {i} gives {feats.shape[0]} visual tokens; expected a {side}x{side} patch "
                     f"grid{' plus [CLS]' if n_prefix else ''}"
                 )
-            signals = {"cls_attention": scores[i, 1:]} if scores is not None else {}
-            images.append(ImageTokens(feats, (side, side), signals, n_prefix))
+            image_signals = {"cls_attention": scores[i, 1:]} if scores is not None else {}
+            images.append(ImageTokens(feats, (side, side), image_signals, n_prefix))
         return images
 
     @contextlib.contextmanager

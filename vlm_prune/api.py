@@ -18,6 +18,7 @@ class PruneHandle:
 
     config: the validated PruneConfig.
     stats:  per sample of the last prefill, {"visual_tokens": n_in, "kept": n_kept}.
+    kept_indices: per image of the last prefill, which visual tokens were passed on.
     timings: of the last prefill, {"vision_s": vision tower, "select_s": scoring + compaction}.
     """
 
@@ -29,6 +30,12 @@ class PruneHandle:
     @property
     def stats(self) -> list[dict[str, int]]:
         return [dict(s) for s in self._patch.stats]
+
+    @property
+    def kept_indices(self) -> list[torch.Tensor]:
+        """Per image of the last prefill (in prompt order): [K] int64 indices, increasing, of the
+        visual tokens passed on (for merging methods, the token each output stands for)."""
+        return list(self._patch.kept_indices)
 
     @property
     def timings(self) -> dict[str, float]:

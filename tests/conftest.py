@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny random-weight LLaVA models built from configs, offline processors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlm_prune
+from vlm_prune import tiny
+
+torch.set_num_threads(1)  # tiny models: threads only add contention on the 2-core CI machine
+
+
+@pytest.fixture(scope="session")
+def llava():
+    """(model, processor): CLIP 112/14 (8x8 = 64 visual tokens, 3 layers) + 2-layer Llama."""
+    model, processor = tiny.llava(seed=0)
+    return model, processor
+
+
+@pytest.fixture(autouse=True)
+def _unpatch_shared(llava):
+    """Every test starts and ends with the shared model unpatched."""
+    vlm_prune.unpatch(llava[0])
+    yield
+    vlm_prune.unpatch(llava[0])
+
+
+def llava_inputs(processor, prompts, sizes, seeds=None):
+    """Batched processor inputs: one image per `<image>` in each prompt, sizes as (w, h)."""
+    seeds = seeds or list(range(len(sizes)))
+    images = [tiny.random_image(w, h, seed=s) for (w, h), s in zip(sizes, seeds)]
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)

@@ -1,0 +1,89 @@
+"""The methods and the sequence compaction on small tensors, checked against hand computation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vlm_prune.methods.base import keep_top_k
+from vlm_prune.methods.pool import Pool, cell_centres, pooled_grid
+from vlm_prune.methods.random_select import RandomSelect
+from vlm_prune.sequence import Compaction
+
+
+def test_top_k_keeps_raster_order_and_breaks_ties_by_index():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.9, 0.2], [5.0, 1.0, 1.0, 1.0, 0.0]])
+    assert keep_top_k(scores, 3).tolist() == [[1, 2, 3], [0, 1, 2]]
+    assert keep_top_k(scores, 5).tolist() == [[0, 1, 2, 3, 4]] * 2
+
+
+def test_pooled_grid_stays_within_budget_and_aspect():
+    assert pooled_grid(64, 24, 24) == (8, 8)
+    assert pooled_grid(144, 24, 24) == (12, 12)
+    assert pooled_grid(50, 24, 24) == (7, 7)
+    assert pooled_grid(1, 24, 24) == (1, 1)
+    assert pooled_grid(24, 12, 24) == (3, 8)  # wide grid -> wide output
+    for k in range(1, 80):
+        rows, cols = pooled_grid(k, 7, 9)
+        assert 1 <= rows <= 7 and 1 <= cols <= 9 and rows * cols <= max(k, 1)
+
+
+def test_cell_centres_are_increasing_and_inside_cells():
+    for size in (5, 8, 24, 27):
+        for cells in range(1, size + 1):
+            centres = cell_centres(size, cells)
+            assert (centres[1:] > centres[:-1]).all()
+            assert centres.min() >= 0 and centres.max() < size
+
+
+def test_avg_pool_equals_block_means_on_a_divisible_grid():
+    torch.manual_seed(0)
+    feats = torch.randn(2, 64, 5)  # two 8x8 images
+    red = Pool().reduce(feats, (8, 8), 16, {}, {"mode": "avg"})
+    grid = feats.transpose(1, 2).reshape(2, 5, 8, 8)
+    expected = F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(red.features, expected)
+    # centre of block (r, c) is (2r, 2c) for 2x2 blocks (lower-left of the two middle rows)
+    assert red.index[0].tolist() == [16 * r + 2 * c for r in range(4) for c in range(4)]
+
+
+def test_subsample_takes_the_centre_tokens():
+    feats = torch.arange(2 * 36, dtype=torch.float32).view(1, 36, 2)
+    red = Pool().reduce(feats, (6, 6), 9, {}, {"mode": "subsample"})
+    # 6x6 -> 3x3 cells of 2x2; the centre of a 2-wide cell is its first token
+    assert red.index.tolist() == [[0, 2, 4, 12, 14, 16, 24, 26, 28]]
+    torch.testing.assert_close(red.features, feats[0, red.index[0]].unsqueeze(0))
+
+
+def test_random_is_seeded_and_batch_independent():
+    feats = torch.randn(3, 50, 4)
+    a = RandomSelect().reduce(feats, (5, 10), 7, {}, {"seed": 1})
+    b = RandomSelect().reduce(feats[1:2], (5, 10), 7, {}, {"seed": 1})
+    c = RandomSelect().reduce(feats, (5, 10), 7, {}, {"seed": 2})
+    assert a.index.shape == (3, 7) and torch.equal(a.index[1], b.index[0])
+    assert (a.index[:, 1:] > a.index[:, :-1]).all()
+    assert not torch.equal(a.index, c.index)
+
+
+def test_compaction_left_pads_rows_that_keep_fewer_tokens():
+    keep = torch.tensor([[1, 0, 1, 1, 0, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    comp = Compaction.from_keep_mask(keep, left_padded=True)
+    assert comp.index.tolist() == [[-1, -1, 0, 2, 3, 5], [0, 1, 2, 3, 4, 5]]
+    assert comp.dropped_before.tolist() == [[0, 0, 0, 1, 1, 2], [0] * 6]
+    ids = torch.arange(12).view(2, 6) + 10
+    assert comp.gather(ids, pad_value=-7).tolist() == [[-7, -7, 10, 12, 13, 15], list(range(16, 22))]
+    # two generated tokens appended: they are kept and shifted by the row's whole drop count
+    longer = torch.arange(16).view(2, 8)
+    assert comp.gather(longer, 0).tolist()[0] == [0, 0, 0, 2, 3, 5, 6, 7]
+    assert comp.renumber(comp.gather(longer, 0)).tolist()[0] == [0, 0, 0, 1, 2, 3, 4, 5]
+
+
+def test_compaction_right_padding_and_3d_positions():
+    keep = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    comp = Compaction.from_keep_mask(keep, left_padded=False)
+    assert comp.index.tolist() == [[0, 1, 3, -1], [0, 1, 2, 3]]
+    pos = torch.arange(4).expand(3, 2, 4)  # M-RoPE style [3, B, L]
+    out = comp.gather(pos, 0)
+    assert out.shape == (3, 2, 4) and out[:, 0].tolist() == [[0, 1, 3, 0]] * 3
+    embeds = torch.randn(2, 4, 3)
+    torch.testing.assert_close(comp.gather(embeds, 0, seq_dim=1)[0, :3], embeds[0, [0, 1, 3]])

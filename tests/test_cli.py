@@ -1,0 +1,56 @@
+"""The command line, the bench and the FLOPs model."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from vlm_prune import cli
+from vlm_prune.flops import decoder_layer_flops, prefill_flops
+
+
+def test_parse_keep_and_options():
+    assert cli.parse_keep("64") == 64 and isinstance(cli.parse_keep("64"), int)
+    assert cli.parse_keep("0.25") == 0.25 and cli.parse_keep("1.0") == 1.0
+    assert cli.parse_options(["layers=[-3,-2]", "mode=avg", "seed=4"]) == {
+        "layers": [-3, -2], "mode": "avg", "seed": 4}
+
+
+def test_flops_by_hand():
+    cfg = SimpleNamespace(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                          intermediate_size=16, vocab_size=10, num_hidden_layers=2)
+    n = 5
+    by_hand = 2 * n * (8 * 8 + 8 * 4 + 8 * 4 + 8 * 8) + 2 * 2 * n * n * 8 + 2 * n * 3 * 8 * 16
+    assert decoder_layer_flops(cfg, n) == by_hand
+    flops = prefill_flops(cfg, [5, 3])
+    assert flops.total == by_hand + decoder_layer_flops(cfg, 3) + 2 * 8 * 10
+    with pytest.raises(ValueError, match="3 sequence lengths for a model of 2 layers"):
+        prefill_flops(cfg, [1, 2, 3])
+
+
+def test_bench_runs_and_reports_consistent_numbers(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--shape", "tiny", "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["visual_tokens"] == 576 and data["kept_tokens"] == 64
+    assert data["llm_tokens_unpruned"] - data["llm_tokens_pruned"] == 576 - 64
+    assert data["theoretical_llm_ratio"] > 1 and data["llm_ms_pruned"] > 0
+    assert "theoretical LLM FLOPs ratio" in capsys.readouterr().out
+
+
+def test_bad_cli_input_is_a_clear_error(capsys):
+    assert cli.main(["bench", "--shape", "tiny", "--keep", "0", "--repeats", "1"]) == 2
+    assert "keep=0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--keep", "lots"])
+
+
+def test_demo_runs(capsys):
+    from vlm_prune import demo
+
+    rows = demo.run(threads=1, prompts=2)
+    assert rows[0]["method"] == "unpruned" and rows[0]["agreement"] == 1.0
+    assert {(r["method"], r["tokens"]) for r in rows[1:]} >= {("cls_attention", 144), ("cls_attention", 64)}
+    assert "agreement" in capsys.readouterr().out

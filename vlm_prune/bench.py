@@ -1,0 +1,174 @@
+"""`vlm-prune bench`: prefill time of a pruned vs an unpruned model, side by side in one process.
+
+The model is LLaVA-shaped with random weights (no download): a ViT-B-size CLIP tower at 336 px
+(576 visual tokens) and an 8-layer Llama at hidden 1024. Runs alternate between unpruned and
+pruned so drift hits both; medians are reported. Threads are pinned (torch.set_num_threads).
+
+Printed: LLM prefill time (the language model alone, timed by hooks), end-to-end prefill time
+(vision tower + scoring + LLM), the measured LLM speed-up beside the theoretical FLOPs ratio,
+and the scoring + compaction overhead as a share of the pruned prefill.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from . import api, tiny
+from .flops import prefill_flops
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # ViT-B/14 at 336 px (576 tokens) + 8-layer Llama, hidden 1024 (issue 3's bench model)
+    "llava-1.5": dict(
+        image_size=336, patch_size=14, vision_hidden=768, vision_layers=12, vision_heads=12,
+        vision_intermediate=3072, text_hidden=1024, text_layers=8, text_heads=16,
+        text_kv_heads=16, text_intermediate=2816,
+    ),
+    # a quick smoke-test size
+    "tiny": dict(image_size=336, vision_hidden=64, vision_layers=2, text_hidden=128, text_layers=2),
+}
+
+
+@dataclass
+class BenchResult:
+    shape: str
+    method: str
+    keep: int | float
+    threads: int
+    repeats: int
+    visual_tokens: int
+    kept_tokens: int
+    llm_tokens_unpruned: int
+    llm_tokens_pruned: int
+    llm_ms_unpruned: float
+    llm_ms_pruned: float
+    e2e_ms_unpruned: float
+    e2e_ms_pruned: float
+    select_ms: float
+    theoretical_llm_ratio: float
+
+    @property
+    def llm_speedup(self) -> float:
+        return self.llm_ms_unpruned / self.llm_ms_pruned
+
+    @property
+    def e2e_speedup(self) -> float:
+        return self.e2e_ms_unpruned / self.e2e_ms_pruned
+
+    def report(self) -> str:
+        share = self.llm_speedup / self.theoretical_llm_ratio
+        rows = [
+            f"vlm-prune bench | shape {self.shape} | {self.method} keep={self.keep} | "
+            f"{self.threads} thread(s), median of {self.repeats}",
+            f"{'':28}{'unpruned':>12}{'pruned':>12}{'ratio':>9}",
+            f"{'visual tokens':28}{self.visual_tokens:>12}{self.kept_tokens:>12}"
+            f"{self.visual_tokens / max(self.kept_tokens, 1):>8.2f}x",
+            f"{'LLM sequence length':28}{self.llm_tokens_unpruned:>12}{self.llm_tokens_pruned:>12}"
+            f"{self.llm_tokens_unpruned / self.llm_tokens_pruned:>8.2f}x",
+            f"{'LLM prefill (ms)':28}{self.llm_ms_unpruned:>12.1f}{self.llm_ms_pruned:>12.1f}"
+            f"{self.llm_speedup:>8.2f}x",
+            f"{'end-to-end prefill (ms)':28}{self.e2e_ms_unpruned:>12.1f}{self.e2e_ms_pruned:>12.1f}"
+            f"{self.e2e_speedup:>8.2f}x",
+            f"theoretical LLM FLOPs ratio {self.theoretical_llm_ratio:.2f}x; measured LLM speed-up "
+            f"{self.llm_speedup:.2f}x = {100 * share:.1f}% of it",
+            f"scoring + compaction: {self.select_ms:.2f} ms = "
+            f"{100 * self.select_ms / self.e2e_ms_pruned:.2f}% of pruned end-to-end prefill, "
+            f"{100 * self.select_ms / self.llm_ms_pruned:.2f}% of pruned LLM prefill",
+        ]
+        return "\n".join(rows)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.update(llm_speedup=self.llm_speedup, e2e_speedup=self.e2e_speedup)
+        return json.dumps(data, indent=2)
+
+
+class _LLMTimer:
+    """Times the language model's forward with a pre- and a post-hook."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.elapsed = 0.0
+        self.tokens = 0
+        self._start = 0.0
+        self._handles = [
+            module.register_forward_pre_hook(self._pre, with_kwargs=True),
+            module.register_forward_hook(self._post),
+        ]
+
+    def _pre(self, module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids")
+        self.tokens = (embeds if embeds is not None else ids).shape[1]
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, output):
+        self.elapsed = time.perf_counter() - self._start
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+
+
+def build_inputs(processor, text_tokens: int):
+    """One image (640x480) and a prompt with about `text_tokens` text tokens."""
+    words = "describe the red circle and the blue square at the top left of the picture ".split()
+    question = ""
+    while len(processor.tokenizer(f"USER: <image>\n{question} ASSISTANT:")["input_ids"]) - 1 < text_tokens:
+        question += words[len(question.split()) % len(words)] + " "
+    return processor(
+        images=[tiny.random_image(640, 480)],
+        text=[f"USER: <image>\n{question.strip()} ASSISTANT:"],
+        return_tensors="pt",
+    )
+
+
+def run(shape: str = "llava-1.5", method: str = "cls_attention", keep: int | float = 64,
+        text_tokens: int = 64, repeats: int = 5, threads: int = 2, **options: Any) -> BenchResult:
+    torch.set_num_threads(threads)
+    model, processor = tiny.llava(**SHAPES[shape])
+    inputs = build_inputs(processor, text_tokens)
+    timer = _LLMTimer(model.model.language_model)
+    samples: dict[str, list[tuple[float, float, float]]] = {"unpruned": [], "pruned": []}
+    handle = None
+    try:
+        with torch.inference_mode():
+            for step in range(repeats + 1):  # the first round warms up
+                for variant in ("unpruned", "pruned"):
+                    if variant == "pruned":
+                        handle = api.patch(model, method, keep, **options)
+                    start = time.perf_counter()
+                    model(**inputs, logits_to_keep=1)
+                    e2e = time.perf_counter() - start
+                    select = handle.timings.get("select_s", 0.0) if variant == "pruned" else 0.0
+                    tokens = timer.tokens
+                    if step > 0:
+                        samples[variant].append((timer.elapsed, e2e, select))
+                    if variant == "pruned":
+                        kept = sum(s["kept"] for s in handle.stats)
+                        pruned_tokens = tokens
+                        api.unpatch(model)
+                    else:
+                        unpruned_tokens = tokens
+    finally:
+        timer.close()
+        api.unpatch(model)
+
+    def median(variant: str, i: int) -> float:
+        return 1000 * statistics.median(s[i] for s in samples[variant])
+
+    text_config = model.config.text_config
+    visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    ratio = prefill_flops(text_config, unpruned_tokens).ratio_to(prefill_flops(text_config, pruned_tokens))
+    return BenchResult(
+        shape=shape, method=method, keep=keep, threads=threads, repeats=repeats,
+        visual_tokens=visual, kept_tokens=kept,
+        llm_tokens_unpruned=unpruned_tokens, llm_tokens_pruned=pruned_tokens,
+        llm_ms_unpruned=median("unpruned", 0), llm_ms_pruned=median("pruned", 0),
+        e2e_ms_unpruned=median("unpruned", 1), e2e_ms_pruned=median("pruned", 1),
+        select_ms=median("pruned", 2), theoretical_llm_ratio=ratio,
+    )

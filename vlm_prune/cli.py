@@ -1,0 +1,103 @@
+"""The `vlm-prune` command: demo, bench, methods."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .registry import available_methods, get_method
+
+
+def parse_keep(text: str) -> int | float:
+    """"64" -> 64 tokens per image; "0.25" -> a quarter of them (a dot makes it a fraction)."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--keep {text!r} must be an int (tokens per image) or a float in (0, 1] (fraction)"
+        ) from None
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """["layers=[-3,-2]", "seed=1", "mode=avg"] -> {"layers": [-3, -2], "seed": 1, "mode": "avg"}."""
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise argparse.ArgumentTypeError(f"--option {pair!r} must look like name=value")
+        name, value = pair.split("=", 1)
+        try:
+            options[name] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name] = value
+    return options
+
+
+def _cmd_bench(args) -> int:
+    from . import bench
+
+    result = bench.run(
+        shape=args.shape, method=args.method, keep=args.keep, text_tokens=args.text_tokens,
+        repeats=args.repeats, threads=args.threads, **parse_options(args.option),
+    )
+    print(result.report())
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(result.to_json())
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from . import demo
+
+    demo.run(threads=args.threads, prompts=args.prompts)
+    return 0
+
+
+def _cmd_methods(args) -> int:
+    for name in available_methods():
+        method = get_method(name)
+        print(f"{name:16} stage={method.stage:7} {method.paper}")
+        for option, spec in method.options.items():
+            print(f"    {option}={spec.default!r}: {spec.doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlm-prune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run every method on a small model and print a table")
+    demo.add_argument("--threads", type=int, default=2)
+    demo.add_argument("--prompts", type=int, default=8, help="prompts per configuration")
+    demo.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser("bench", help="prefill time pruned vs unpruned, in one process")
+    bench.add_argument("--shape", default="llava-1.5", choices=["llava-1.5", "tiny"])
+    bench.add_argument("--method", default="cls_attention", choices=available_methods())
+    bench.add_argument("--keep", type=parse_keep, default=64)
+    bench.add_argument("--text-tokens", type=int, default=64)
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                       help="method option, value parsed as JSON (repeatable)")
+    bench.add_argument("--json", help="also write the numbers to this JSON file")
+    bench.set_defaults(func=_cmd_bench)
+
+    methods = sub.add_parser("methods", help="list methods and their options")
+    methods.set_defaults(func=_cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as error:
+        print(f"vlm-prune: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,22 +1,27 @@
 """The family-independent half of a vision-stage patch: prefill, decode and generate() glue.
 
 A family subclass knows one model family: which module to hook, where the image placeholders
-are, how to run the vision tower with the method's signals, how to embed tokens and which
-position ids the unpruned model would use. This class turns a method's per-image reduction
-into a shorter sequence and keeps decode consistent with it:
+are, how to describe each image's tokens (grids, signals), how to embed tokens and which
+position ids the unpruned model would use. This class turns a method's reductions into a
+shorter sequence and keeps decode consistent with it:
 
-- prefill (an empty cache): score and reduce each image, compact embeddings, the 2D attention
-  mask and position ids before the language model runs (layer 0's cache is built short);
+- prefill (an empty cache): reduce each image, compact embeddings, the 2D attention mask and
+  position ids before the language model runs (layer 0's cache is built short);
 - decode (a non-empty cache): compact the attention mask's prompt columns and shift position
   ids the same way, so new tokens see exactly the pruned cache;
 - generate(use_cache=False): every step re-runs the whole sequence; steps after the first
   reuse the prompt's reduction instead of re-scoring a longer sequence.
 
-State lives on this object (one per patched model instance) and is replaced at each prefill.
+The vision tower runs inside the instance's wrapped `get_image_features`, whether the hook calls
+it or generate() does before the first forward (transformers >= 5.2x); the wrapper records the
+method's signals while the tower runs. State lives on this object (one per patched model
+instance) and is replaced at each prefill.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,26 +29,35 @@ from typing import Any
 import torch
 
 from vlm_prune.compat import bind_to_kwargs, cache_length, get_cache
-from vlm_prune.config import PruneConfig
-from vlm_prune.methods.base import Reduction
+from vlm_prune.config import PruneConfig, split_budget
 from vlm_prune.registry import get_method
 from vlm_prune.sequence import Compaction
+
+
+@dataclass
+class Region:
+    """A rectangular grid of one image's tokens that a method reduces as a unit.
+
+    slots: [h * w] int64 indices into the image's tokens, in raster order over `grid`.
+    """
+
+    slots: torch.Tensor
+    grid: tuple[int, int]
 
 
 @dataclass
 class ImageTokens:
     """One image's visual tokens as the LLM would receive them.
 
-    features: [N, D] in raster order (after the projector: the LLM's input space).
-    grid:     (h, w) of the patch tokens, h * w == N - n_prefix.
-    signals:  method signals, each [N - n_prefix] (e.g. "cls_attention").
-    n_prefix: leading tokens that are not grid patches (a [CLS] feature); always kept.
+    features: [N, D] in placeholder order (after the projector: the LLM's input space).
+    regions:  grids the method reduces; tokens in no region (a [CLS] feature, LLaVA-NeXT's
+              image_newline tokens) are always kept.
+    signals:  method signals, each [N] aligned with `features` (e.g. "cls_attention").
     """
 
     features: torch.Tensor
-    grid: tuple[int, int]
+    regions: list[Region]
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
-    n_prefix: int = 0
 
 
 @dataclass
@@ -52,7 +66,7 @@ class PromptState:
 
     compaction: Compaction
     keep: torch.Tensor  # [B, L] bool, prompt columns kept
-    features: torch.Tensor  # [K_total, D] reduced visual tokens in placeholder order
+    features: torch.Tensor  # [K_total, D] visual tokens passed on, in placeholder order
     prompt_mask: torch.Tensor | None  # [B, L'] compacted mask, None when none is needed
 
 
@@ -60,7 +74,8 @@ class VisionStagePatch:
     """Base of the family patches for vision-stage methods (see module docstring)."""
 
     default_positions = "renumber"
-    image_input_keys: tuple[str, ...] = ("pixel_values", "mm_encoder_outputs")
+    # kwargs that run along the sequence besides ids/embeds, mask and positions
+    sequence_kwargs: tuple[str, ...] = ()
 
     def __init__(self, model: torch.nn.Module, config: PruneConfig):
         method_cls = get_method(config.method)
@@ -73,14 +88,17 @@ class VisionStagePatch:
         self.config = config
         self.method = method_cls()
         self.positions = config.positions or self.default_positions
+        self.budget = config.budget or "per_image"
         self.state: PromptState | None = None
         self.stats: list[dict[str, int]] = []
         self.kept_indices: list[torch.Tensor] = []
         self.timings: dict[str, float] = {}
+        self._signal_s = 0.0
+        self._last_encoded: tuple[Any, list[ImageTokens]] | None = None
         self._hooks: list[Any] = []
+        self._wrapped: list[tuple[Any, str, Any]] = []  # (object, attribute, our wrapper)
         self._in_generate = False
         self._prefilled_in_generate = False
-        self._own_generate = None
         self.check_model()
 
     # -- what a family provides -----------------------------------------------------------
@@ -92,30 +110,42 @@ class VisionStagePatch:
         """The module whose forward receives input_ids, pixel_values, mask and positions."""
         raise NotImplementedError
 
-    def has_image_inputs(self, kw: dict[str, Any]) -> bool:
-        """True when the call carries images (pixels, or features generate() encoded up front)."""
+    def image_encoder(self) -> tuple[Any, str]:
+        """(object, method name) of the function that runs the vision tower for images."""
+        return self.target_module(), "get_image_features"
+
+    def encode(self, kw: dict[str, Any]) -> Any:
+        """Calls the (wrapped) image encoder on the forward's pixel inputs; returns its output."""
         raise NotImplementedError
+
+    def describe_images(self, output: Any, call: dict[str, Any], signals: dict[str, Any]) -> list[ImageTokens]:
+        """Turns the encoder's output (and its call arguments) into per-image token descriptions."""
+        raise NotImplementedError
+
+    def capture_signals(self) -> contextlib.AbstractContextManager:
+        """Context manager around the tower; yields a dict it fills with raw signals."""
+        return contextlib.nullcontext({})
 
     def image_token_mask(self, kw: dict[str, Any]) -> torch.Tensor:
         """[B, L] bool: where the image placeholders are."""
         raise NotImplementedError
 
-    def encode_images(self, kw: dict[str, Any]) -> list[ImageTokens]:
-        """Every image's visual tokens and the signals the method needs, in placeholder order."""
-        raise NotImplementedError
-
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, L] -> [B, L, D] token embeddings."""
-        raise NotImplementedError
+        return self.target_module().get_input_embeddings()(input_ids)
 
-    def base_positions(self, kw: dict[str, Any], length: int, past: int = 0) -> torch.Tensor:
-        """Position ids the unpruned model would use for `length` new tokens: [B, L]."""
+    def base_positions(self, kw: dict[str, Any], length: int) -> torch.Tensor:
+        """Position ids [..., B, L] the unpruned model would use for the whole sequence."""
         given = kw.get("position_ids")
         if given is not None:
             return given
-        batch = self._batch_size(kw)
-        device = self._device(kw)
-        return (torch.arange(length, device=device) + past).expand(batch, length)
+        return torch.arange(length, device=self._device(kw)).expand(self._batch_size(kw), length)
+
+    def decode_positions(self, kw: dict[str, Any], start: int, full_mask: torch.Tensor | None) -> torch.Tensor:
+        """Position ids the unpruned model would give the new tokens of a decode step called
+        without position ids; `start` is their index in the unpruned sequence."""
+        n_new = self._seq_len(kw)
+        return (torch.arange(n_new, device=self._device(kw)) + start).expand(self._batch_size(kw), n_new)
 
     @property
     def pad_token_id(self) -> int:
@@ -127,28 +157,52 @@ class VisionStagePatch:
         module = self.target_module()
         self._forward = module.forward
         self._hooks.append(module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-        if hasattr(self.model, "generate") and "generate" not in vars(self.model):
-            original = self.model.generate
-
-            def generate(*args, **kwargs):
-                self._in_generate, self._prefilled_in_generate = True, False
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    self._in_generate = False
-
-            generate.__wrapped__ = original
-            self._own_generate = generate
-            self.model.generate = generate
+        owner, name = self.image_encoder()
+        self._wrap(owner, name, self._encoder_wrapper(getattr(owner, name)))
+        if hasattr(self.model, "generate"):
+            self._wrap(self.model, "generate", self._generate_wrapper(self.model.generate))
 
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        if self._own_generate is not None and vars(self.model).get("generate") is self._own_generate:
-            del self.model.generate
-        self._own_generate = None
+        for owner, name, wrapper in self._wrapped:
+            if vars(owner).get(name) is wrapper:
+                delattr(owner, name)
+        self._wrapped.clear()
         self.state = None
+        self._last_encoded = None
+
+    def _wrap(self, owner: Any, name: str, wrapper: Any) -> None:
+        if name in vars(owner):  # someone else already set an instance attribute: leave it
+            return
+        setattr(owner, name, wrapper)
+        self._wrapped.append((owner, name, wrapper))
+
+    def _encoder_wrapper(self, original):
+        signature = inspect.signature(original)
+
+        def encoder(*args, **kwargs):
+            with self.capture_signals() as signals:
+                out = original(*args, **kwargs)
+            call = signature.bind_partial(*args, **kwargs).arguments
+            call.update(call.pop("kwargs", {}))
+            self._last_encoded = (out, self.describe_images(out, call, signals))
+            return out
+
+        encoder.__wrapped__ = original  # generate() reads the signature through this
+        return encoder
+
+    def _generate_wrapper(self, original):
+        def generate(*args, **kwargs):
+            self._in_generate, self._prefilled_in_generate = True, False
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._in_generate = False
+
+        generate.__wrapped__ = original
+        return generate
 
     # -- the hook --------------------------------------------------------------------------
 
@@ -156,7 +210,7 @@ class VisionStagePatch:
         kw = bind_to_kwargs(self._forward, args, kwargs)
         past = cache_length(get_cache(kw))
         if past > 0:
-            if self.has_image_inputs(kw) and bool(self.image_token_mask(kw).any()):
+            if self._has_image_inputs(kw) and bool(self.image_token_mask(kw).any()):
                 raise NotImplementedError(
                     "vlm_prune: a prompt with images that continues a non-empty KV cache is not "
                     "supported; start a new cache for each prompt with images"
@@ -170,35 +224,56 @@ class VisionStagePatch:
         self._prefilled_in_generate = self._in_generate
         return None if new_kw is None else ((), new_kw)
 
+    def _has_image_inputs(self, kw: dict[str, Any]) -> bool:
+        return kw.get("pixel_values") is not None or self._pre_encoded(kw) is not None
+
+    @staticmethod
+    def _pre_encoded(kw: dict[str, Any]) -> Any:
+        """Image features generate() (or the caller) computed before the forward, or None."""
+        return (kw.get("mm_encoder_outputs") or {}).get("image")
+
+    def _images(self, kw: dict[str, Any]) -> list[ImageTokens]:
+        out = self._pre_encoded(kw)
+        if out is None:
+            out = self.encode(kw)
+        last, self._last_encoded = self._last_encoded, None
+        if last is not None and last[0] is out:
+            images = last[1]
+        else:  # encoded before the patch: no signals were recorded
+            images = self.describe_images(out, kw, {})
+        missing = self.method.needs - set(images[0].signals if images else ())
+        if missing:
+            raise ValueError(
+                f"method {self.config.method!r} needs {sorted(missing)} from the vision tower, but the "
+                "image features were computed before vlm_prune.patch; pass pixel_values instead"
+            )
+        return images
+
     def _prefill(self, kw: dict[str, Any]) -> dict[str, Any] | None:
         start = time.perf_counter()
         self.state = None
         is_image = self.image_token_mask(kw)
         counts = is_image.sum(1).tolist()
-        if not self.has_image_inputs(kw) or not any(counts):
+        if not self._has_image_inputs(kw) or not any(counts):
             self.stats = [{"visual_tokens": int(n), "kept": int(n)} for n in counts]
-            self.kept_indices = []
-            self.timings = {}
+            self.kept_indices, self.timings = [], {}
             return None
+        self._signal_s = 0.0
         vision_start = time.perf_counter()
-        images = self.encode_images(kw)
+        images = self._images(kw)
         vision_s = time.perf_counter() - vision_start
-        reductions = self._reduce(images)
         n_slots = sum(img.features.shape[0] for img in images)
         if n_slots != sum(counts):
             raise ValueError(
                 f"{sum(counts)} image placeholder tokens in the prompt but the images give "
                 f"{n_slots} visual tokens; was the prompt built by the model's processor?"
             )
-        slot_keep = torch.cat(
-            [_keep_slots(img, red) for img, red in zip(images, reductions)]
-        ).to(is_image.device)
+        kept_slots, kept_features = self._reduce(images)
         keep = torch.ones_like(is_image)
-        keep[is_image] = slot_keep
+        keep[is_image] = torch.cat(kept_slots).to(is_image.device)
         mask = kw.get("attention_mask")
         left_padded = mask is None or not bool((mask[:, -1] == 0).any())
         compaction = Compaction.from_keep_mask(keep, left_padded=left_padded)
-        features = torch.cat([_with_prefix(img, red) for img, red in zip(images, reductions)])
         need_mask = mask is not None or compaction.needs_mask or (
             self.positions == "original" and not compaction.is_identity
         )
@@ -206,9 +281,9 @@ class VisionStagePatch:
         if need_mask:
             full = mask if mask is not None else torch.ones_like(is_image, dtype=torch.long)
             prompt_mask = compaction.gather(full, 0)
-        self.state = PromptState(compaction, keep, features, prompt_mask)
+        self.state = PromptState(compaction, keep, torch.cat(kept_features), prompt_mask)
         new_kw = self._apply(kw, self.state, is_image)
-        self.kept_indices = [_image_index(img, red) for img, red in zip(images, reductions)]
+        self.kept_indices = [slots.nonzero().flatten() for slots in kept_slots]
         self.stats = [
             {"visual_tokens": int(n), "kept": int(k)}
             for n, k in zip(counts, (is_image & keep).sum(1).tolist())
@@ -217,25 +292,39 @@ class VisionStagePatch:
         self.timings = {"vision_s": vision_s, "select_s": total - vision_s + self._signal_s}
         return new_kw
 
-    def _reduce(self, images: list[ImageTokens]) -> list[Reduction]:
-        """Runs the method once per group of images with the same grid (one batched call)."""
-        out: list[Reduction | None] = [None] * len(images)
-        groups: dict[tuple, list[int]] = {}
+    def _region_budgets(self, image: ImageTokens) -> list[int]:
+        sizes = [len(region.slots) for region in image.regions]
+        if self.budget == "per_crop":
+            return [self.config.budget_for(n) for n in sizes]
+        return split_budget(self.config.budget_for(sum(sizes)), sizes)
+
+    def _reduce(self, images: list[ImageTokens]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Runs the method on every region, batching regions of equal grid and budget.
+
+        Returns per image: [N] bool slots passed on, and [K, D] the tokens passed on.
+        """
+        outputs = [img.features.clone() for img in images]
+        kept = [torch.ones(img.features.shape[0], dtype=torch.bool, device=img.features.device) for img in images]
+        groups: dict[tuple, list[tuple[int, Region]]] = {}
         for i, img in enumerate(images):
-            groups.setdefault((img.grid, img.n_prefix, img.features.shape[0]), []).append(i)
-        for (grid, n_prefix, n_tokens), members in groups.items():
-            feats = torch.stack([images[i].features[n_prefix:] for i in members])
+            for region, k in zip(img.regions, self._region_budgets(img)):
+                kept[i][region.slots] = False
+                if k > 0:
+                    groups.setdefault((region.grid, k), []).append((i, region))
+        for (grid, k), members in groups.items():
+            feats = torch.stack([images[i].features[r.slots] for i, r in members])
             signals = {
-                name: torch.stack([images[i].signals[name] for i in members])
+                name: torch.stack([images[i].signals[name][r.slots] for i, r in members])
                 for name in self.method.needs
             }
-            k = self.config.budget(n_tokens - n_prefix)
             red = self.method.reduce(feats, grid, k, signals, self.config.options)
             if red.index.shape[1] > 1 and not bool((red.index[:, 1:] > red.index[:, :-1]).all()):
                 raise RuntimeError(f"method {self.config.method!r} returned unsorted or repeated token indices")
-            for j, i in enumerate(members):
-                out[i] = Reduction(red.features[j], red.index[j])
-        return out
+            for j, (i, region) in enumerate(members):
+                slots = region.slots[red.index[j]]
+                outputs[i][slots] = red.features[j].to(outputs[i].dtype)
+                kept[i][slots] = True
+        return kept, [out[k] for out, k in zip(outputs, kept)]
 
     def _apply(self, kw: dict[str, Any], state: PromptState, is_image: torch.Tensor) -> dict[str, Any]:
         """The language model's inputs for the whole sequence (prompt + tokens generated so far)."""
@@ -259,9 +348,14 @@ class VisionStagePatch:
             mask = _extend_mask(state.prompt_mask, extra)
         new_kw = dict(kw)
         new_kw.update(input_ids=None, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
-        for key in self.image_input_keys:  # the features are in inputs_embeds now
-            if key in new_kw:
-                new_kw[key] = None
+        for key in self.sequence_kwargs:
+            if new_kw.get(key) is not None:
+                new_kw[key] = comp.gather(new_kw[key], 0)
+        # the image features are in inputs_embeds now; other modalities (video) pass through
+        new_kw["pixel_values"] = None
+        if new_kw.get("mm_encoder_outputs"):
+            rest = {k: v for k, v in new_kw["mm_encoder_outputs"].items() if k != "image"}
+            new_kw["mm_encoder_outputs"] = rest or None
         return new_kw
 
     def _decode(self, kw: dict[str, Any], past: int) -> dict[str, Any]:
@@ -272,8 +366,10 @@ class VisionStagePatch:
         full_len = comp.prompt_len + generated + n_new
         new_kw = dict(kw)
         mask = kw.get("attention_mask")
+        full_mask = None
         if mask is not None:
             if mask.shape[-1] == full_len:
+                full_mask = mask
                 new_kw["attention_mask"] = comp.gather(mask, 0)
             elif mask.shape[-1] != past + n_new:
                 raise ValueError(
@@ -283,20 +379,15 @@ class VisionStagePatch:
         elif self.state.prompt_mask is not None:
             new_kw["attention_mask"] = _extend_mask(self.state.prompt_mask, generated + n_new)
         positions = kw.get("position_ids")
-        shift = comp.total_dropped.view(*([1] * (self._position_dims() - 2)), -1, 1)
-        if positions is not None:  # the caller numbers as in the unpruned sequence
-            new_kw["position_ids"] = positions - shift if self.positions == "renumber" else positions
-        else:  # numbered from the cache length, i.e. already renumbered
-            base = self.base_positions(kw, n_new, past=past)
-            new_kw["position_ids"] = base + shift if self.positions == "original" else base
+        if positions is None:  # number them as the unpruned model would
+            positions = self.decode_positions(kw, comp.prompt_len + generated, full_mask)
+        if self.positions == "renumber":
+            shift = comp.total_dropped.view(*([1] * (positions.dim() - 2)), -1, 1)
+            positions = positions - shift
+        new_kw["position_ids"] = positions
         return new_kw
 
     # -- small helpers ---------------------------------------------------------------------
-
-    _signal_s = 0.0
-
-    def _position_dims(self) -> int:
-        return 2
 
     @staticmethod
     def _seq_len(kw: dict[str, Any]) -> int:
@@ -312,25 +403,6 @@ class VisionStagePatch:
     def _device(kw: dict[str, Any]) -> torch.device:
         x = kw.get("input_ids")
         return (x if x is not None else kw["inputs_embeds"]).device
-
-
-def _keep_slots(image: ImageTokens, reduction: Reduction) -> torch.Tensor:
-    """[N] bool over the image's placeholder slots: True where an output token goes."""
-    slots = torch.zeros(image.features.shape[0], dtype=torch.bool, device=image.features.device)
-    slots[: image.n_prefix] = True
-    slots[reduction.index + image.n_prefix] = True
-    return slots
-
-
-def _image_index(image: ImageTokens, reduction: Reduction) -> torch.Tensor:
-    """[n_prefix + K] int64: indices into the image's visual tokens of what goes to the LLM."""
-    prefix = torch.arange(image.n_prefix, device=reduction.index.device)
-    return torch.cat([prefix, reduction.index + image.n_prefix])
-
-
-def _with_prefix(image: ImageTokens, reduction: Reduction) -> torch.Tensor:
-    """[n_prefix + K, D]: the always-kept prefix followed by the method's tokens."""
-    return torch.cat([image.features[: image.n_prefix], reduction.features.to(image.features.dtype)])
 
 
 def _extend_mask(prompt_mask: torch.Tensor, extra: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from vlm_prune.kernels import cls_attention_scores
 
-from .base import ImageTokens, VisionStagePatch
+from .base import ImageTokens, Region, VisionStagePatch
 
 
 class LlavaPatch(VisionStagePatch):
@@ -86,78 +86,38 @@ class LlavaPatch(VisionStagePatch):
         image_embed = self.embed(torch.tensor([[token_id]], device=kw["inputs_embeds"].device))
         return (kw["inputs_embeds"] == image_embed).all(-1)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.model.get_input_embeddings()(input_ids)
-
     @property
     def pad_token_id(self) -> int:
         pad = getattr(self.model.config.text_config, "pad_token_id", None)
         return 0 if pad is None else int(pad)
 
-    def has_image_inputs(self, kw: dict[str, Any]) -> bool:
-        return kw.get("pixel_values") is not None or self._pre_encoded(kw) is not None
+    # arguments of LlavaModel.forward that are not passed on to get_image_features
+    _FORWARD_ONLY = frozenset({
+        "pixel_values", "vision_feature_layer", "vision_feature_select_strategy", "image_sizes",
+        "input_ids", "attention_mask", "position_ids", "cache", "past_key_values",
+        "inputs_embeds", "mm_encoder_outputs",
+    })
 
-    @staticmethod
-    def _pre_encoded(kw: dict[str, Any]):
-        """Image features generate() computed before prefill (transformers >= 5.2x), or None."""
-        outputs = kw.get("mm_encoder_outputs") or {}
-        return outputs.get("image")
+    def encode(self, kw: dict[str, Any]) -> Any:
+        extra = {k: v for k, v in kw.items() if k not in self._FORWARD_ONLY}
+        return self.model.model.get_image_features(
+            pixel_values=kw["pixel_values"],
+            vision_feature_layer=kw.get("vision_feature_layer"),
+            vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
+            image_sizes=kw.get("image_sizes"),
+            return_dict=True,
+            **extra,
+        )
 
-    def install(self) -> None:
-        super().install()
-        # generate() runs get_image_features before the first forward and passes its output in;
-        # wrapping the instance's method records the [CLS] signals whenever the tower runs.
-        inner = self.model.model
-        original = inner.get_image_features
+    def _strategy(self, call: dict[str, Any]) -> str:
+        return call.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
 
-        def get_image_features(*args, **kwargs):
-            with self._capture_cls_attention() as signals:
-                out = original(*args, **kwargs)
-            self._last_encoded = (out, signals)
-            return out
-
-        get_image_features.__wrapped__ = original
-        self._own_encoder = get_image_features
-        inner.get_image_features = get_image_features
-
-    def remove(self) -> None:
-        inner = self.model.model
-        if vars(inner).get("get_image_features") is getattr(self, "_own_encoder", None):
-            del inner.get_image_features
-        self._last_encoded = None
-        super().remove()
-
-    def encode_images(self, kw: dict[str, Any]) -> list[ImageTokens]:
-        out = self._pre_encoded(kw)
-        if out is None:
-            named = {
-                "pixel_values", "vision_feature_layer", "vision_feature_select_strategy", "image_sizes",
-                "input_ids", "attention_mask", "position_ids", "cache", "past_key_values",
-                "inputs_embeds", "mm_encoder_outputs",
-            }
-            extra = {k: v for k, v in kw.items() if k not in named}
-            out = self.model.model.get_image_features(
-                pixel_values=kw["pixel_values"],
-                vision_feature_layer=kw.get("vision_feature_layer"),
-                vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
-                image_sizes=kw.get("image_sizes"),
-                return_dict=True,
-                **extra,
-            )
-        last = getattr(self, "_last_encoded", None)
-        signals = last[1] if last is not None and last[0] is out else {}
-        self._last_encoded = None
-        missing = self.method.needs - set(signals)
-        if missing:
-            raise ValueError(
-                f"method {self.config.method!r} needs {sorted(missing)} from the vision tower, but the "
-                "image features were computed before vlm_prune.patch; pass pixel_values instead"
-            )
-        features = list(out.pooler_output)
-        scores = signals.get("cls_attention")
-        strategy = kw.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
-        # With "full", a CLIP tower's [CLS] feature is the first token: keep it, prune the patches.
-        n_prefix = 1 if (strategy == "full" and self.has_cls) else 0
+    def describe_images(self, output, call, signals) -> list[ImageTokens]:
+        features = list(output.pooler_output)
+        scores = signals.get("cls_attention")  # [I, T]: column 0 is the [CLS] key itself
+        full = self._strategy(call) == "full"
+        # With "full", a CLIP tower's [CLS] feature is the first token: kept, not in the grid.
+        n_prefix = 1 if (full and self.has_cls) else 0
         side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
         images = []
         for i, feats in enumerate(features):
@@ -166,15 +126,20 @@ class LlavaPatch(VisionStagePatch):
                     f"image {i} gives {feats.shape[0]} visual tokens; expected a {side}x{side} patch "
                     f"grid{' plus [CLS]' if n_prefix else ''}"
                 )
-            image_signals = {"cls_attention": scores[i, 1:]} if scores is not None else {}
-            images.append(ImageTokens(feats, (side, side), image_signals, n_prefix))
+            region = Region(torch.arange(n_prefix, feats.shape[0], device=feats.device), (side, side))
+            image_signals = {}
+            if scores is not None:
+                image_signals["cls_attention"] = scores[i] if full else scores[i, 1:]
+            images.append(ImageTokens(feats, [region], image_signals))
         return images
+
+    def capture_signals(self):
+        return self._capture_cls_attention()
 
     @contextlib.contextmanager
     def _capture_cls_attention(self):
         """Yields a dict that holds, once the tower ran, "cls_attention": [I, T] float32, the
         [CLS] attention rows of `score_layers` summed (T includes the [CLS] key itself)."""
-        self._signal_s = 0.0
         result: dict[str, torch.Tensor] = {}
         if not self.score_layers:
             yield result
@@ -203,7 +168,7 @@ class LlavaPatch(VisionStagePatch):
             row = cls_attention_scores(query, keys, attn.scale)
             total = row if total is None else total + row
         result["cls_attention"] = total
-        self._signal_s = time.perf_counter() - start
+        self._signal_s += time.perf_counter() - start
 
 
 def _store(slot: dict[str, torch.Tensor], key: str, first_row: bool = False):

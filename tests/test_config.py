@@ -45,6 +45,8 @@ def test_unknown_option_names_the_allowed_ones():
     [
         ({"positions": "shuffled"}, ValueError, "positions='shuffled'"),
         ({"backend": "cuda"}, ValueError, "backend='cuda'"),
+        ({"backend": "triton"}, ValueError, "backend='triton' is not available"),
+        ({"budget": "per_tile"}, ValueError, "budget='per_tile'"),
         ({"mode": "max"}, ValueError, "mode='max'"),
     ],
 )
@@ -70,6 +72,15 @@ def test_seed_must_be_an_int():
 def test_defaults_are_filled_in():
     config = PruneConfig.from_kwargs("pool", 0.25)
     assert config.options == {"mode": "avg"} and config.positions is None and config.backend == "auto"
+
+
+def test_split_budget_is_proportional_and_exact():
+    from vlm_prune.config import split_budget
+
+    assert split_budget(576, [576, 1728]) == [144, 432]
+    assert split_budget(10, [3, 3, 3]) == [3, 3, 3]  # capped at each region's size
+    assert split_budget(7, [5, 5]) == [4, 3]  # the remainder goes to the earlier region
+    assert sum(split_budget(101, [576, 600, 1152])) == 101
 
 
 def test_int_and_float_budgets():

@@ -98,8 +98,6 @@ def pruned(model: torch.nn.Module, method: str, keep: int | float, **options: An
     finally:
         handle.remove()
         if previous is not None:
-            restored = patch(model, previous.config.method, previous.config.keep,
-                             positions=previous.config.positions, backend=previous.config.backend,
-                             **previous.config.options)
+            restored = patch(model, **previous.config.as_kwargs())
             previous._patch, previous.config = restored._patch, restored.config
             setattr(model, _HANDLE_ATTR, previous)

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 POSITION_POLICIES = ("renumber", "original")
+BUDGET_POLICIES = ("per_image", "per_crop")
 BACKENDS = ("auto", "torch", "triton")
+COMMON_OPTIONS = ("positions", "budget", "backend")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,20 @@ def check_keep(keep: Any) -> int | float:
     return keep
 
 
+def split_budget(total: int, sizes: list[int]) -> list[int]:
+    """Splits `total` kept tokens over regions of `sizes` tokens, proportionally (largest
+    remainder; ties go to the earlier region). Each share is at most its region's size."""
+    whole = sum(sizes)
+    if whole == 0:
+        return [0] * len(sizes)
+    exact = [total * n / whole for n in sizes]
+    shares = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in by_remainder[: total - sum(shares)]:
+        shares[i] += 1
+    return [min(s, n) for s, n in zip(shares, sizes)]
+
+
 def tokens_to_keep(keep: int | float, n_tokens: int) -> int:
     """Budget for one image of `n_tokens` visual tokens.
 
@@ -112,6 +128,9 @@ class PruneConfig:
         keep: int = visual tokens kept per image; float in (0, 1] = fraction kept.
         positions: "renumber" (kept tokens numbered consecutively) or "original" (kept tokens
             keep their position ids); None = the model family's default.
+        budget: "per_image" (`keep` counts an image's tokens; split over its crops in proportion
+            to their size) or "per_crop" (`keep` applies to the base image and to each crop);
+            only LLaVA-NeXT images have crops. None = "per_image".
         backend: "auto" (Triton on CUDA when available, else PyTorch), "torch" or "triton".
         options: method options; unknown names are rejected, missing ones take defaults.
     """
@@ -119,6 +138,7 @@ class PruneConfig:
     method: str
     keep: int | float
     positions: str | None = None
+    budget: str | None = None
     backend: str = "auto"
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -138,16 +158,26 @@ class PruneConfig:
                 f"positions={self.positions!r} applies to vision-stage methods only; "
                 f"{self.method!r} prunes inside the LLM and always keeps original positions"
             )
+        if self.budget is not None and self.budget not in BUDGET_POLICIES:
+            raise ValueError(f"budget={self.budget!r} is not allowed; choose one of {list(BUDGET_POLICIES)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not allowed; choose one of {list(BACKENDS)}")
+        if self.backend == "triton":  # the fused kernels are tracked in the kernels issue
+            raise ValueError("backend='triton' is not available yet (no Triton kernels ship in this "
+                             "version); use 'auto' or 'torch'")
         object.__setattr__(self, "options", method_cls.validate_options(dict(self.options)))
 
     @classmethod
     def from_kwargs(cls, method: str, keep: int | float, **options: Any) -> "PruneConfig":
         """`PruneConfig.from_kwargs("cls_attention", 64, positions="original", layers=[-2])`."""
-        common = {k: options.pop(k) for k in ("positions", "backend") if k in options}
+        common = {k: options.pop(k) for k in COMMON_OPTIONS if k in options}
         return cls(method=method, keep=keep, options=options, **common)
 
-    def budget(self, n_tokens: int) -> int:
+    def as_kwargs(self) -> dict[str, Any]:
+        """The arguments of `vlm_prune.patch` that rebuild this config."""
+        return dict(method=self.method, keep=self.keep, positions=self.positions,
+                    budget=self.budget, backend=self.backend, **self.options)
+
+    def budget_for(self, n_tokens: int) -> int:
         """Visual tokens kept for one image of `n_tokens` tokens."""
         return tokens_to_keep(self.keep, n_tokens)

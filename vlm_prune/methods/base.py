@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from ..config import Option
+from ..config import COMMON_OPTIONS, Option
 
 # Signals a family patch can provide to a vision-stage method, per image:
 #   "cls_attention": [I, N] attention of the vision tower's [CLS] query to each visual token
@@ -47,7 +47,7 @@ class Method:
         """Checks option names and values; returns all options with defaults filled in."""
         unknown = sorted(set(given) - set(cls.options))
         if unknown:
-            allowed = sorted(cls.options) + ["positions", "backend"]
+            allowed = sorted(cls.options) + list(COMMON_OPTIONS)
             raise ValueError(
                 f"unknown option(s) {unknown} for method {cls.name!r}; allowed: {allowed}"
             )

@@ -1,6 +1,7 @@
 """Hot-path ops of vlm_prune: a reference PyTorch implementation of each (the CPU path and the
 test oracle), with fused Triton kernels beside them where they pay (see issue: kernels)."""
 
+from .attention_received import attention_received
 from .cls_attention import cls_attention_scores
 
-__all__ = ["cls_attention_scores"]
+__all__ = ["attention_received", "cls_attention_scores"]

@@ -44,6 +44,10 @@ class Region:
     slots: torch.Tensor
     grid: tuple[int, int]
 
+    def __post_init__(self) -> None:
+        if self.grid[0] * self.grid[1] != len(self.slots):
+            raise ValueError(f"a {self.grid[0]}x{self.grid[1]} region needs {self.grid[0] * self.grid[1]} tokens, got {len(self.slots)}")
+
 
 @dataclass
 class ImageTokens:
@@ -74,6 +78,7 @@ class VisionStagePatch:
     """Base of the family patches for vision-stage methods (see module docstring)."""
 
     default_positions = "renumber"
+    position_policies: tuple[str, ...] = ("renumber", "original")
     # kwargs that run along the sequence besides ids/embeds, mask and positions
     sequence_kwargs: tuple[str, ...] = ()
 
@@ -88,6 +93,11 @@ class VisionStagePatch:
         self.config = config
         self.method = method_cls()
         self.positions = config.positions or self.default_positions
+        if self.positions not in self.position_policies:
+            raise ValueError(
+                f"positions={self.positions!r} is not supported on {type(model).__name__}; "
+                f"allowed: {list(self.position_policies)}"
+            )
         self.budget = config.budget or "per_image"
         self.state: PromptState | None = None
         self.stats: list[dict[str, int]] = []

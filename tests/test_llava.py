@@ -10,7 +10,7 @@ import vlm_prune
 from vlm_prune import tiny
 
 from .conftest import llava_inputs
-from .llava_reference import eager_cls_scores, image_features, reference_logits, top_k_sorted
+from .reference import eager_cls_scores, image_features, reference_logits, top_k_sorted
 
 PROMPTS = ["USER: <image>\nWhat is it? ASSISTANT:", "USER: <image>\nHow many green triangles are there? ASSISTANT:"]
 SIZES = [(140, 100), (90, 120)]

@@ -44,3 +44,17 @@ def bind_to_kwargs(forward: Callable, args: tuple, kwargs: dict[str, Any]) -> di
     bound.update(kwargs)
     return bound
 
+
+
+def vision_window_index(visual: Any, grid_thw: torch.Tensor) -> torch.Tensor:
+    """Qwen2.5-VL's window permutation of merge units: permuted[j] = raster[index[j]]."""
+    try:  # transformers >= 5.2x
+        from transformers.vision_utils import get_vision_window_index
+    except ImportError:  # older releases keep it on the vision tower
+        return visual.get_window_index(grid_thw)[0]
+    config = visual.config
+    index, _ = get_vision_window_index(
+        grid_thw, spatial_merge_size=config.spatial_merge_size, window_size=config.window_size,
+        patch_size=config.patch_size,
+    )
+    return index

@@ -17,6 +17,9 @@ _METHODS: dict[str, type["Method"]] = {}
 # model_type -> "module:Class" of its family patch, imported on first use.
 FAMILIES: dict[str, str] = {
     "llava": "vlm_prune.patches.llava:LlavaPatch",
+    "llava_next": "vlm_prune.patches.llava_next:LlavaNextPatch",
+    "qwen2_vl": "vlm_prune.patches.qwen2_vl:Qwen2VLPatch",
+    "qwen2_5_vl": "vlm_prune.patches.qwen2_vl:Qwen2VLPatch",
 }
 
 

@@ -25,20 +25,30 @@ _CORPUS = [
 ]
 
 
-def tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer trained in memory, with <pad>, <s>, </s> and <image>.
+QWEN_TOKENS = {
+    "vision_start_token": "<|vision_start|>",
+    "vision_end_token": "<|vision_end|>",
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+}
+
+
+def tokenizer(vocab_size: int = 320, named_tokens: dict[str, str] | None = None):
+    """A byte-level BPE tokenizer trained in memory, with <pad>=0, <s>=1, </s>=2 and the named
+    special tokens after them (default: LLaVA's <image>=3).
 
     Left padding (what batched generation needs) is set in the constructor so it is saved.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    named_tokens = named_tokens or {"image_token": IMAGE_TOKEN}
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS[:3] + list(named_tokens.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -49,7 +59,7 @@ def tokenizer(vocab_size: int = 320):
         eos_token="</s>",
         pad_token="<pad>",
         padding_side="left",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens=named_tokens,
     )
 
 
@@ -131,6 +141,94 @@ def llava(seed: int = 0, dtype: torch.dtype = torch.float32, **sizes: Any):
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(dtype).eval()
     return model, llava_processor(config)
+
+
+def llava_next(seed: int = 0, dtype: torch.dtype = torch.float32, image_size: int = 56, **sizes: Any):
+    """(model, processor): a random-weight LlavaNextForConditionalGeneration (anyres).
+
+    Crops are image_size px (image_size / 14 tokens per side); grid pinpoints are the
+    LLaVA-NeXT ones scaled to image_size (1x2, 2x1, 2x2, 3x1, 1x3 crops). At image_size=336
+    a 640x480 image gives 2340 visual tokens, as in LLaVA-NeXT-7B.
+    """
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    base = llava_config(image_size=image_size, **sizes)
+    s = image_size
+    pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [3 * s, s], [s, 3 * s]]
+    config = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_id=base.image_token_id,
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=base.image_seq_length,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).to(dtype).eval()
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": s}, crop_size={"height": s, "width": s}, image_grid_pinpoints=pinpoints
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer(config.text_config.vocab_size),
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+def qwen2_vl(seed: int = 0, dtype: torch.dtype = torch.float32, version: str = "2", vision_depth: int = 2,
+             vision_hidden: int = 32, vision_heads: int = 4, text_hidden: int = 64, text_layers: int = 2,
+             text_heads: int = 4, text_kv_heads: int = 2, vocab_size: int = 320,
+             min_pixels: int = 4 * 28 * 28, max_pixels: int = 256 * 28 * 28):
+    """(model, processor): a random-weight Qwen2-VL (version="2") or Qwen2.5-VL ("2.5").
+
+    Patches of 14 px, 2x2 merge (one LLM token per 28x28 px); the processor resizes images to
+    between min_pixels and max_pixels. Qwen2.5-VL gets 56 px windows (2x2 merged tokens each),
+    full attention in its last block. The processor is `vlm_prune.processors.QwenImageOnlyProcessor`.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from .processors import QwenImageOnlyProcessor
+
+    tok = tokenizer(vocab_size, QWEN_TOKENS)
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in QWEN_TOKENS.items()}
+    head_dim = text_hidden // text_heads
+    quarter = head_dim // 2 // 4  # mrope_section must sum to head_dim / 2
+    text = dict(
+        vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=2 * text_hidden,
+        num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_kv_heads,
+        max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter]},
+    )
+    vision = dict(depth=vision_depth, num_heads=vision_heads, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3)
+    token_ids = dict(image_token_id=ids["image_token"], video_token_id=ids["video_token"],
+                     vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"])
+    if version == "2":
+        vision.update(embed_dim=vision_hidden, hidden_size=text_hidden, mlp_ratio=2)
+        config, cls = Qwen2VLConfig(vision_config=vision, text_config=text, **token_ids), Qwen2VLForConditionalGeneration
+    elif version == "2.5":
+        vision.update(hidden_size=vision_hidden, out_hidden_size=text_hidden, intermediate_size=2 * vision_hidden,
+                      window_size=56, fullatt_block_indexes=[vision_depth - 1])
+        config, cls = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **token_ids), Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(f"version={version!r}: choose '2' (Qwen2-VL) or '2.5' (Qwen2.5-VL)")
+    torch.manual_seed(seed)
+    model = cls(config).to(dtype).eval()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
+                                               merge_size=2, temporal_patch_size=2)
+    return model, QwenImageOnlyProcessor(image_processor, tok)
+
+
+def qwen_prompt(question: str, n_images: int = 1) -> str:
+    """A Qwen-VL prompt with `n_images` image slots before the question."""
+    return "<|vision_start|><|image_pad|><|vision_end|>" * n_images + question
 
 
 def random_image(width: int, height: int, seed: int = 0):

@@ -1,0 +1,173 @@
+"""Qwen2-VL and Qwen2.5-VL (model_type "qwen2_vl", "qwen2_5_vl"): prune before the LLM.
+
+Seam: a forward pre-hook on the inner `Qwen2VLModel` / `Qwen2_5_VLModel`, as for LLaVA. Each
+image is a (t, h, w) patch grid; the merger turns every 2x2 unit into one LLM token, so an image
+is t frames of (h/2) x (w/2) tokens, one region per frame.
+
+Positions: M-RoPE gives each visual token (t, h, w) positions and text after an image continues
+from max(h, w) of the image. Kept tokens keep their 3D positions and text keeps its positions
+too, exactly as in the unpruned model (positions="original", the only policy here: a grid
+coordinate has nothing to renumber); decode steps continue from the unpruned model's numbering
+(its rope_deltas), so the pruned cache lines up.
+
+[CLS]-free score for `cls_attention` (Qwen has no [CLS] token): the attention each patch
+receives in the last vision block, averaged over heads and query rows of its image (VisPruner's
+fallback), then averaged over each 2x2 merge unit. q/k come from that block's own qkv projection
+(a forward hook) with its rotary embedding applied, and only the column means are computed in
+chunks, so the tower keeps SDPA. Qwen2.5-VL runs blocks on window-permuted merge units; the
+permutation is undone before the scores reach the method.
+
+Videos are passed through untouched (their tokens are never pruned); only images are pruned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from typing import Any
+
+import torch
+
+from vlm_prune.compat import vision_window_index
+from vlm_prune.kernels import attention_received
+
+from .base import ImageTokens, Region, VisionStagePatch
+
+
+class Qwen2VLPatch(VisionStagePatch):
+    default_positions = "original"  # M-RoPE: kept tokens keep their 3D positions
+    # An M-RoPE position is a grid coordinate, not a count: there is nothing to renumber, and
+    # text after an image already continues from the image's extent, not its token count.
+    position_policies = ("original",)
+    sequence_kwargs = ("mm_token_type_ids",)
+
+    def check_model(self) -> None:
+        self.visual = self.model.model.visual
+        self.merge_unit = self.visual.spatial_merge_size**2
+        self.windowed = hasattr(self.visual, "fullatt_block_indexes")  # Qwen2.5-VL
+
+    def target_module(self) -> torch.nn.Module:
+        return self.model.model
+
+    def image_token_mask(self, kw: dict[str, Any]) -> torch.Tensor:
+        token_id = self.model.config.image_token_id
+        if kw.get("input_ids") is not None:
+            return kw["input_ids"] == token_id
+        image_embed = self.embed(torch.tensor([[token_id]], device=kw["inputs_embeds"].device))
+        return (kw["inputs_embeds"] == image_embed).all(-1)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = getattr(self.model.config.text_config, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.model.config, "pad_token_id", None)
+        return 0 if pad is None else int(pad)
+
+    def encode(self, kw: dict[str, Any]) -> Any:
+        return self.model.model.get_image_features(kw["pixel_values"], kw.get("image_grid_thw"), return_dict=True)
+
+    # -- positions ----------------------------------------------------------------------------
+
+    def base_positions(self, kw: dict[str, Any], length: int) -> torch.Tensor:
+        if kw.get("position_ids") is not None:  # generate(): [4, B, L] (text + 3D)
+            return kw["position_ids"]
+        if kw.get("input_ids") is None or kw.get("mm_token_type_ids") is None:
+            raise ValueError(
+                "vlm_prune on Qwen-VL needs input_ids and mm_token_type_ids (from the processor) to "
+                "compute M-RoPE positions, or explicit position_ids"
+            )
+        inner = self.model.model
+        accepted = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts", "attention_mask")
+        extra = {k: kw[k] for k in accepted if kw.get(k) is not None}
+        positions, deltas = inner.get_rope_index(kw["input_ids"], mm_token_type_ids=kw["mm_token_type_ids"], **extra)
+        inner.rope_deltas = deltas  # what the unpruned forward would have stored
+        return positions
+
+    def decode_positions(self, kw: dict[str, Any], start: int, full_mask: torch.Tensor | None) -> torch.Tensor:
+        """As Qwen's forward numbers new tokens: text position (from the unpruned mask when
+        given, else the unpruned sequence index) plus rope_deltas, on all three axes."""
+        text = super().decode_positions(kw, start, full_mask)
+        if full_mask is not None:
+            text = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -text.shape[1]:]
+        deltas = self.model.model.rope_deltas
+        if deltas is None:
+            raise ValueError("vlm_prune: no rope_deltas from the prefill; pass position_ids to decode steps")
+        return text.unsqueeze(0).expand(3, -1, -1) + deltas.to(text.device)
+
+    # -- images -------------------------------------------------------------------------------
+
+    def describe_images(self, output, call, signals) -> list[ImageTokens]:
+        grid_thw = call.get("image_grid_thw")
+        if grid_thw is None:
+            raise ValueError("Qwen-VL image features came without image_grid_thw; pass pixel_values and image_grid_thw")
+        features = list(output.pooler_output)
+        merge = self.visual.spatial_merge_size
+        scores = signals.get("cls_attention")
+        if scores is not None:
+            scores = scores.split([int(t * h * w) // self.merge_unit for t, h, w in grid_thw.tolist()])
+        images = []
+        for i, (feats, (t, h, w)) in enumerate(zip(features, grid_thw.tolist())):
+            rows, cols = h // merge, w // merge
+            per_frame = rows * cols
+            if feats.shape[0] != t * per_frame:
+                raise ValueError(f"image {i}: {feats.shape[0]} features for a {t}x{rows}x{cols} token grid")
+            regions = [
+                Region(torch.arange(f * per_frame, (f + 1) * per_frame, device=feats.device), (rows, cols))
+                for f in range(t)
+            ]
+            image_signals = {"cls_attention": scores[i].to(feats.device)} if scores is not None else {}
+            images.append(ImageTokens(feats, regions, image_signals))
+        return images
+
+    def capture_signals(self):
+        if "cls_attention" in self.method.needs:
+            return self._capture_attention_received()
+        return contextlib.nullcontext({})
+
+    @contextlib.contextmanager
+    def _capture_attention_received(self):
+        """Yields a dict that holds, once the tower ran, "cls_attention": [T / 4] float32 per merged
+        token (all images of the call, raster order): attention received in the last block."""
+        result: dict[str, torch.Tensor] = {}
+        attn = self.visual.blocks[-1].attn
+        seen: dict[str, Any] = {}
+
+        def keep_inputs(module, args, kwargs):
+            seen["cu_seqlens"] = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+            seen["position_embeddings"] = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
+
+        def keep_qkv(module, args, output):
+            seen["qkv"] = output
+
+        grid_seen: dict[str, torch.Tensor] = {}
+
+        def keep_grid(module, args, kwargs):
+            grid_seen["grid_thw"] = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+
+        handles = [
+            attn.register_forward_pre_hook(keep_inputs, with_kwargs=True),
+            attn.qkv.register_forward_hook(keep_qkv),
+            self.visual.register_forward_pre_hook(keep_grid, with_kwargs=True),
+        ]
+        try:
+            yield result
+        finally:
+            for h in handles:
+                h.remove()
+        start = time.perf_counter()
+        qkv = seen["qkv"]
+        total = qkv.shape[0]
+        q, k, _ = qkv.reshape(total, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+        cos, sin = seen["position_embeddings"]
+        q, k = rotary(q, k, cos, sin)
+        received = attention_received(q.transpose(0, 1), k.transpose(0, 1), attn.scaling, seen["cu_seqlens"])
+        per_unit = received.view(-1, self.merge_unit).mean(-1)  # the merger's 2x2 units
+        if self.windowed:  # blocks ran on window-permuted units: permuted[j] = raster[index[j]]
+            index = vision_window_index(self.visual, grid_seen["grid_thw"]).to(per_unit.device)
+            raster = torch.empty_like(per_unit)
+            raster[index] = per_unit
+            per_unit = raster
+        result["cls_attention"] = per_unit
+        self._signal_s += time.perf_counter() - start

@@ -1,8 +1,10 @@
 """`vlm-prune bench`: prefill time of a pruned vs an unpruned model, side by side in one process.
 
-The model is LLaVA-shaped with random weights (no download): a ViT-B-size CLIP tower at 336 px
-(576 visual tokens) and an 8-layer Llama at hidden 1024. Runs alternate between unpruned and
-pruned so drift hits both; medians are reported. Threads are pinned (torch.set_num_threads).
+Models have random weights (no download) and real shapes: a ViT-B-size vision tower and an
+8-layer Llama/Qwen2 LM at hidden 1024, in the LLaVA-1.5 (576 tokens), LLaVA-NeXT (anyres, 2340
+tokens for 640x480) or Qwen2-VL (2x2 merge, M-RoPE, 391 tokens for 640x480) layout. Runs alternate
+between unpruned and pruned so drift hits both; medians are reported. Threads are pinned
+(torch.set_num_threads).
 
 Printed: LLM prefill time (the language model alone, timed by hooks), end-to-end prefill time
 (vision tower + scoring + LLM), the measured LLM speed-up beside the theoretical FLOPs ratio,
@@ -22,15 +24,23 @@ import torch
 from . import api, tiny
 from .flops import prefill_flops
 
-SHAPES: dict[str, dict[str, Any]] = {
-    # ViT-B/14 at 336 px (576 tokens) + 8-layer Llama, hidden 1024 (issue 3's bench model)
-    "llava-1.5": dict(
-        image_size=336, patch_size=14, vision_hidden=768, vision_layers=12, vision_heads=12,
-        vision_intermediate=3072, text_hidden=1024, text_layers=8, text_heads=16,
-        text_kv_heads=16, text_intermediate=2816,
-    ),
+_VIT_B = dict(vision_hidden=768, vision_heads=12, vision_intermediate=3072)
+_LLAMA_8L = dict(text_hidden=1024, text_layers=8, text_heads=16, text_kv_heads=16, text_intermediate=2816)
+
+# name -> (builder in vlm_prune.tiny, its sizes, prompt template with {q} for the question)
+SHAPES: dict[str, tuple[str, dict[str, Any], str]] = {
+    # ViT-B/14 at 336 px (576 tokens) + 8-layer Llama at hidden 1024
+    "llava-1.5": ("llava", dict(image_size=336, vision_layers=12, **_VIT_B, **_LLAMA_8L),
+                  "USER: <image>\n{q} ASSISTANT:"),
+    # the same towers with LLaVA-NeXT anyres: a 640x480 image is 5 crops, 2340 tokens
+    "llava-next": ("llava_next", dict(image_size=336, vision_layers=12, **_VIT_B, **_LLAMA_8L),
+                   "USER: <image>\n{q} ASSISTANT:"),
+    # Qwen2-VL layout (14 px patches, 2x2 merge, M-RoPE): 640x480 -> 34x46 patches -> 391 tokens
+    "qwen2-vl": ("qwen2_vl", dict(vision_depth=12, **_VIT_B, **_LLAMA_8L, min_pixels=3136, max_pixels=12845056),
+                 "<|vision_start|><|image_pad|><|vision_end|>{q}"),
     # a quick smoke-test size
-    "tiny": dict(image_size=336, vision_hidden=64, vision_layers=2, text_hidden=128, text_layers=2),
+    "tiny": ("llava", dict(image_size=336, vision_hidden=64, vision_layers=2, text_hidden=128, text_layers=2),
+             "USER: <image>\n{q} ASSISTANT:"),
 }
 
 
@@ -114,24 +124,22 @@ class _LLMTimer:
             h.remove()
 
 
-def build_inputs(processor, text_tokens: int):
+def build_inputs(processor, template: str, text_tokens: int):
     """One image (640x480) and a prompt with about `text_tokens` text tokens."""
     words = "describe the red circle and the blue square at the top left of the picture ".split()
     question = ""
-    while len(processor.tokenizer(f"USER: <image>\n{question} ASSISTANT:")["input_ids"]) - 1 < text_tokens:
+    while len(processor.tokenizer(template.format(q=question))["input_ids"]) - 1 < text_tokens:
         question += words[len(question.split()) % len(words)] + " "
-    return processor(
-        images=[tiny.random_image(640, 480)],
-        text=[f"USER: <image>\n{question.strip()} ASSISTANT:"],
-        return_tensors="pt",
-    )
+    return processor(images=[tiny.random_image(640, 480)], text=[template.format(q=question.strip())],
+                     return_tensors="pt")
 
 
 def run(shape: str = "llava-1.5", method: str = "cls_attention", keep: int | float = 64,
         text_tokens: int = 64, repeats: int = 5, threads: int = 2, **options: Any) -> BenchResult:
     torch.set_num_threads(threads)
-    model, processor = tiny.llava(**SHAPES[shape])
-    inputs = build_inputs(processor, text_tokens)
+    builder, sizes, template = SHAPES[shape]
+    model, processor = getattr(tiny, builder)(**sizes)
+    inputs = build_inputs(processor, template, text_tokens)
     timer = _LLMTimer(model.model.language_model)
     samples: dict[str, list[tuple[float, float, float]]] = {"unpruned": [], "pruned": []}
     handle = None

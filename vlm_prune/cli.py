@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="prefill time pruned vs unpruned, in one process")
-    bench.add_argument("--shape", default="llava-1.5", choices=["llava-1.5", "tiny"])
+    bench.add_argument("--shape", default="llava-1.5", choices=["llava-1.5", "llava-next", "qwen2-vl", "tiny"])
     bench.add_argument("--method", default="cls_attention", choices=available_methods())
     bench.add_argument("--keep", type=parse_keep, default=64)
     bench.add_argument("--text-tokens", type=int, default=64)

@@ -181,8 +181,9 @@ def llava_next(seed: int = 0, dtype: torch.dtype = torch.float32, image_size: in
 
 
 def qwen2_vl(seed: int = 0, dtype: torch.dtype = torch.float32, version: str = "2", vision_depth: int = 2,
-             vision_hidden: int = 32, vision_heads: int = 4, text_hidden: int = 64, text_layers: int = 2,
-             text_heads: int = 4, text_kv_heads: int = 2, vocab_size: int = 320,
+             vision_hidden: int = 32, vision_heads: int = 4, vision_intermediate: int | None = None,
+             text_hidden: int = 64, text_layers: int = 2, text_heads: int = 4, text_kv_heads: int = 2,
+             text_intermediate: int | None = None, vocab_size: int = 320,
              min_pixels: int = 4 * 28 * 28, max_pixels: int = 256 * 28 * 28):
     """(model, processor): a random-weight Qwen2-VL (version="2") or Qwen2.5-VL ("2.5").
 
@@ -200,7 +201,7 @@ def qwen2_vl(seed: int = 0, dtype: torch.dtype = torch.float32, version: str = "
     head_dim = text_hidden // text_heads
     quarter = head_dim // 2 // 4  # mrope_section must sum to head_dim / 2
     text = dict(
-        vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=2 * text_hidden,
+        vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=text_intermediate or 2 * text_hidden,
         num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_kv_heads,
         max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -211,10 +212,12 @@ def qwen2_vl(seed: int = 0, dtype: torch.dtype = torch.float32, version: str = "
     token_ids = dict(image_token_id=ids["image_token"], video_token_id=ids["video_token"],
                      vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"])
     if version == "2":
-        vision.update(embed_dim=vision_hidden, hidden_size=text_hidden, mlp_ratio=2)
+        vision.update(embed_dim=vision_hidden, hidden_size=text_hidden,
+                      mlp_ratio=(vision_intermediate or 2 * vision_hidden) // vision_hidden)
         config, cls = Qwen2VLConfig(vision_config=vision, text_config=text, **token_ids), Qwen2VLForConditionalGeneration
     elif version == "2.5":
-        vision.update(hidden_size=vision_hidden, out_hidden_size=text_hidden, intermediate_size=2 * vision_hidden,
+        vision.update(hidden_size=vision_hidden, out_hidden_size=text_hidden,
+                      intermediate_size=vision_intermediate or 2 * vision_hidden,
                       window_size=56, fullatt_block_indexes=[vision_depth - 1])
         config, cls = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **token_ids), Qwen2_5_VLForConditionalGeneration
     else:

@@ -3,5 +3,6 @@ test oracle), with fused Triton kernels beside them where they pay (see issue: k
 
 from .attention_received import attention_received
 from .cls_attention import cls_attention_scores
+from .llm_signals import attention_from_rows, transition_variation
 
-__all__ = ["attention_received", "cls_attention_scores"]
+__all__ = ["attention_from_rows", "attention_received", "cls_attention_scores", "transition_variation"]

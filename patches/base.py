@@ -74,7 +74,82 @@ class PromptState:
     prompt_mask: torch.Tensor | None  # [B, L'] compacted mask, None when none is needed
 
 
-class VisionStagePatch:
+class PatchBase:
+    """Hook and wrapper bookkeeping shared by the vision-stage and in-LLM engines: everything is
+    installed on one model instance and removed exactly."""
+
+    def __init__(self, model: torch.nn.Module, config: PruneConfig):
+        self.model = model
+        self.config = config
+        self.stats: list[dict[str, int]] = []
+        self.kept_indices: list[torch.Tensor] = []
+        self.timings: dict[str, float] = {}
+        self._hooks: list[Any] = []
+        self._wrapped: list[tuple[Any, str, Any]] = []  # (object, attribute, our wrapper)
+        self._in_generate = False
+        self._prefilled_in_generate = False
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for owner, name, wrapper in self._wrapped:
+            if vars(owner).get(name) is wrapper:
+                delattr(owner, name)
+        self._wrapped.clear()
+
+    def _wrap(self, owner: Any, name: str, wrapper: Any) -> None:
+        if name in vars(owner):  # someone else already set an instance attribute: leave it
+            return
+        setattr(owner, name, wrapper)
+        self._wrapped.append((owner, name, wrapper))
+
+    def _wrap_generate(self) -> None:
+        """Marks where each generate() call starts: its first forward is the prompt's prefill."""
+        if not hasattr(self.model, "generate"):
+            return
+        original = self.model.generate
+
+        def generate(*args, **kwargs):
+            self._in_generate, self._prefilled_in_generate = True, False
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._in_generate = False
+
+        generate.__wrapped__ = original
+        self._wrap(self.model, "generate", generate)
+
+    def _is_replay(self) -> bool:
+        """A forward of generate(use_cache=False) after the first: the whole sequence again."""
+        return self._in_generate and self._prefilled_in_generate
+
+    def _image_mask(self, kw: dict[str, Any]) -> torch.Tensor:
+        """[B, L] bool: the image placeholders, from input_ids or by comparing embeddings."""
+        token_id = self.model.config.image_token_id
+        if kw.get("input_ids") is not None:
+            return kw["input_ids"] == token_id
+        embed = self.model.model.get_input_embeddings()
+        image_embed = embed(torch.tensor([[token_id]], device=kw["inputs_embeds"].device))
+        return (kw["inputs_embeds"] == image_embed).all(-1)
+
+    @staticmethod
+    def _seq_len(kw: dict[str, Any]) -> int:
+        x = kw.get("input_ids")
+        return (x if x is not None else kw["inputs_embeds"]).shape[1]
+
+    @staticmethod
+    def _batch_size(kw: dict[str, Any]) -> int:
+        x = kw.get("input_ids")
+        return (x if x is not None else kw["inputs_embeds"]).shape[0]
+
+    @staticmethod
+    def _device(kw: dict[str, Any]) -> torch.device:
+        x = kw.get("input_ids")
+        return (x if x is not None else kw["inputs_embeds"]).device
+
+
+class VisionStagePatch(PatchBase):
     """Base of the family patches for vision-stage methods (see module docstring)."""
 
     default_positions = "renumber"
@@ -89,8 +164,7 @@ class VisionStagePatch:
                 f"method {config.method!r} prunes inside the LLM (stage {method_cls.stage!r}); "
                 f"{type(self).__name__} supports vision-stage methods"
             )
-        self.model = model
-        self.config = config
+        super().__init__(model, config)
         self.method = method_cls()
         self.positions = config.positions or self.default_positions
         if self.positions not in self.position_policies:
@@ -100,15 +174,8 @@ class VisionStagePatch:
             )
         self.budget = config.budget or "per_image"
         self.state: PromptState | None = None
-        self.stats: list[dict[str, int]] = []
-        self.kept_indices: list[torch.Tensor] = []
-        self.timings: dict[str, float] = {}
         self._signal_s = 0.0
         self._last_encoded: tuple[Any, list[ImageTokens]] | None = None
-        self._hooks: list[Any] = []
-        self._wrapped: list[tuple[Any, str, Any]] = []  # (object, attribute, our wrapper)
-        self._in_generate = False
-        self._prefilled_in_generate = False
         self.check_model()
 
     # -- what a family provides -----------------------------------------------------------
@@ -138,7 +205,7 @@ class VisionStagePatch:
 
     def image_token_mask(self, kw: dict[str, Any]) -> torch.Tensor:
         """[B, L] bool: where the image placeholders are."""
-        raise NotImplementedError
+        return self._image_mask(kw)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, L] -> [B, L, D] token embeddings."""
@@ -169,25 +236,12 @@ class VisionStagePatch:
         self._hooks.append(module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         owner, name = self.image_encoder()
         self._wrap(owner, name, self._encoder_wrapper(getattr(owner, name)))
-        if hasattr(self.model, "generate"):
-            self._wrap(self.model, "generate", self._generate_wrapper(self.model.generate))
+        self._wrap_generate()
 
     def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        for owner, name, wrapper in self._wrapped:
-            if vars(owner).get(name) is wrapper:
-                delattr(owner, name)
-        self._wrapped.clear()
+        super().remove()
         self.state = None
         self._last_encoded = None
-
-    def _wrap(self, owner: Any, name: str, wrapper: Any) -> None:
-        if name in vars(owner):  # someone else already set an instance attribute: leave it
-            return
-        setattr(owner, name, wrapper)
-        self._wrapped.append((owner, name, wrapper))
 
     def _encoder_wrapper(self, original):
         signature = inspect.signature(original)
@@ -203,17 +257,6 @@ class VisionStagePatch:
         encoder.__wrapped__ = original  # generate() reads the signature through this
         return encoder
 
-    def _generate_wrapper(self, original):
-        def generate(*args, **kwargs):
-            self._in_generate, self._prefilled_in_generate = True, False
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self._in_generate = False
-
-        generate.__wrapped__ = original
-        return generate
-
     # -- the hook --------------------------------------------------------------------------
 
     def _pre_hook(self, module, args, kwargs):
@@ -228,7 +271,7 @@ class VisionStagePatch:
             if self.state is None:
                 return None
             return (), self._decode(kw, past)
-        if self._in_generate and self._prefilled_in_generate and self.state is not None:
+        if self._is_replay() and self.state is not None:
             return (), self._apply(kw, self.state, self.image_token_mask(kw))
         new_kw = self._prefill(kw)
         self._prefilled_in_generate = self._in_generate
@@ -396,23 +439,6 @@ class VisionStagePatch:
             positions = positions - shift
         new_kw["position_ids"] = positions
         return new_kw
-
-    # -- small helpers ---------------------------------------------------------------------
-
-    @staticmethod
-    def _seq_len(kw: dict[str, Any]) -> int:
-        x = kw.get("input_ids")
-        return (x if x is not None else kw["inputs_embeds"]).shape[1]
-
-    @staticmethod
-    def _batch_size(kw: dict[str, Any]) -> int:
-        x = kw.get("input_ids")
-        return (x if x is not None else kw["inputs_embeds"]).shape[0]
-
-    @staticmethod
-    def _device(kw: dict[str, Any]) -> torch.device:
-        x = kw.get("input_ids")
-        return (x if x is not None else kw["inputs_embeds"]).device
 
 
 def _extend_mask(prompt_mask: torch.Tensor, extra: int) -> torch.Tensor:

@@ -79,13 +79,6 @@ class LlavaPatch(VisionStagePatch):
     def target_module(self) -> torch.nn.Module:
         return self.model.model
 
-    def image_token_mask(self, kw: dict[str, Any]) -> torch.Tensor:
-        token_id = self.model.config.image_token_id
-        if kw.get("input_ids") is not None:
-            return kw["input_ids"] == token_id
-        image_embed = self.embed(torch.tensor([[token_id]], device=kw["inputs_embeds"].device))
-        return (kw["inputs_embeds"] == image_embed).all(-1)
-
     @property
     def pad_token_id(self) -> int:
         pad = getattr(self.model.config.text_config, "pad_token_id", None)

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import torch
 
 from .config import PruneConfig
-from .registry import get_family
+from .registry import get_family, get_method
 
 _HANDLE_ATTR = "_vlm_prune_handle"
 
@@ -65,7 +65,13 @@ def patch(model: torch.nn.Module, method: str, keep: int | float, **options: Any
     left exactly as it was.
     """
     config = PruneConfig.from_kwargs(method, keep, **options)
-    family_patch = get_family(model)(model, config)  # validates the model against the method
+    family = get_family(model)  # an unsupported model fails here
+    if get_method(config.method).stage == "llm":
+        from .patches.in_llm import LLMStagePatch
+
+        family_patch = LLMStagePatch(model, config)  # validates the schedule against the depth
+    else:
+        family_patch = family(model, config)  # validates the model against the method
     previous = getattr(model, _HANDLE_ATTR, None)
     if previous is not None:
         previous.remove()

@@ -1,0 +1,359 @@
+"""The in-LLM pruning engine for stage-"llm" methods (transition, fastv), on all four families.
+
+The outer sequence never changes: input ids, the 2D mask and position ids stay as the caller
+made them, and layer 0's cache holds every token. Inside the decoder, tokens are dropped after
+given layers, progressively:
+
+- prefill: forward hooks gather the method's signals (sub-module transitions, a few attention
+  rows recomputed from the layer's own q/k with RoPE -- SDPA stays on); at the first layer of
+  each stage a pre-hook scores the visual tokens still present, keeps the top ones per image and
+  slices the hidden states; every later layer gets the attention mask, position embeddings and
+  position ids sliced to the tokens it sees. Kept tokens keep their original positions.
+- decode: each layer's cache holds the tokens that layer saw; the decode mask (built for layer
+  0's length) gets its columns sliced the same way per layer.
+- generate(use_cache=False): later steps reuse the prompt's selection (generated tokens are
+  never dropped), which is what the cached run computes.
+
+Rows that keep different numbers of tokens (different images per row) are left-padded inside
+the decoder; the padding is masked.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlm_prune.compat import bind_to_kwargs, cache_length, get_cache
+from vlm_prune.config import PruneConfig
+from vlm_prune.kernels import attention_from_rows, transition_variation
+from vlm_prune.methods.transition import stage_budget
+from vlm_prune.registry import get_method
+
+from .base import PatchBase
+
+
+@dataclass
+class PromptContext:
+    """Facts about the prompt, fixed for one generate() call."""
+
+    length: int  # L
+    is_image: torch.Tensor  # [B, L] bool
+    image_id: torch.Tensor  # [B, L] int64: index of the image (in batch order) a token belongs to, -1 = text
+    image_sizes: list[int]  # tokens per image
+    instruction: torch.Tensor  # [B, L] bool: the text after each row's last image
+    last: torch.Tensor  # [B] int64: the row's last real prompt token
+    mask2d: torch.Tensor | None  # [B, L] the caller's attention mask
+
+
+class LLMStagePatch(PatchBase):
+    def __init__(self, model: torch.nn.Module, config: PruneConfig):
+        super().__init__(model, config)
+        self.method = get_method(config.method)()
+        self.language_model = model.model.language_model
+        self.layers = self.language_model.layers
+        self.stages = self.method.stages(config.options, config.keep, len(self.layers))
+        self.transition_layers = self.method.transition_layers(config.options, self.stages)
+        self.rows = self.method.query_rows(config.options)
+        self.stage_starts = {stage.after_layer: i for i, stage in enumerate(self.stages)}
+        self.first = self.stages[0].after_layer  # 0-based index of the first layer that sees fewer tokens
+        self.layer_lengths: list[int] = []
+        self.phase = "off"
+        self.prompt: PromptContext | None = None
+        self.stage_index: list[torch.Tensor] = []  # per stage: [B, L_s] kept prompt columns, -1 = pad
+
+    # -- install / remove -------------------------------------------------------------------
+
+    def install(self) -> None:
+        inner = self.model.model
+        self._forward = inner.forward
+        self._hooks.append(inner.register_forward_pre_hook(self._outer_hook, with_kwargs=True))
+        for i, layer in enumerate(self.layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+            if i + 1 in self.transition_layers:
+                self._hooks.append(layer.self_attn.register_forward_hook(self._transition_hook("attn"), with_kwargs=True))
+                self._hooks.append(layer.mlp.register_forward_hook(self._transition_hook("mlp"), with_kwargs=True))
+            if self.rows is not None and i + 1 in self.stage_starts:
+                attn = layer.self_attn
+                self._hooks.append(attn.q_proj.register_forward_hook(self._keep_output("q")))
+                self._hooks.append(attn.k_proj.register_forward_hook(self._keep_output("k")))
+                self._hooks.append(attn.register_forward_hook(self._attention_rows_hook, with_kwargs=True))
+        self._wrap_generate()
+
+    # -- outer forward: which phase, and the prompt's facts ------------------------------------
+
+    def _outer_hook(self, module, args, kwargs):
+        kw = bind_to_kwargs(self._forward, args, kwargs)
+        past = cache_length(get_cache(kw))
+        if past > 0:
+            self.phase = "decode" if self.stage_index else "off"
+            self._decode_start = past  # layer 0 holds every token: past = L + generated so far
+            return None
+        if self._is_replay() and self.stage_index:
+            self.phase = "replay"
+            self._length = self._seq_len(kw)
+            self._index = torch.arange(self._length, device=self._device(kw)).expand(self._batch_size(kw), -1)
+            self._ttv = torch.zeros(self._index.shape, device=self._index.device)
+            return None
+        self._prefilled_in_generate = self._in_generate
+        self.stage_index, self.layer_lengths = [], []
+        is_image = self._image_mask(kw)
+        counts = is_image.sum(1).tolist()
+        if not any(counts):
+            self.phase, self.prompt = "off", None
+            self.stats = [{"visual_tokens": int(n), "kept": int(n)} for n in counts]
+            self.kept_indices, self.timings = [], {}
+            return None
+        self.phase = "prefill"
+        self.prompt = _prompt_context(is_image, kw.get("attention_mask"))
+        self._select_s = 0.0
+        self._ttv = torch.zeros(is_image.shape, dtype=torch.float32, device=is_image.device)
+        self._attention: torch.Tensor | None = None
+        self._index = torch.arange(is_image.shape[1], device=is_image.device).expand_as(is_image)
+        return None
+
+    # -- decoder layers ------------------------------------------------------------------------
+
+    def _layer_hook(self, i: int):
+        def hook(module, args, kwargs):
+            if self.phase == "off" or i < self.first:
+                if self.phase == "prefill":
+                    self.layer_lengths.append(args[0].shape[1])
+                return None
+            hidden = args[0]
+            if self.phase in ("prefill", "replay") and i in self.stage_starts:
+                hidden = self._enter_stage(self.stage_starts[i], hidden)
+            if self.phase == "decode":
+                kwargs = self._decode_kwargs(kwargs, self._stage_of(i))
+            else:
+                kwargs = self._layer_kwargs(kwargs)
+                if self.phase == "prefill":
+                    self.layer_lengths.append(hidden.shape[1])
+            return (hidden, *args[1:]), kwargs
+
+        return hook
+
+    def _stage_of(self, i: int) -> int:
+        return sum(1 for stage in self.stages if stage.after_layer <= i) - 1
+
+    def _enter_stage(self, s: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Drops tokens before the stage's first layer; returns the sliced hidden states."""
+        if self.phase == "prefill":
+            start = time.perf_counter()
+            new_index = self._select(s)
+            self.stage_index.append(new_index)
+            self._select_s += time.perf_counter() - start
+            if s == len(self.stages) - 1:
+                self._finish_prefill(new_index)
+        else:
+            new_index = _extend(self.stage_index[s], self._length, self.prompt.length)
+        slots = _slots_of(self._index, new_index)
+        self._index = new_index
+        self._ttv = _gather(self._ttv, slots, 0.0)
+        return _gather(hidden, slots, 0.0)
+
+    def _select(self, s: int) -> torch.Tensor:
+        """[B, L_new] original columns kept at stage s (left-padded with -1)."""
+        prompt, index = self.prompt, self._index
+        valid = index >= 0
+        visual = _gather(prompt.is_image, index, False)
+        image_id = _gather(prompt.image_id, index, -1)
+        signals = {"transition": self._ttv}
+        if self._attention is not None:
+            signals["attention"] = self._attention
+        scores = self.method.score(signals, visual, self.config.options)
+        chosen = torch.zeros_like(visual)
+        for image, n_tokens in enumerate(self.prompt.image_sizes):
+            k = stage_budget(self.stages[s].keep, self.config.keep, n_tokens)
+            rows, cols = (image_id == image).nonzero(as_tuple=True)
+            if len(cols) == 0:
+                continue
+            order = torch.sort(scores[rows, cols].float(), descending=True, stable=True).indices[:k]
+            chosen[rows[order], cols[order]] = True
+        keep = valid & (~visual | chosen)
+        kept_per_row = keep.sum(1)
+        width = int(kept_per_row.max())
+        ranks = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        kept = index.gather(1, ranks)
+        slot = torch.arange(width, device=index.device).expand_as(kept)
+        shift = width - kept_per_row[:, None]
+        src = (slot - shift).clamp(min=0)
+        return torch.where(slot >= shift, kept.gather(1, src), -1)
+
+    def _finish_prefill(self, final_index: torch.Tensor) -> None:
+        prompt = self.prompt
+        kept = torch.zeros_like(prompt.is_image)
+        rows = torch.arange(final_index.shape[0], device=final_index.device)[:, None].expand_as(final_index)
+        valid = final_index >= 0
+        kept[rows[valid], final_index[valid]] = True
+        kept &= prompt.is_image
+        self.stats = [
+            {"visual_tokens": int(n), "kept": int(k)}
+            for n, k in zip(prompt.is_image.sum(1).tolist(), kept.sum(1).tolist())
+        ]
+        self.kept_indices = []
+        for image in range(len(prompt.image_sizes)):
+            in_image = prompt.image_id == image
+            self.kept_indices.append(kept[in_image].nonzero().flatten())
+        self.timings = {"select_s": self._select_s}
+
+    def _layer_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Mask, position embeddings and position ids of the full sequence, sliced to the
+        tokens this layer sees (prefill and no-cache replay)."""
+        index = self._index
+        new = dict(kwargs)
+        cos, sin = kwargs["position_embeddings"]
+        new["position_embeddings"] = (_gather_emb(cos, index), _gather_emb(sin, index))
+        if kwargs.get("position_ids") is not None:
+            new["position_ids"] = _gather_ids(kwargs["position_ids"], index)
+        new["attention_mask"] = self._slice_mask(kwargs.get("attention_mask"), index, index)
+        return new
+
+    def _decode_kwargs(self, kwargs: dict[str, Any], s: int) -> dict[str, Any]:
+        """Decode: this layer's cache holds stage s's prompt columns + every generated token."""
+        n_new = kwargs["position_embeddings"][0].shape[-2]
+        total = self._decode_start + n_new
+        keys = _extend(self.stage_index[s], total, self.prompt.length)
+        queries = torch.arange(self._decode_start, total, device=keys.device).expand(keys.shape[0], n_new)
+        new = dict(kwargs)
+        new["attention_mask"] = self._slice_mask(kwargs.get("attention_mask"), queries, keys, query_offset=self._decode_start)
+        return new
+
+    def _slice_mask(self, mask, queries: torch.Tensor, keys: torch.Tensor, query_offset: int = 0):
+        """The layer's 4D mask for query and key columns given as original indices (-1 = pad).
+
+        mask: the model's mask over the full sequence ([B, 1, Q, K] bool or additive float), or
+        None (causal, no padding). A padding slot attends only to itself, so no row is empty.
+        """
+        pad_q, pad_k = queries < 0, keys < 0
+        if mask is None and not bool(pad_k.any()):
+            return None
+        q_cols, k_cols = queries.clamp(min=0), keys.clamp(min=0)
+        if mask is None:
+            allowed = k_cols[:, None, :] <= q_cols[:, :, None]
+        else:
+            rows = (q_cols - query_offset).clamp(min=0)
+            full = mask if mask.dtype == torch.bool else mask == 0
+            full = full[:, 0]
+            allowed = full.gather(1, rows[:, :, None].expand(-1, -1, full.shape[-1]))
+            allowed = allowed.gather(2, k_cols[:, None, :].expand(-1, allowed.shape[1], -1))
+        allowed = allowed & ~pad_k[:, None, :]
+        if bool(pad_q.any()):
+            eye = torch.eye(allowed.shape[1], allowed.shape[2], dtype=torch.bool, device=allowed.device)
+            allowed = torch.where(pad_q[:, :, None], eye, allowed)
+        allowed = allowed[:, None]
+        if mask is not None and mask.dtype != torch.bool:
+            return torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device).masked_fill(
+                ~allowed, torch.finfo(mask.dtype).min)
+        if self.language_model.config._attn_implementation == "eager":
+            return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        return allowed
+
+    # -- signals ---------------------------------------------------------------------------
+
+    def _transition_hook(self, part: str):
+        def hook(module, args, kwargs, output):
+            if self.phase != "prefill":
+                return
+            start = time.perf_counter()
+            t_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            t_out = output[0] if isinstance(output, tuple) else output
+            visual = _gather(self.prompt.is_image, self._index, False)
+            self._ttv = self._ttv + transition_variation(t_in, t_out, visual, self.config.options["direction"])
+            self._select_s += time.perf_counter() - start
+
+        return hook
+
+    def _keep_output(self, name: str):
+        def hook(module, args, output):
+            if self.phase == "prefill":
+                setattr(self, f"_{name}", output)
+
+        return hook
+
+    def _attention_rows_hook(self, module, args, kwargs, output):
+        """After the attention of a layer that ends a stage: the rows' attention to every token."""
+        if self.phase != "prefill":
+            return
+        start = time.perf_counter()
+        prompt, index = self.prompt, self._index
+        batch, length = index.shape
+        head_dim = module.head_dim
+        q = self._q.view(batch, length, -1, head_dim).transpose(1, 2)
+        k = self._k.view(batch, length, -1, head_dim).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        if self.rows == "last":
+            last_slot = (index == prompt.last[:, None]).float().argmax(1)
+            row_slots, row_valid = last_slot[:, None], torch.ones(batch, 1, dtype=torch.bool, device=index.device)
+        else:
+            instruction = _gather(prompt.instruction, index, False)
+            width = max(1, int(instruction.sum(1).max()))
+            order = torch.sort((~instruction).to(torch.int8), dim=1, stable=True).indices[:, :width]
+            row_slots, row_valid = order, instruction.gather(1, order)
+        rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb
+        q_rows = q.gather(2, row_slots[:, None, :, None].expand(-1, q.shape[1], -1, head_dim))
+        cos_rows, sin_rows = _gather_emb(cos, row_slots), _gather_emb(sin, row_slots)
+        q_rows, _ = rotary(q_rows, q_rows, cos_rows, sin_rows)
+        k, _ = rotary(k, k, cos, sin)
+        row_cols = index.gather(1, row_slots)
+        allowed = (index[:, None, :] <= row_cols[:, :, None]) & (index[:, None, :] >= 0)
+        if prompt.mask2d is not None:
+            allowed &= _gather(prompt.mask2d.bool(), index, False)[:, None, :]
+        self._attention = attention_from_rows(q_rows, k, allowed, row_valid, module.scaling)
+        self._select_s += time.perf_counter() - start
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _prompt_context(is_image: torch.Tensor, mask2d: torch.Tensor | None) -> PromptContext:
+    batch, length = is_image.shape
+    starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+    per_row = starts.sum(1)
+    offsets = torch.cumsum(per_row, 0) - per_row
+    image_id = torch.where(is_image, torch.cumsum(starts.long(), 1) - 1 + offsets[:, None], -1)
+    image_sizes = torch.bincount(image_id[is_image], minlength=int(per_row.sum())).tolist()
+    positions = torch.arange(length, device=is_image.device).expand(batch, length)
+    last_image = torch.where(is_image, positions, -1).max(1).values
+    real = mask2d.bool() if mask2d is not None else torch.ones_like(is_image)
+    instruction = (positions > last_image[:, None]) & real & (last_image[:, None] >= 0)
+    last = torch.where(real, positions, -1).max(1).values
+    return PromptContext(length, is_image, image_id, image_sizes, instruction, last, mask2d)
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor, pad_value) -> torch.Tensor:
+    """x [B, L] or [B, L, D] at columns `index` [B, L'] (-1 -> pad_value)."""
+    idx = index.clamp(min=0)
+    if x.dim() == 3:
+        out = x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+        return out.masked_fill((index < 0)[..., None], pad_value)
+    return x.gather(1, idx).masked_fill(index < 0, pad_value)
+
+
+def _gather_emb(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Position embeddings [b, L, D] (b in {1, B}) at columns `index` [B, L'] -> [B, L', D]."""
+    x = x.expand(index.shape[0], *x.shape[1:])
+    return x.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _gather_ids(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Position ids [b, L] (b in {1, B}) at columns `index` [B, L'] -> [B, L']."""
+    return x.expand(index.shape[0], x.shape[-1]).gather(1, index.clamp(min=0))
+
+
+def _slots_of(current: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """Slot in `current` of each original column in `wanted` (-1 stays -1)."""
+    lookup = torch.full((current.shape[0], int(current.max()) + 2), -1, dtype=torch.long, device=current.device)
+    rows = torch.arange(current.shape[0], device=current.device)[:, None].expand_as(current)
+    valid = current >= 0
+    lookup[rows[valid], current[valid]] = torch.arange(current.shape[1], device=current.device).expand_as(current)[valid]
+    return torch.where(wanted >= 0, lookup.gather(1, wanted.clamp(min=0)), -1)
+
+
+def _extend(prompt_index: torch.Tensor, total: int, prompt_length: int) -> torch.Tensor:
+    """A stage's prompt columns followed by every column after the prompt, up to `total`."""
+    tail = torch.arange(prompt_length, total, device=prompt_index.device).expand(prompt_index.shape[0], -1)
+    return torch.cat([prompt_index, tail], dim=1)

@@ -1,0 +1,105 @@
+"""Methods that drop visual tokens inside the LLM decoder, progressively (stage "llm").
+
+A method declares its stages -- after which decoder layers tokens are dropped and how many stay
+-- and how to score the visual tokens still present at each stage from the signals the engine
+(vlm_prune.patches.in_llm) gathers while the prefill runs:
+  "transition": [B, L] token transition variation accumulated over the method's window;
+  "attention":  [B, L] attention the method's query rows pay each token at the pruning layer,
+                averaged over heads and rows (rows: the instruction, or the last token).
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from .base import Method
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Drop visual tokens after decoder layer `after_layer` (1-indexed: that many layers ran on
+    the previous stage's tokens), keeping `keep` per image (int tokens, or a fraction of the
+    image's tokens before any pruning)."""
+
+    after_layer: int
+    keep: int | float
+
+
+def check_schedule(name: str, value: Any) -> tuple[tuple[int, int | float | None], ...] | None:
+    """None, or a list of (after_layer, keep) pairs; the last keep may be None (= the final budget)."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise TypeError(f"{name}={value!r} must be a non-empty list of (after_layer, keep) pairs")
+    stages = []
+    for i, stage in enumerate(value):
+        if not isinstance(stage, (list, tuple)) or len(stage) != 2:
+            raise TypeError(f"{name}[{i}]={stage!r} must be an (after_layer, keep) pair")
+        layer, keep = stage
+        if not isinstance(layer, numbers.Integral) or isinstance(layer, bool) or layer < 1:
+            raise ValueError(f"{name}[{i}]: after_layer={layer!r} must be an int >= 1")
+        if keep is None and i == len(value) - 1:
+            stages.append((int(layer), None))
+            continue
+        from ..config import check_keep
+
+        try:
+            keep = check_keep(keep)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{name}[{i}]: {error}") from None
+        stages.append((int(layer), keep))
+    layers = [layer for layer, _ in stages]
+    if layers != sorted(set(layers)):
+        raise ValueError(f"{name}={value!r}: after_layer values must be strictly increasing")
+    return tuple(stages)
+
+
+def resolve_stages(
+    schedule: tuple[tuple[int, int | float | None], ...], keep: int | float, n_layers: int, name: str
+) -> list[Stage]:
+    """Explicit stages against the model depth; the last stage keeps the final budget `keep`."""
+    stages = []
+    for i, (layer, stage_keep) in enumerate(schedule):
+        last = i == len(schedule) - 1
+        if not 1 <= layer < n_layers:
+            raise ValueError(
+                f"{name}: after_layer={layer} is outside [1, {n_layers - 1}] for a decoder of {n_layers} layers"
+            )
+        if last and stage_keep is not None and stage_keep != keep:
+            raise ValueError(
+                f"{name}: the last stage keeps {stage_keep!r} but keep={keep!r}; the final stage keeps "
+                "`keep` (write None in the last pair, or make them equal)"
+            )
+        stages.append(Stage(layer, keep if last else stage_keep))
+    return stages
+
+
+class LLMMethod(Method):
+    stage: ClassVar[str] = "llm"
+    # which rows' attention the "attention" signal needs: "instruction" or "last"; None = none
+    attention_rows: ClassVar[str | None] = None
+
+    def stages(self, options: Mapping[str, Any], keep: int | float, n_layers: int) -> list[Stage]:
+        raise NotImplementedError
+
+    def transition_layers(self, options: Mapping[str, Any], stages: list[Stage]) -> set[int]:
+        """1-indexed decoder layers whose sub-modules' transitions feed the "transition" signal."""
+        return set()
+
+    def query_rows(self, options: Mapping[str, Any]) -> str | None:
+        return self.attention_rows
+
+    def score(self, signals: Mapping[str, torch.Tensor], visual: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
+        """signals [B, L] -> scores [B, L] (only visual positions are read; higher = keep)."""
+        raise NotImplementedError
+
+
+def normalise(values: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """Scales each row so its visual entries sum to 1 (rows summing to 0 stay 0)."""
+    masked = torch.where(visual, values.float(), 0.0)
+    total = masked.sum(-1, keepdim=True)
+    return torch.where(total > 0, masked / total.clamp(min=torch.finfo(torch.float32).tiny), 0.0)

@@ -84,6 +84,7 @@ class PatchBase:
         self.stats: list[dict[str, int]] = []
         self.kept_indices: list[torch.Tensor] = []
         self.timings: dict[str, float] = {}
+        self.layer_lengths: list[int] = []  # tokens each decoder layer saw in the last prefill
         self._hooks: list[Any] = []
         self._wrapped: list[tuple[Any, str, Any]] = []  # (object, attribute, our wrapper)
         self._in_generate = False
@@ -310,6 +311,7 @@ class VisionStagePatch(PatchBase):
         if not self._has_image_inputs(kw) or not any(counts):
             self.stats = [{"visual_tokens": int(n), "kept": int(n)} for n in counts]
             self.kept_indices, self.timings = [], {}
+            self.layer_lengths = [is_image.shape[1]] * self.model.config.text_config.num_hidden_layers
             return None
         self._signal_s = 0.0
         vision_start = time.perf_counter()
@@ -337,6 +339,8 @@ class VisionStagePatch(PatchBase):
         self.state = PromptState(compaction, keep, torch.cat(kept_features), prompt_mask)
         new_kw = self._apply(kw, self.state, is_image)
         self.kept_indices = [slots.nonzero().flatten() for slots in kept_slots]
+        n_layers = self.model.config.text_config.num_hidden_layers
+        self.layer_lengths = [new_kw["inputs_embeds"].shape[1]] * n_layers
         self.stats = [
             {"visual_tokens": int(n), "kept": int(k)}
             for n, k in zip(counts, (is_image & keep).sum(1).tolist())

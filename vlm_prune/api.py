@@ -38,6 +38,12 @@ class PruneHandle:
         return list(self._patch.kept_indices)
 
     @property
+    def layer_lengths(self) -> list[int]:
+        """Tokens each decoder layer processed in the last prefill (longest row); feed it to
+        `vlm_prune.flops.prefill_flops` for the configuration's theoretical FLOPs."""
+        return list(self._patch.layer_lengths)
+
+    @property
     def timings(self) -> dict[str, float]:
         return dict(self._patch.timings)
 

@@ -78,7 +78,7 @@ class BenchResult:
             f"{'':28}{'unpruned':>12}{'pruned':>12}{'ratio':>9}",
             f"{'visual tokens':28}{self.visual_tokens:>12}{self.kept_tokens:>12}"
             f"{self.visual_tokens / max(self.kept_tokens, 1):>8.2f}x",
-            f"{'LLM sequence length':28}{self.llm_tokens_unpruned:>12}{self.llm_tokens_pruned:>12}"
+            f"{'LLM sequence (last layer)':28}{self.llm_tokens_unpruned:>12}{self.llm_tokens_pruned:>12}"
             f"{self.llm_tokens_unpruned / self.llm_tokens_pruned:>8.2f}x",
             f"{'LLM prefill (ms)':28}{self.llm_ms_unpruned:>12.1f}{self.llm_ms_pruned:>12.1f}"
             f"{self.llm_speedup:>8.2f}x",
@@ -158,7 +158,7 @@ def run(shape: str = "llava-1.5", method: str = "cls_attention", keep: int | flo
                         samples[variant].append((timer.elapsed, e2e, select))
                     if variant == "pruned":
                         kept = sum(s["kept"] for s in handle.stats)
-                        pruned_tokens = tokens
+                        pruned_lengths = handle.layer_lengths
                         api.unpatch(model)
                     else:
                         unpruned_tokens = tokens
@@ -171,7 +171,8 @@ def run(shape: str = "llava-1.5", method: str = "cls_attention", keep: int | flo
 
     text_config = model.config.text_config
     visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
-    ratio = prefill_flops(text_config, unpruned_tokens).ratio_to(prefill_flops(text_config, pruned_tokens))
+    ratio = prefill_flops(text_config, unpruned_tokens).ratio_to(prefill_flops(text_config, pruned_lengths))
+    pruned_tokens = pruned_lengths[-1]  # what the last decoder layer saw (in-LLM methods prune inside)
     return BenchResult(
         shape=shape, method=method, keep=keep, threads=threads, repeats=repeats,
         visual_tokens=visual, kept_tokens=kept,

@@ -67,3 +67,20 @@ def prefill_flops(
         lm_head=float(2 * d * vocab * logits_tokens),
         sequence_lengths=lengths,
     )
+
+
+def stage_lengths(n_layers: int, text_tokens: int, visual_tokens: int,
+                  stages: Sequence[tuple[int, int]] = ()) -> list[int]:
+    """Sequence length each decoder layer processes when visual tokens are dropped inside the LLM.
+
+    stages: (after_layer, visual tokens kept) pairs, after_layer 1-indexed (layers after it see
+    the kept count). With no stages every layer sees text_tokens + visual_tokens.
+    """
+    lengths = []
+    for layer in range(1, n_layers + 1):
+        kept = visual_tokens
+        for after_layer, stage_kept in stages:
+            if layer > after_layer:
+                kept = stage_kept
+        lengths.append(text_tokens + kept)
+    return lengths

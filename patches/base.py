@@ -56,12 +56,15 @@ class ImageTokens:
     features: [N, D] in placeholder order (after the projector: the LLM's input space).
     regions:  grids the method reduces; tokens in no region (a [CLS] feature, LLaVA-NeXT's
               image_newline tokens) are always kept.
-    signals:  method signals, each [N] aligned with `features` (e.g. "cls_attention").
+    signals:  per-token method signals, each [N, ...] aligned with `features` ("cls_attention",
+              "keys", and "pre_projection": the tokens before the projector, [N, Dv]).
+    context:  per-image signals ("question": [D]).
     """
 
     features: torch.Tensor
     regions: list[Region]
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    context: dict[str, torch.Tensor] = field(default_factory=dict)  # per image, not per token
 
 
 @dataclass
@@ -200,6 +203,10 @@ class VisionStagePatch(PatchBase):
         """Turns the encoder's output (and its call arguments) into per-image token descriptions."""
         raise NotImplementedError
 
+    def project(self, features: torch.Tensor) -> torch.Tensor | None:
+        """Maps pre-projection tokens [..., Dv] to the LLM space; None if the family cannot."""
+        return None
+
     def capture_signals(self) -> contextlib.AbstractContextManager:
         """Context manager around the tower; yields a dict it fills with raw signals."""
         return contextlib.nullcontext({})
@@ -295,7 +302,7 @@ class VisionStagePatch(PatchBase):
             images = last[1]
         else:  # encoded before the patch: no signals were recorded
             images = self.describe_images(out, kw, {})
-        missing = self.method.needs - set(images[0].signals if images else ())
+        missing = self.method.needs - set(images[0].signals if images else ()) - {"question"}
         if missing:
             raise ValueError(
                 f"method {self.config.method!r} needs {sorted(missing)} from the vision tower, but the "
@@ -317,6 +324,8 @@ class VisionStagePatch(PatchBase):
         vision_start = time.perf_counter()
         images = self._images(kw)
         vision_s = time.perf_counter() - vision_start
+        if "question" in self.method.needs:
+            self._add_question(kw, is_image, images)
         n_slots = sum(img.features.shape[0] for img in images)
         if n_slots != sum(counts):
             raise ValueError(
@@ -349,6 +358,24 @@ class VisionStagePatch(PatchBase):
         self.timings = {"vision_s": vision_s, "select_s": total - vision_s + self._signal_s}
         return new_kw
 
+    def _add_question(self, kw: dict[str, Any], is_image: torch.Tensor, images: list[ImageTokens]) -> None:
+        """context["question"] per image: the mean input embedding of its row's instruction
+        (the text after the row's last image; all of the row's text if nothing follows)."""
+        embeds = self.embed(kw["input_ids"]) if kw.get("input_ids") is not None else kw["inputs_embeds"]
+        mask = kw.get("attention_mask")
+        real = mask.bool() if mask is not None else torch.ones_like(is_image)
+        text = real & ~is_image
+        positions = torch.arange(is_image.shape[1], device=is_image.device).expand_as(is_image)
+        last_image = torch.where(is_image, positions, -1).max(1).values
+        after = text & (positions > last_image[:, None])
+        instruction = torch.where(after.any(1, keepdim=True), after, text).float()
+        question = (embeds.float() * instruction[..., None]).sum(1) / instruction.sum(1, keepdim=True).clamp(min=1)
+        rows = is_image.nonzero()[:, 0]  # row of every placeholder slot, in placeholder order
+        start = 0
+        for image in images:
+            image.context["question"] = question[rows[start]]
+            start += image.features.shape[0]
+
     def _region_budgets(self, image: ImageTokens) -> list[int]:
         sizes = [len(region.slots) for region in image.regions]
         if self.budget == "per_crop":
@@ -368,18 +395,26 @@ class VisionStagePatch(PatchBase):
                 kept[i][region.slots] = False
                 if k > 0:
                     groups.setdefault((region.grid, k), []).append((i, region))
+        pre_projection = self.method.uses_pre_projection and all("pre_projection" in img.signals for img in images)
         for (grid, k), members in groups.items():
-            feats = torch.stack([images[i].features[r.slots] for i, r in members])
+            source = "pre_projection" if pre_projection else None
+            feats = torch.stack([(images[i].signals[source] if source else images[i].features)[r.slots] for i, r in members])
             signals = {
                 name: torch.stack([images[i].signals[name][r.slots] for i, r in members])
-                for name in self.method.needs
+                for name in self.method.needs if name in images[members[0][0]].signals
             }
+            for name in self.method.needs:
+                if name in images[members[0][0]].context:
+                    signals[name] = torch.stack([images[i].context[name] for i, _ in members])
             red = self.method.reduce(feats, grid, k, signals, self.config.options)
-            if red.index.shape[1] > 1 and not bool((red.index[:, 1:] > red.index[:, :-1]).all()):
-                raise RuntimeError(f"method {self.config.method!r} returned unsorted or repeated token indices")
             for j, (i, region) in enumerate(members):
-                slots = region.slots[red.index[j]]
-                outputs[i][slots] = red.features[j].to(outputs[i].dtype)
+                index, reduced = red.index[j], red.features[j]
+                if len(index) > 1 and not bool((index[1:] > index[:-1]).all()):
+                    raise RuntimeError(f"method {self.config.method!r} returned unsorted or repeated token indices")
+                if pre_projection:
+                    reduced = self.project(reduced)
+                slots = region.slots[index]
+                outputs[i][slots] = reduced.to(outputs[i].dtype)
                 kept[i][slots] = True
         return kept, [out[k] for out, k in zip(outputs, kept)]
 
@@ -389,6 +424,8 @@ class VisionStagePatch(PatchBase):
         length = is_image.shape[1]
         extra = length - comp.prompt_len
         keep = torch.cat([state.keep, torch.ones_like(state.keep[:, :1]).expand(-1, extra)], dim=1)
+        # generated tokens are text even when a model emits the image token id
+        is_image = torch.cat([is_image[:, : comp.prompt_len], torch.zeros_like(is_image[:, comp.prompt_len:])], dim=1)
         image_slots = comp.gather(is_image & keep, False)
         if kw.get("input_ids") is not None:
             embeds = self.embed(comp.gather(kw["input_ids"], self.pad_token_id))

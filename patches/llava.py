@@ -7,7 +7,8 @@ goes straight to the language model. Nothing in transformers is modified.
 
 [CLS] attention: forward hooks on the chosen vision layers' q_proj / k_proj keep the [CLS]
 query row and the keys; the row softmax(q_cls . K^T * scale) is computed from them
-(`vlm_prune.kernels.cls_attention_scores`), so the tower keeps SDPA.
+(`vlm_prune.kernels.cls_attention_scores`), so the tower keeps SDPA. The same hooks give the
+keys (VisionZip); a pre-hook on the projector gives the pre-projection features (Fourier-VLM).
 """
 
 from __future__ import annotations
@@ -107,11 +108,15 @@ class LlavaPatch(VisionStagePatch):
 
     def describe_images(self, output, call, signals) -> list[ImageTokens]:
         features = list(output.pooler_output)
-        scores = signals.get("cls_attention")  # [I, T]: column 0 is the [CLS] key itself
         full = self._strategy(call) == "full"
         # With "full", a CLIP tower's [CLS] feature is the first token: kept, not in the grid.
         n_prefix = 1 if (full and self.has_cls) else 0
         side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        # Tower-level signals cover every token the tower saw ([CLS] first); keep what the LLM gets.
+        per_token = {name: (value if full else value[:, 1:]) for name, value in signals.items()
+                     if name in ("cls_attention", "keys")}
+        if "pre_projection" in signals:
+            per_token["pre_projection"] = signals["pre_projection"]  # the projector's input
         images = []
         for i, feats in enumerate(features):
             if feats.shape[0] - n_prefix != side * side:
@@ -120,24 +125,23 @@ class LlavaPatch(VisionStagePatch):
                     f"grid{' plus [CLS]' if n_prefix else ''}"
                 )
             region = Region(torch.arange(n_prefix, feats.shape[0], device=feats.device), (side, side))
-            image_signals = {}
-            if scores is not None:
-                image_signals["cls_attention"] = scores[i] if full else scores[i, 1:]
-            images.append(ImageTokens(feats, [region], image_signals))
+            images.append(ImageTokens(feats, [region], {name: value[i] for name, value in per_token.items()}))
         return images
 
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(features)
+
     def capture_signals(self):
-        return self._capture_cls_attention()
+        return self._capture_tower_signals()
 
     @contextlib.contextmanager
-    def _capture_cls_attention(self):
-        """Yields a dict that holds, once the tower ran, "cls_attention": [I, T] float32, the
-        [CLS] attention rows of `score_layers` summed (T includes the [CLS] key itself)."""
+    def _capture_tower_signals(self):
+        """Yields a dict that holds, once the tower ran (I = images or crops, T = tokens incl. [CLS]):
+        "cls_attention": [I, T] float32, the [CLS] attention rows of `score_layers` summed;
+        "keys": [I, T, D] keys of the last score layer (methods that need keys);
+        "pre_projection": [I, N, Dv] the projector's input (methods that use it)."""
         result: dict[str, torch.Tensor] = {}
-        if not self.score_layers:
-            yield result
-            return
-        captured: dict[int, dict[str, torch.Tensor]] = {}
+        captured: dict[Any, dict[str, torch.Tensor]] = {}
         handles = []
         for layer_idx in self.score_layers:
             attn = self.vision_layers[layer_idx].self_attn
@@ -145,11 +149,19 @@ class LlavaPatch(VisionStagePatch):
             # q: only the [CLS] row is kept; k: all keys. Both are the layer's own projections.
             handles.append(attn.q_proj.register_forward_hook(_store(slot, "q", first_row=True)))
             handles.append(attn.k_proj.register_forward_hook(_store(slot, "k")))
+        if self.method.uses_pre_projection:
+            slot = captured.setdefault("projector", {})
+            handles.append(self.model.model.multi_modal_projector.register_forward_pre_hook(
+                lambda module, args: slot.update(input=args[0])))
         try:
             yield result
         finally:
             for h in handles:
                 h.remove()
+        if "projector" in captured:
+            result["pre_projection"] = captured["projector"]["input"]
+        if not self.score_layers:
+            return
         start = time.perf_counter()
         total = None
         for layer_idx in self.score_layers:
@@ -161,6 +173,8 @@ class LlavaPatch(VisionStagePatch):
             row = cls_attention_scores(query, keys, attn.scale)
             total = row if total is None else total + row
         result["cls_attention"] = total
+        if "keys" in self.method.needs:
+            result["keys"] = captured[self.score_layers[-1]]["k"]
         self._signal_s += time.perf_counter() - start
 
 

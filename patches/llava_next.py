@@ -21,7 +21,7 @@ import torch
 from .base import ImageTokens, Region
 from .llava import LlavaPatch
 
-_SCORE, _CROP, _ROW, _COL = range(4)
+_CROP, _ROW, _COL = range(3)  # packed channels, then the signals
 
 
 class LlavaNextPatch(LlavaPatch):
@@ -59,21 +59,28 @@ class LlavaNextPatch(LlavaPatch):
         features = list(output.pooler_output)
         crops = self._crops_per_image(image_sizes)
         side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
-        scores = signals.get("cls_attention")
-        if scores is not None:
-            scores = scores[:, 1:].split(crops)  # drop the [CLS] key: "default" strategy
-        # Per crop: [n_crops, side*side, 4] channels (score, crop index, row, column) -> packed.
+        # Per-crop signals, [CLS] dropped ("default" strategy), become extra packed channels.
+        extra = {}
+        if "cls_attention" in signals:
+            extra["cls_attention"] = signals["cls_attention"][:, 1:, None]
+        if "keys" in signals:
+            extra["keys"] = signals["keys"][:, 1:]
+        if "pre_projection" in signals:
+            extra["pre_projection"] = signals["pre_projection"]
+        widths = {name: value.shape[-1] for name, value in extra.items()}
         rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
         layout = []
+        starts = [0]
+        for n_crops in crops:
+            starts.append(starts[-1] + n_crops)
         for i, n_crops in enumerate(crops):
-            ch = torch.zeros(n_crops, side * side, 4)
-            ch[..., _CROP] = torch.arange(n_crops, dtype=torch.float32)[:, None]
-            ch[..., _ROW] = rows.flatten().float()
-            ch[..., _COL] = cols.flatten().float()
-            if scores is not None:
-                ch[..., _SCORE] = scores[i].float().cpu()
-            layout.append(ch)
-        newline = torch.tensor([0.0, -1.0, -1.0, -1.0])
+            ch = [torch.arange(n_crops, dtype=torch.float32)[:, None, None].expand(-1, side * side, 1),
+                  rows.flatten().float()[None, :, None].expand(n_crops, -1, 1),
+                  cols.flatten().float()[None, :, None].expand(n_crops, -1, 1)]
+            ch += [value[starts[i]:starts[i + 1]].float().cpu() for value in extra.values()]
+            layout.append(torch.cat(ch, dim=-1))
+        newline = torch.zeros(layout[0].shape[-1])
+        newline[[_CROP, _ROW, _COL]] = -1.0
         packed, _ = self.model.model.pack_image_features(
             layout, image_sizes, vision_feature_select_strategy="default", image_newline=newline
         )
@@ -82,12 +89,16 @@ class LlavaNextPatch(LlavaPatch):
             if channels.shape[0] != feats.shape[0]:
                 raise ValueError(f"image {i}: {feats.shape[0]} features but the packed layout has {channels.shape[0]} tokens")
             channels = channels.to(feats.device)
-            regions = self._regions(channels, side)
-            image_signals = {"cls_attention": channels[:, _SCORE]} if scores is not None else {}
-            images.append(ImageTokens(feats, regions, image_signals))
+            image_signals, offset = {}, 3
+            for name, width in widths.items():
+                value = channels[:, offset:offset + width]
+                image_signals[name] = value[:, 0] if name == "cls_attention" else value.to(feats.dtype)
+                offset += width
+            images.append(ImageTokens(feats, self._regions(channels, side), image_signals))
         return images
 
     def _regions(self, channels: torch.Tensor, side: int) -> list[Region]:
+        """The base image, then the crop grid (per_image) or each crop's part of it (per_crop)."""
         crop = channels[:, _CROP].round().long()
         regions = [Region((crop == 0).nonzero().flatten(), (side, side))]
         grid_slots = (crop >= 1).nonzero().flatten()

@@ -96,9 +96,8 @@ class Qwen2VLPatch(VisionStagePatch):
             raise ValueError("Qwen-VL image features came without image_grid_thw; pass pixel_values and image_grid_thw")
         features = list(output.pooler_output)
         merge = self.visual.spatial_merge_size
-        scores = signals.get("cls_attention")
-        if scores is not None:
-            scores = scores.split([int(t * h * w) // self.merge_unit for t, h, w in grid_thw.tolist()])
+        sizes = [int(t * h * w) // self.merge_unit for t, h, w in grid_thw.tolist()]
+        per_image = {name: signals[name].split(sizes) for name in ("cls_attention", "keys") if name in signals}
         images = []
         for i, (feats, (t, h, w)) in enumerate(zip(features, grid_thw.tolist())):
             rows, cols = h // merge, w // merge
@@ -109,19 +108,20 @@ class Qwen2VLPatch(VisionStagePatch):
                 Region(torch.arange(f * per_frame, (f + 1) * per_frame, device=feats.device), (rows, cols))
                 for f in range(t)
             ]
-            image_signals = {"cls_attention": scores[i].to(feats.device)} if scores is not None else {}
+            image_signals = {name: values[i].to(feats.device) for name, values in per_image.items()}
             images.append(ImageTokens(feats, regions, image_signals))
         return images
 
     def capture_signals(self):
-        if "cls_attention" in self.method.needs:
+        if self.method.needs & {"cls_attention", "keys"}:
             return self._capture_attention_received()
         return contextlib.nullcontext({})
 
     @contextlib.contextmanager
     def _capture_attention_received(self):
-        """Yields a dict that holds, once the tower ran, "cls_attention": [T / 4] float32 per merged
-        token (all images of the call, raster order): attention received in the last block."""
+        """Yields a dict that holds, once the tower ran, per merged token of all images of the
+        call (raster order): "cls_attention" [T / 4] float32, the attention received in the last
+        block; "keys" [T / 4, D], that block's keys (methods that need them)."""
         result: dict[str, torch.Tensor] = {}
         attn = self.visual.blocks[-1].attn
         seen: dict[str, Any] = {}
@@ -153,14 +153,23 @@ class Qwen2VLPatch(VisionStagePatch):
         total = qkv.shape[0]
         q, k, _ = qkv.reshape(total, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
-        cos, sin = seen["position_embeddings"]
-        q, k = rotary(q, k, cos, sin)
-        received = attention_received(q.transpose(0, 1), k.transpose(0, 1), attn.scaling, seen["cu_seqlens"])
-        per_unit = received.view(-1, self.merge_unit).mean(-1)  # the merger's 2x2 units
         if self.windowed:  # blocks ran on window-permuted units: permuted[j] = raster[index[j]]
-            index = vision_window_index(self.visual, grid_seen["grid_thw"]).to(per_unit.device)
-            raster = torch.empty_like(per_unit)
-            raster[index] = per_unit
-            per_unit = raster
-        result["cls_attention"] = per_unit
+            window_index = vision_window_index(self.visual, grid_seen["grid_thw"]).to(qkv.device)
+
+        def per_merged_token(values: torch.Tensor) -> torch.Tensor:
+            """[T, ...] per patch -> [T / 4, ...] per merged token (2x2 unit mean), raster order."""
+            units = values.reshape(-1, self.merge_unit, *values.shape[1:]).mean(1)
+            if not self.windowed:
+                return units
+            raster = torch.empty_like(units)
+            raster[window_index] = units
+            return raster
+
+        if "keys" in self.method.needs:  # VisionZip's key similarity: the block's keys, pre-rotary
+            result["keys"] = per_merged_token(k.reshape(total, -1))
+        if "cls_attention" in self.method.needs:
+            cos, sin = seen["position_embeddings"]
+            q_rot, k_rot = rotary(q, k, cos, sin)
+            received = attention_received(q_rot.transpose(0, 1), k_rot.transpose(0, 1), attn.scaling, seen["cu_seqlens"])
+            result["cls_attention"] = per_merged_token(received)
         self._signal_s += time.perf_counter() - start

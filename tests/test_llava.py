@@ -214,3 +214,26 @@ def test_features_encoded_before_patching(llava):
     out = logits(model, {**text_inputs, "mm_encoder_outputs": {"image": encoded}})
     assert handle.stats == [{"visual_tokens": 64, "kept": 16}]
     assert torch.equal(out, logits(model, inputs))
+
+
+def test_generated_image_token_ids_stay_text(llava):
+    """A model that emits the image token id: without a cache, later steps re-run the whole
+    sequence and must treat generated tokens as text, as the cached run does."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model, processor = llava
+    image_id = model.config.image_token_id
+
+    class ForceImageToken(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] % 2 == 0:  # every other step
+                scores = torch.full_like(scores, float("-inf"))
+                scores[:, image_id] = 0.0
+            return scores
+
+    inputs = llava_inputs(processor, PROMPTS, SIZES)
+    vlm_prune.patch(model, "cls_attention", 9)
+    kw = dict(logits_processor=LogitsProcessorList([ForceImageToken()]))
+    with_cache = greedy(model, inputs, **kw)
+    assert (with_cache[:, inputs["input_ids"].shape[1]:] == image_id).any()
+    assert torch.equal(with_cache, greedy(model, inputs, use_cache=False, **kw))

@@ -16,7 +16,9 @@ from ..config import COMMON_OPTIONS, Option
 # Signals a family patch can provide to a vision-stage method, per image:
 #   "cls_attention": [I, N] attention of the vision tower's [CLS] query to each visual token
 #                    (heads averaged; summed over the layers in the `layers` option).
-SIGNALS = ("cls_attention",)
+#   "keys":          [I, N, Dk] keys of the same vision layer (LLaVA) / last block (Qwen)
+#   "question":      [I, D] per image: mean LLM input embedding of the instruction tokens
+SIGNALS = ("cls_attention", "keys", "question")
 
 
 @dataclass
@@ -27,6 +29,7 @@ class Reduction:
     index:    [I, K] int64, strictly increasing per row: the original token each output
               token stands for (its own index when kept; a representative when merged).
               Position ids under positions="original" come from here.
+    Methods whose count varies per image give lists of [K_i, D] / [K_i] instead.
     """
 
     features: torch.Tensor
@@ -62,6 +65,9 @@ class VisionMethod(Method):
     """A method that reduces each image's visual tokens before the LLM runs."""
 
     stage: ClassVar[str] = "vision"
+    # True: the method prefers the vision features before the projector where a family can
+    # project its output afterwards (LLaVA-1.5); elsewhere it gets the LLM-space tokens.
+    uses_pre_projection: ClassVar[bool] = False
 
     def reduce(
         self,

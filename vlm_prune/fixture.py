@@ -1,0 +1,400 @@
+"""A trained fixture VLM: a tiny real `LlavaForConditionalGeneration` that answers the synthetic
+VQA benchmark (`vlm_prune.evals.synthetic_vqa`), so pruning methods can be scored by accuracy on CPU.
+
+    model, processor = vlm_prune.fixture.load()          # the shipped checkpoint, offline
+    items = synthetic_vqa.make_split("test", 600)
+    vlm_prune.fixture.evaluate(model, processor, items)  # {"accuracy": ..., "per_qtype": {...}}
+
+Model: CLIP vision tower (168 px, patch 14 -> 144 visual tokens, hidden 128, 4 layers, 4 heads,
+MLP 512, quick_gelu), gelu projector, Llama (hidden 128, 3 layers, 4 heads, MLP 512, vocab = the
+benchmark's WordLevel tokenizer); vision_feature_layer -2, strategy "default" (no [CLS] token).
+
+Training (`train`, CPU, seeded, single-threaded; see /work/shared/notes/fixture.md) is staged:
+
+- Stage V, the vision tower alone, with auxiliary heads that are thrown away afterwards: the
+  pooled [CLS] output predicts which of the 18 colour-shape classes are present (a stand-in for
+  CLIP pretraining; it makes [CLS] attention object-centred, as in real CLIP), and every layer -2
+  patch predicts background / the class of the object covering it, its own row and column and its
+  3x3 cell (so position stays readable in the features the LLM sees).
+- Stage L, vision tower frozen, projector + Llama: each image gets several questions, packed
+  into one sequence whose question blocks see the image but not each other (a block attention
+  mask and position ids restarting after the image), which is exactly the single-question
+  test-time layout; loss on each answer token; object-count curriculum; question types that
+  lag on the validation split are sampled more often.
+
+Command line: ``python -m vlm_prune.fixture train [--out DIR] [--seed S]`` and
+``python -m vlm_prune.fixture eval [--path DIR] [--n N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm_prune.evals import synthetic_vqa as sv
+
+DEFAULT_PATH = Path(__file__).resolve().parent / "fixture_model"
+N_PATCHES = (sv.IMAGE_SIZE // sv.PATCH) ** 2  # 144
+_CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+_CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+QMAX = 14  # longest question + "answer :" (relpos: 12 + 2 words)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_processor(tokenizer=None):
+    """LlavaProcessor: Pillow CLIP image processor at 168 px + the benchmark's WordLevel tokenizer."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": sv.IMAGE_SIZE}, crop_size={"height": sv.IMAGE_SIZE, "width": sv.IMAGE_SIZE}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer or sv.build_tokenizer(),
+        patch_size=sv.PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's [CLS]
+    )
+
+
+def build_config(tokenizer=None, text_layers: int = 3):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    tok = tokenizer or sv.build_tokenizer()
+    vision = CLIPVisionConfig(
+        hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+        image_size=sv.IMAGE_SIZE, patch_size=sv.PATCH, projection_dim=128, hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=512, num_hidden_layers=text_layers,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    return LlavaConfig(
+        vision_config=vision, text_config=text,
+        image_token_id=tok.convert_tokens_to_ids(sv.IMAGE_TOKEN),
+        image_seq_length=N_PATCHES, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+
+
+def build_model(seed: int = 0, text_layers: int = 3):
+    """A freshly initialised (untrained) fixture LlavaForConditionalGeneration."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(build_config(text_layers=text_layers))
+
+
+def load(path=None):
+    """(model, processor) of the shipped checkpoint (default `vlm_prune/fixture_model/`), eval mode."""
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    path = str(path or DEFAULT_PATH)
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    return model, LlavaProcessor.from_pretrained(path)
+
+
+def pixel_values(images) -> torch.Tensor:
+    """What the processor gives for 168x168 RGB images (no resize/crop needed), without PIL work."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 255.0
+    arr = (arr - _CLIP_MEAN) / _CLIP_STD
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, processor, items, batch_size: int = 64, restrict: bool = True) -> dict:
+    """Accuracy of `model` on synthetic-VQA `items`, overall and per qtype.
+
+    Each prompt runs through the real processor and `model(...)`; the prediction is the argmax of
+    the last-position logits restricted to the benchmark's answer words (`restrict=True`, the
+    reported "accuracy") -- `accuracy_argmax` is the plain argmax over the whole vocabulary.
+    """
+    tok = processor.tokenizer
+    answer_ids = torch.tensor(tok.convert_tokens_to_ids(sv.ANSWER_WORDS))
+    model.eval()
+    correct, correct_any, per = [], [], {}
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        inputs = processor(images=[it.image for it in batch], text=[it.prompt for it in batch],
+                           padding=True, return_tensors="pt")
+        logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
+        pred_r = answer_ids[logits[:, answer_ids].argmax(-1)]
+        pred_a = logits.argmax(-1)
+        gold = torch.tensor(tok.convert_tokens_to_ids([it.answer for it in batch]))
+        for it, ok, ok_a in zip(batch, (pred_r == gold).tolist(), (pred_a == gold).tolist()):
+            correct.append(ok)
+            correct_any.append(ok_a)
+            per.setdefault(it.qtype, []).append(ok)
+    return {
+        "accuracy": float(np.mean(correct)),
+        "accuracy_argmax": float(np.mean(correct_any)),
+        "n": len(items),
+        "per_qtype": {q: float(np.mean(v)) for q, v in sorted(per.items())},
+        "n_per_qtype": {q: len(v) for q, v in sorted(per.items())},
+    }
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class _VisionHeads(nn.Module):
+    """Stage-V auxiliary heads (not part of LLaVA, never saved)."""
+
+    def __init__(self, d: int = 128):
+        super().__init__()
+        side = sv.IMAGE_SIZE // sv.PATCH
+        self.presence = nn.Linear(d, len(sv.CLASSES))
+        self.norm = nn.LayerNorm(d)
+        self.cls = nn.Linear(d, 1 + len(sv.CLASSES))
+        self.row = nn.Linear(d, side)
+        self.col = nn.Linear(d, side)
+        self.cell = nn.Linear(d, sv.GRID * sv.GRID)
+
+
+def _cosine(step: int, total: int, warmup: int, lr: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _position_targets():
+    side = sv.IMAGE_SIZE // sv.PATCH
+    idx = torch.arange(side * side)
+    row, col = idx // side, idx % side
+    per_cell = side // sv.GRID
+    return row, col, (row // per_cell) * sv.GRID + (col // per_cell)
+
+
+def _vision_step(model, heads, rng, batch: int):
+    scenes = [sv.sample_scene(rng, (1, 4)) for _ in range(batch)]
+    images = [sv.render(s, rng) for s in scenes]
+    presence = torch.zeros(batch, len(sv.CLASSES))
+    for b, s in enumerate(scenes):
+        for o in s:
+            presence[b, o.label] = 1
+    labels = torch.from_numpy(np.stack([sv.patch_labels(s) for s in scenes]))
+    out = model.model.vision_tower(pixel_values(images), output_hidden_states=True)
+    patches = heads.norm(out.hidden_states[-2][:, 1:])
+    row, col, cell = _position_targets()
+    weight = torch.where(labels > 0, 3.0, 1.0)
+    loss_cls = (F.cross_entropy(heads.cls(patches).transpose(1, 2), labels, reduction="none") * weight).sum() / weight.sum()
+    loss_pres = F.binary_cross_entropy_with_logits(heads.presence(out.pooler_output), presence)
+    loss_pos = sum(
+        F.cross_entropy(head(patches).reshape(-1, head.out_features), t.repeat(batch))
+        for head, t in ((heads.row, row), (heads.col, col), (heads.cell, cell))
+    )
+    loss = loss_cls + loss_pres + 0.5 * loss_pos
+    with torch.no_grad():
+        obj = labels > 0
+        acc_obj = (heads.cls(patches).argmax(-1)[obj] == labels[obj]).float().mean().item()
+        acc_pres = ((heads.presence(out.pooler_output) > 0).float() == presence).all(-1).float().mean().item()
+    return loss, {"cls": loss_cls.item(), "pres": loss_pres.item(), "pos": loss_pos.item(),
+                  "obj_patch_acc": acc_obj, "presence_exact": acc_pres}
+
+
+def _block_layout(k: int):
+    """Attention mask (L, L) bool and position ids (L,) for [<s>, 144 image, k blocks of QMAX]."""
+    prefix = 1 + N_PATCHES
+    length = prefix + k * QMAX
+    mask = torch.zeros(length, length, dtype=torch.bool)
+    mask[:prefix, :prefix] = torch.tril(torch.ones(prefix, prefix, dtype=torch.bool))
+    block = torch.tril(torch.ones(QMAX, QMAX, dtype=torch.bool))
+    pos = torch.arange(length)
+    for b in range(k):
+        s = prefix + b * QMAX
+        mask[s:s + QMAX, :prefix] = True
+        mask[s:s + QMAX, s:s + QMAX] = block
+        pos[s:s + QMAX] = torch.arange(prefix, prefix + QMAX)
+    return mask, pos
+
+
+def _language_step(model, rng, batch: int, k: int, n_objects, qweights, vocab, layout):
+    """Loss of one stage-L batch: `batch` images, `k` questions each, packed in blocks."""
+    scenes = [sv.sample_scene(rng, n_objects) for _ in range(batch)]
+    images = [sv.render(s, rng) for s in scenes]
+    ids = torch.full((batch, k, QMAX), vocab["<pad>"], dtype=torch.long)
+    last = torch.zeros(batch, k, dtype=torch.long)
+    gold = torch.zeros(batch, k, dtype=torch.long)
+    qtypes = []
+    for b, s in enumerate(scenes):
+        # every qtype once (in random order), then extras weighted towards the lagging ones
+        wanted = list(rng.permutation(sv.QTYPES)) + list(rng.choice(sv.QTYPES, size=max(0, k - len(sv.QTYPES)), p=qweights))
+        j = 0
+        for qt in wanted:
+            if j == k:
+                break
+            qa = sv.ask(s, qt, rng)
+            while qa is None:
+                qt = sv.QTYPES[int(rng.choice(len(sv.QTYPES), p=qweights))]
+                qa = sv.ask(s, qt, rng)
+            words = (qa[0] + " answer :").split()
+            ids[b, j, :len(words)] = torch.tensor([vocab[w] for w in words])
+            last[b, j] = len(words) - 1
+            gold[b, j] = vocab[qa[1]]
+            qtypes.append(qt)
+            j += 1
+    mask, pos = layout
+    lm = model.model.language_model
+    with torch.no_grad():
+        out = model.model.vision_tower(pixel_values(images), output_hidden_states=True)
+        feats = out.hidden_states[model.config.vision_feature_layer][:, 1:]
+    image_emb = model.model.multi_modal_projector(feats)
+    embed = lm.get_input_embeddings()
+    bos = embed(torch.full((batch, 1), vocab["<s>"], dtype=torch.long))
+    text = embed(ids.reshape(batch, k * QMAX))
+    h = lm(inputs_embeds=torch.cat([bos, image_emb, text], 1),
+           attention_mask=mask[None, None].expand(batch, 1, -1, -1),
+           position_ids=pos[None].expand(batch, -1)).last_hidden_state
+    where = 1 + N_PATCHES + torch.arange(k)[None] * QMAX + last  # (batch, k)
+    h_last = h[torch.arange(batch)[:, None], where]
+    logits = model.lm_head(h_last)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), gold.reshape(-1))
+    acc = (logits.argmax(-1) == gold).float().mean().item()
+    return loss, acc
+
+
+def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 2000, batch: int = 32, l_batch: int = 16,
+          questions_per_image: int = 12, lr: float = 1e-3, eval_every: int = 400, n_val: int = 600,
+          n_test: int = 2400, text_layers: int = 3, threads: int = 1, log=print):
+    """Train the fixture from scratch on CPU and save it (model + processor + metrics.json) to out_dir.
+
+    Fresh images every step (seeded numpy generators), torch seeded, `threads` torch threads.
+    After saving, the model is reloaded from disk and scored on the test split (`n_test` items,
+    the split's default seed); that result goes to metrics.json.
+    """
+    torch.set_num_threads(threads)
+    out_dir = Path(out_dir or DEFAULT_PATH)
+    t0 = time.time()
+    processor = build_processor()
+    vocab = sv.vocabulary()
+    model = build_model(seed, text_layers)
+    model.train()
+    val = sv.make_split("validation", n_val)
+    history = {"stage_v": [], "stage_l": []}
+
+    # ---- stage V: vision tower + auxiliary heads
+    torch.manual_seed(seed + 1)
+    heads = _VisionHeads(model.config.vision_config.hidden_size)
+    params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    rng = np.random.default_rng([seed, 1])
+    for step in range(v_steps):
+        for g in opt.param_groups:
+            g["lr"] = _cosine(step, v_steps, 100, lr)
+        loss, stats = _vision_step(model, heads, rng, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0 or step == v_steps - 1:
+            stats = {k: round(v, 4) for k, v in stats.items()}
+            history["stage_v"].append({"step": step, "loss": round(loss.item(), 4), **stats})
+            log(f"[V {step:5d}] loss {loss.item():.4f} {stats} ({time.time() - t0:.0f}s)", flush=True)
+    del heads, opt
+    t_v = time.time() - t0
+
+    # ---- stage L: projector + Llama, vision frozen
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    model.model.vision_tower.eval()
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    rng = np.random.default_rng([seed, 2])
+    torch.manual_seed(seed + 2)
+    layout = _block_layout(questions_per_image)
+    qweights = np.full(len(sv.QTYPES), 1 / len(sv.QTYPES))
+    stages = [(0.0, (1, 2)), (0.1, (1, 3)), (0.25, (1, 4)), (0.45, (2, 4))]
+    best = None
+    run_loss, run_acc = [], []
+    for step in range(l_steps):
+        n_objects = [r for frac, r in stages if step >= frac * l_steps][-1]
+        for g in opt.param_groups:
+            g["lr"] = _cosine(step, l_steps, 100, lr)
+        model.model.multi_modal_projector.train()
+        model.model.language_model.train()
+        loss, acc = _language_step(model, rng, l_batch, questions_per_image, n_objects, qweights, vocab, layout)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        run_loss.append(loss.item())
+        run_acc.append(acc)
+        if step % 50 == 0:
+            log(f"[L {step:5d}] loss {np.mean(run_loss):.4f} train_acc {np.mean(run_acc):.3f} "
+                f"objects {n_objects} ({time.time() - t0:.0f}s)", flush=True)
+            run_loss, run_acc = [], []
+        if (step + 1) % eval_every == 0 or step == l_steps - 1:
+            res = evaluate(model, processor, val)
+            lag = np.array([1.0 - res["per_qtype"][q] for q in sv.QTYPES]) + 0.05
+            qweights = lag / lag.sum()
+            history["stage_l"].append({"step": step + 1, "val": res, "time_s": round(time.time() - t0)})
+            log(f"[L {step + 1:5d}] VAL acc {res['accuracy']:.4f} "
+                f"{ {q: round(a, 3) for q, a in res['per_qtype'].items()} } ({time.time() - t0:.0f}s)", flush=True)
+    t_total = time.time() - t0
+
+    # ---- save, reload, test
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    model2, processor2 = load(out_dir)
+    test = sv.make_split("test", n_test)
+    res = evaluate(model2, processor2, test)
+    metrics = {
+        "split": "test", "seed": sv.SPLIT_SEEDS["test"], **res,
+        "prediction": "argmax of the last-position logits restricted to the answer words ('accuracy'); "
+                      "'accuracy_argmax' is the plain argmax over the vocabulary",
+        "training": {"seed": seed, "v_steps": v_steps, "l_steps": l_steps, "batch": batch, "l_batch": l_batch,
+                     "questions_per_image": questions_per_image, "lr": lr, "text_layers": text_layers,
+                     "threads": threads, "stage_v_s": round(t_v), "total_s": round(t_total),
+                     "validation": history["stage_l"][-1]["val"] if history["stage_l"] else None},
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log(f"TEST acc {res['accuracy']:.4f} (argmax {res['accuracy_argmax']:.4f}) "
+        f"{ {q: round(a, 3) for q, a in res['per_qtype'].items()} } n={res['n']} "
+        f"train {t_total:.0f}s total {time.time() - t0:.0f}s", flush=True)
+    return metrics
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m vlm_prune.fixture")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("train", help="train from scratch and save (default: the shipped folder)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--v-steps", type=int, default=1500)
+    p.add_argument("--l-steps", type=int, default=2000)
+    p.add_argument("--eval-every", type=int, default=400)
+    p.add_argument("--questions", type=int, default=12)
+    p.add_argument("--threads", type=int, default=1)
+    e = sub.add_parser("eval", help="score a saved fixture on the test split")
+    e.add_argument("--path", default=None)
+    e.add_argument("--n", type=int, default=2400)
+    e.add_argument("--split", default="test")
+    args = parser.parse_args(argv)
+    if args.cmd == "train":
+        train(args.out, seed=args.seed, v_steps=args.v_steps, l_steps=args.l_steps,
+              eval_every=args.eval_every, questions_per_image=args.questions, threads=args.threads)
+    else:
+        model, processor = load(args.path)
+        res = evaluate(model, processor, sv.make_split(args.split, args.n))
+        print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""`dct`: Fourier-VLM -- low-pass the visual feature grid in the frequency domain.
+
+The h x w grid of D-dim features goes through an orthonormal 2D DCT-II; the top-left r x c
+block of low frequencies is kept and an orthonormal inverse DCT of size r x c turns it back into
+r x c spatial tokens on a coarser grid. (r, c) is the largest grid within the budget whose
+aspect is closest to h / w (the same rule as `pool`). Both transforms are small matmuls with
+bases cached per size: out = C_r^T[:r] ... i.e. out = B_r (A_h X A_w^T)[:r, :c] B_c^T.
+
+An N-point orthonormal DCT followed by an r-point inverse scales a constant signal by
+sqrt(N / r) per axis; `rescale=True` (default) multiplies by sqrt(r c / (h w)) so a constant
+grid stays constant (and the mean keeps its magnitude); `rescale=False` is the raw published
+form. The paper fine-tunes with the compressor; used training-free, rescaling is what keeps the
+LLM's input statistics -- measure both on your model.
+
+Each output token stands for the centre token of its cell of the coarse grid (positions under
+positions="original": the coarse grid scaled into the original extent). On LLaVA-1.5 the DCT
+runs on the vision features before the projector, as in the paper; on LLaVA-NeXT and
+Qwen2-VL / 2.5-VL on the LLM-space tokens after the projector / merger, per frame.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ..config import Option, choice
+from ..registry import register_method
+from .base import Reduction, VisionMethod
+from .pool import cell_centres, pooled_grid
+
+
+@functools.lru_cache(maxsize=64)
+def dct_matrix(n: int) -> torch.Tensor:
+    """[n, n] orthonormal DCT-II basis (float64): X = A x, x = A^T X."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    i = torch.arange(n, dtype=torch.float64)[None, :]
+    basis = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    basis[0] /= math.sqrt(2.0)
+    return basis
+
+
+def low_pass(grid: torch.Tensor, rows: int, cols: int, rescale: bool = True) -> torch.Tensor:
+    """grid [I, h, w, D] -> [I, rows, cols, D]: keep the rows x cols lowest DCT frequencies."""
+    h, w = grid.shape[1:3]
+    a_h, a_w = dct_matrix(h), dct_matrix(w)
+    b_r, b_c = dct_matrix(rows), dct_matrix(cols)
+    # (B_r^T A_h[:rows]) is [rows, h]: forward DCT, crop, inverse DCT along the rows in one matmul
+    left = (b_r.T @ a_h[:rows]).to(grid.device, torch.float32)
+    right = (b_c.T @ a_w[:cols]).to(grid.device, torch.float32)
+    out = torch.einsum("rh,ihwd,cw->ircd", left, grid.float(), right)
+    if rescale:
+        out = out * math.sqrt(rows * cols / (h * w))
+    return out.to(grid.dtype)
+
+
+@register_method
+class DCT(VisionMethod):
+    name = "dct"
+    uses_pre_projection = True
+    paper = "Fourier-VLM: Compressing Vision Tokens in the Frequency Domain (2025)"
+    options = {
+        "rescale": Option(True, choice(True, False), "multiply by sqrt(r c / (h w)) so a constant grid stays constant"),
+    }
+
+    def reduce(self, features, grid, k, signals, options) -> Reduction:
+        h, w = grid
+        n_images, _, dim = features.shape
+        rows, cols = pooled_grid(k, h, w)
+        if (rows, cols) == (h, w):  # nothing to cut: exactly the identity
+            index = torch.arange(h * w, device=features.device).expand(n_images, -1).clone()
+            return Reduction(features=features, index=index)
+        out = low_pass(features.view(n_images, h, w, dim), rows, cols, options["rescale"])
+        centre = cell_centres(h, rows)[:, None] * w + cell_centres(w, cols)[None, :]
+        index = centre.reshape(1, -1).to(features.device).expand(n_images, -1).clone()
+        return Reduction(features=out.reshape(n_images, rows * cols, dim), index=index)

@@ -376,47 +376,8 @@ class VisionStagePatch(PatchBase):
             image.context["question"] = question[rows[start]]
             start += image.features.shape[0]
 
-    def _region_budgets(self, image: ImageTokens) -> list[int]:
-        sizes = [len(region.slots) for region in image.regions]
-        if self.budget == "per_crop":
-            return [self.config.budget_for(n) for n in sizes]
-        return split_budget(self.config.budget_for(sum(sizes)), sizes)
-
     def _reduce(self, images: list[ImageTokens]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Runs the method on every region, batching regions of equal grid and budget.
-
-        Returns per image: [N] bool slots passed on, and [K, D] the tokens passed on.
-        """
-        outputs = [img.features.clone() for img in images]
-        kept = [torch.ones(img.features.shape[0], dtype=torch.bool, device=img.features.device) for img in images]
-        groups: dict[tuple, list[tuple[int, Region]]] = {}
-        for i, img in enumerate(images):
-            for region, k in zip(img.regions, self._region_budgets(img)):
-                kept[i][region.slots] = False
-                if k > 0:
-                    groups.setdefault((region.grid, k), []).append((i, region))
-        pre_projection = self.method.uses_pre_projection and all("pre_projection" in img.signals for img in images)
-        for (grid, k), members in groups.items():
-            source = "pre_projection" if pre_projection else None
-            feats = torch.stack([(images[i].signals[source] if source else images[i].features)[r.slots] for i, r in members])
-            signals = {
-                name: torch.stack([images[i].signals[name][r.slots] for i, r in members])
-                for name in self.method.needs if name in images[members[0][0]].signals
-            }
-            for name in self.method.needs:
-                if name in images[members[0][0]].context:
-                    signals[name] = torch.stack([images[i].context[name] for i, _ in members])
-            red = self.method.reduce(feats, grid, k, signals, self.config.options)
-            for j, (i, region) in enumerate(members):
-                index, reduced = red.index[j], red.features[j]
-                if len(index) > 1 and not bool((index[1:] > index[:-1]).all()):
-                    raise RuntimeError(f"method {self.config.method!r} returned unsorted or repeated token indices")
-                if pre_projection:
-                    reduced = self.project(reduced)
-                slots = region.slots[index]
-                outputs[i][slots] = reduced.to(outputs[i].dtype)
-                kept[i][slots] = True
-        return kept, [out[k] for out, k in zip(outputs, kept)]
+        return reduce_images(self.method, self.config, images, self.budget, self.project)
 
     def _apply(self, kw: dict[str, Any], state: PromptState, is_image: torch.Tensor) -> dict[str, Any]:
         """The language model's inputs for the whole sequence (prompt + tokens generated so far)."""
@@ -480,6 +441,55 @@ class VisionStagePatch(PatchBase):
             positions = positions - shift
         new_kw["position_ids"] = positions
         return new_kw
+
+
+def region_budgets(config: PruneConfig, image: ImageTokens, budget: str = "per_image") -> list[int]:
+    """Tokens each region of the image keeps under the budget policy."""
+    sizes = [len(region.slots) for region in image.regions]
+    if budget == "per_crop":
+        return [config.budget_for(n) for n in sizes]
+    return split_budget(config.budget_for(sum(sizes)), sizes)
+
+
+def reduce_images(method, config: PruneConfig, images: list[ImageTokens], budget: str = "per_image",
+                  project=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Runs a vision-stage method on every region of every image, batching regions of equal
+    grid and budget. Shared by the transformers patches and the vLLM plugin.
+
+    project: maps pre-projection tokens to the LLM space (methods that prefer them), or None.
+    Returns per image: [N] bool slots passed on, and [K, D] the tokens passed on.
+    """
+    outputs = [img.features.clone() for img in images]
+    kept = [torch.ones(img.features.shape[0], dtype=torch.bool, device=img.features.device) for img in images]
+    groups: dict[tuple, list[tuple[int, Region]]] = {}
+    for i, img in enumerate(images):
+        for region, k in zip(img.regions, region_budgets(config, img, budget)):
+            kept[i][region.slots] = False
+            if k > 0:
+                groups.setdefault((region.grid, k), []).append((i, region))
+    pre_projection = (method.uses_pre_projection and project is not None
+                      and all("pre_projection" in img.signals for img in images))
+    for (grid, k), members in groups.items():
+        source = "pre_projection" if pre_projection else None
+        feats = torch.stack([(images[i].signals[source] if source else images[i].features)[r.slots] for i, r in members])
+        signals = {
+            name: torch.stack([images[i].signals[name][r.slots] for i, r in members])
+            for name in method.needs if name in images[members[0][0]].signals
+        }
+        for name in method.needs:
+            if name in images[members[0][0]].context:
+                signals[name] = torch.stack([images[i].context[name] for i, _ in members])
+        red = method.reduce(feats, grid, k, signals, config.options)
+        for j, (i, region) in enumerate(members):
+            index, reduced = red.index[j], red.features[j]
+            if len(index) > 1 and not bool((index[1:] > index[:-1]).all()):
+                raise RuntimeError(f"method {config.method!r} returned unsorted or repeated token indices")
+            if pre_projection:
+                reduced = project(reduced)
+            slots = region.slots[index]
+            outputs[i][slots] = reduced.to(outputs[i].dtype)
+            kept[i][slots] = True
+    return kept, [out[k] for out, k in zip(outputs, kept)]
 
 
 def _extend_mask(prompt_mask: torch.Tensor, extra: int) -> torch.Tensor:

@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="also write the numbers to this JSON file")
     bench.set_defaults(func=_cmd_bench)
 
+    from .evals.cli import add_eval_arguments, run_from_args
+
+    evaluate = sub.add_parser("eval", help="accuracy and cost on VQA benchmarks (see evals/README.md)")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=run_from_args)
+
     methods = sub.add_parser("methods", help="list methods and their options")
     methods.set_defaults(func=_cmd_methods)
     return parser

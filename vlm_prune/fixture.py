@@ -268,7 +268,7 @@ def _language_step(model, rng, batch: int, k: int, n_objects, qweights, vocab, l
     return loss, acc
 
 
-def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 2000, batch: int = 32, l_batch: int = 16,
+def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000, batch: int = 32, l_batch: int = 16,
           questions_per_image: int = 12, lr: float = 1e-3, eval_every: int = 400, n_val: int = 600,
           n_test: int = 2400, text_layers: int = 3, threads: int = 1, log=print):
     """Train the fixture from scratch on CPU and save it (model + processor + metrics.json) to out_dir.
@@ -378,7 +378,7 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--v-steps", type=int, default=1500)
-    p.add_argument("--l-steps", type=int, default=2000)
+    p.add_argument("--l-steps", type=int, default=3000)
     p.add_argument("--eval-every", type=int, default=400)
     p.add_argument("--questions", type=int, default=12)
     p.add_argument("--threads", type=int, default=1)

@@ -69,6 +69,11 @@ class VisionMethod(Method):
     # project its output afterwards (LLaVA-1.5); elsewhere it gets the LLM-space tokens.
     uses_pre_projection: ClassVar[bool] = False
 
+    def output_count(self, k: int, grid: tuple[int, int], options: Mapping[str, Any]) -> int | None:
+        """Tokens `reduce` returns per image for budget k on `grid`, known before the image is
+        seen (vLLM reserves placeholders up front); None if it depends on the image."""
+        return min(k, grid[0] * grid[1])
+
     def reduce(
         self,
         features: torch.Tensor,

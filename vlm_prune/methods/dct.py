@@ -64,6 +64,10 @@ class DCT(VisionMethod):
         "rescale": Option(True, choice(True, False), "multiply by sqrt(r c / (h w)) so a constant grid stays constant"),
     }
 
+    def output_count(self, k, grid, options):
+        rows, cols = pooled_grid(k, *grid)
+        return rows * cols
+
     def reduce(self, features, grid, k, signals, options) -> Reduction:
         h, w = grid
         n_images, _, dim = features.shape

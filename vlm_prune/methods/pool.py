@@ -43,6 +43,10 @@ class Pool(VisionMethod):
         "mode": Option("avg", choice("avg", "subsample"), "average each cell or take its centre token"),
     }
 
+    def output_count(self, k, grid, options):
+        rows, cols = pooled_grid(k, *grid)
+        return rows * cols
+
     def reduce(self, features, grid, k, signals, options) -> Reduction:
         h, w = grid
         n_images, _, dim = features.shape

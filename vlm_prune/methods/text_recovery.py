@@ -69,6 +69,9 @@ class TextRecovery(VisionMethod):
         "keep_share": Option(0.75, _check_share, "fixed mode: share of the non-summary tokens kept by [CLS] attention (the rest are recovered)"),
     }
 
+    def output_count(self, k, grid, options):
+        return None if options["mode"] == "adaptive" else min(k, grid[0] * grid[1])
+
     def reduce(self, features, grid, k, signals, options) -> Reduction:
         attention = signals["cls_attention"].float()
         similarity = F.cosine_similarity(features.float(), signals["question"].float()[:, None, :], dim=-1)

@@ -1,0 +1,32 @@
+"""Runs vLLM offline on a request file and prints the results as JSON (executed with the
+.venv-vllm interpreter by tests/test_vllm.py; vLLM pins an older transformers than the main venv).
+
+    python run_llm.py SPEC_JSON     # {"model", "requests": [{"prompt", "image": [w, h, seed]}],
+                                    #  "overrides": {...} | null, "max_tokens": n}
+"""
+
+import json
+import sys
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    from vllm import LLM, SamplingParams
+
+    from vlm_prune import tiny
+
+    kwargs = dict(model=spec["model"], enforce_eager=True, max_model_len=1024, dtype="float32", seed=0,
+                  gpu_memory_utilization=0.1)  # on CPU this is the share of RAM kept for the KV cache
+    if spec.get("overrides"):
+        kwargs["hf_overrides"] = spec["overrides"]
+    llm = LLM(**kwargs)
+    requests = [{"prompt": r["prompt"], "multi_modal_data": {"image": tiny.random_image(*r["image"])}}
+                for r in spec["requests"]]
+    params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 6))
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    result = [{"tokens": list(o.outputs[0].token_ids), "prompt_tokens": len(o.prompt_token_ids)} for o in outputs]
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""LLaVA-1.5 on vLLM (written against vLLM 0.32): fewer placeholder tokens, the kept embeddings.
+
+Two overrides of vLLM's own classes, active only when the model config carries `vlm_prune`:
+- processing info: `get_num_image_tokens` returns the pruned count, so the prompt gets that many
+  image placeholders (vLLM fixes the count before the encoder runs, hence fixed budgets only);
+- model: `_process_image_input` runs the tower with a hook on the scoring layer's fused qkv
+  projection, then hands the features to the same reduction the transformers path uses
+  (`vlm_prune.patches.base.reduce_images` with the registered method) and returns the kept
+  embeddings. vLLM numbers placeholders consecutively, i.e. positions="renumber".
+vLLM builds the CLIP tower only up to the feature layer (hidden_states[-2] -> 23 of 24 layers), so
+the layer producing the features is its last one; `layers=` may name layers up to it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaImagePixelInputs,
+    LlavaProcessingInfo,
+    _build_llava_or_pixtral_hf_processor,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from ..kernels import cls_attention_scores
+from ..patches.base import ImageTokens, Region, reduce_images
+from ..registry import get_method
+from .config import plugin_config
+
+
+class PrunedLlavaProcessingInfo(LlavaProcessingInfo):
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        n_tokens = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        config = plugin_config(self.get_hf_config(), "llava")
+        if config is None:
+            return n_tokens
+        side = math.isqrt(n_tokens)
+        method = get_method(config.method)()
+        return method.output_count(config.budget_for(n_tokens), (side, side), config.options)
+
+
+def _build_info(ctx):
+    return PrunedLlavaProcessingInfo(ctx)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    _build_llava_or_pixtral_hf_processor, info=_build_info, dummy_inputs=LlavaDummyInputsBuilder
+)
+class PrunedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.prune_config = plugin_config(self.config, "llava")  # fails the engine start if invalid
+        if self.prune_config is None:
+            return
+        if self.config.vision_feature_select_strategy != "default":
+            raise ValueError("vlm_prune on vLLM supports LLaVA with vision_feature_select_strategy='default'")
+        self.prune_method = get_method(self.prune_config.method)()
+        layers = self.vision_tower.vision_model.encoder.layers
+        self.score_layers: tuple[int, ...] = ()
+        if self.prune_method.needs & {"cls_attention", "keys"}:
+            wanted = self.prune_config.options.get("layers")
+            full_depth = self.config.vision_config.num_hidden_layers
+            resolved = (len(layers) - 1,) if wanted is None else tuple(sorted(i % full_depth for i in wanted))
+            beyond = [i for i in resolved if i >= len(layers)]
+            if beyond:
+                raise ValueError(f"vlm_prune: layers {beyond} come after the feature layer; vLLM does not run them")
+            self.score_layers = resolved
+
+    def _process_image_input(self, image_input) -> Any:
+        if self.prune_config is None or not isinstance(image_input, LlavaImagePixelInputs):
+            return super()._process_image_input(image_input)
+        captured: dict[int, torch.Tensor] = {}
+        layers = self.vision_tower.vision_model.encoder.layers
+        hooks = [
+            layers[i].self_attn.qkv_proj.register_forward_hook(
+                lambda module, args, output, i=i: captured.__setitem__(i, output[0]))
+            for i in self.score_layers
+        ]
+        try:
+            pre_projection = self._process_image_pixels(image_input)  # [I, N, Dv], [CLS] dropped
+        finally:
+            for hook in hooks:
+                hook.remove()
+        features = self.multi_modal_projector(pre_projection)
+        signals = self._signals(captured)
+        n_tokens = features.shape[1]
+        side = math.isqrt(n_tokens)
+        region = Region(torch.arange(n_tokens, device=features.device), (side, side))
+        images = [
+            ImageTokens(features[i], [region], {name: value[i] for name, value in signals.items()}
+                        | {"pre_projection": pre_projection[i]})
+            for i in range(features.shape[0])
+        ]
+        _, kept = reduce_images(self.prune_method, self.prune_config, images, project=self.multi_modal_projector)
+        return kept
+
+    def _signals(self, captured: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """[I, N] [CLS] attention summed over the score layers, [I, N, D] keys of the last."""
+        if not self.score_layers:
+            return {}
+        heads = self.config.vision_config.num_attention_heads
+        total = None
+        for i in self.score_layers:
+            q, k, _ = captured[i].chunk(3, dim=-1)  # [I, T, D] each; T includes [CLS]
+            head_dim = q.shape[-1] // heads
+            query = q[:, 0].reshape(q.shape[0], heads, head_dim)
+            keys = k.reshape(k.shape[0], k.shape[1], heads, head_dim).transpose(1, 2)
+            row = cls_attention_scores(query, keys, head_dim**-0.5)
+            total = row if total is None else total + row
+        signals = {"cls_attention": total[:, 1:]}
+        if "keys" in self.prune_method.needs:
+            signals["keys"] = captured[self.score_layers[-1]].chunk(3, dim=-1)[1][:, 1:]
+        return signals

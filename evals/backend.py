@@ -70,7 +70,7 @@ def make_backend(name: str, model_dir: str, **kwargs: Any) -> Backend:
 
         return HFBackend(model_dir, **kwargs)
     if name == "vllm":
-        raise NotImplementedError(
-            "--backend vllm is not available yet (the vLLM backend is being written); use --backend hf"
-        )
+        from .vllm_backend import VLLMBackend
+
+        return VLLMBackend(model_dir, **kwargs)
     raise ValueError(f"unknown backend {name!r}; choose hf or vllm")

@@ -42,7 +42,11 @@ def test_vllm_backend_matches_hf_backend(tmp_path):
             hf, vllm = _predictions(tmp_path / "hf", config, bench), _predictions(tmp_path / "vllm", config, bench)
             assert hf.keys() == vllm.keys() and len(hf) >= 2
             for item, record in vllm.items():
-                assert record["prediction"] == hf[item]["prediction"], (config, bench, item)
+                # a random model emits partial UTF-8 byte tokens: vLLM's incremental detokenizer
+                # holds an unfinished character back, transformers prints U+FFFD for it
+                assert record["prediction"].replace("\ufffd", "") == hf[item]["prediction"].replace("\ufffd", ""), (
+                    config, bench, item)
+                assert record["new_tokens"] == hf[item]["new_tokens"]
                 assert record["visual_tokens"] == 64 and record["kept"] == kept
     results = json.loads((tmp_path / "vllm" / "results.json").read_text())["results"]
     assert {r["config"] for r in results} == {"none", "cls_attention-16"}

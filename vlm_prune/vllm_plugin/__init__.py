@@ -14,6 +14,8 @@ from __future__ import annotations
 
 _ARCHITECTURES = {
     "LlavaForConditionalGeneration": "vlm_prune.vllm_plugin.llava:PrunedLlavaForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "vlm_prune.vllm_plugin.qwen2_vl:PrunedQwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "vlm_prune.vllm_plugin.qwen2_vl:PrunedQwen2_5_VLForConditionalGeneration",
 }
 _registered = False
 

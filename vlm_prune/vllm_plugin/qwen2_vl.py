@@ -1,0 +1,399 @@
+"""Qwen2-VL and Qwen2.5-VL on vLLM (written against vLLM 0.32): fewer image placeholders, the kept
+embeddings at their ORIGINAL M-RoPE positions (positions="original", as `vlm_prune.patch` does).
+
+Active only when the model config carries `vlm_prune` (--hf-overrides or $VLM_PRUNE); without it
+every override below defers to vLLM's own class. Videos are never pruned.
+
+- processor: each image's prompt replacement emits the pruned count (method.output_count), fixed
+  before the encoder runs (hence fixed budgets only);
+- `get_mrope_input_positions`: the prompt's positions as the unpruned model numbers them. Text
+  after an image continues from the image's full (t, h, w) extent, exactly as unpruned (this
+  replaces vLLM's EVS numbering, whose text offset is llm_grid_w, not the extent). The image's
+  own placeholders get a provisional position (the image's base) until the encoder has run;
+- `_process_image_input`: runs the tower with hooks on the last block (the [CLS]-free score: the
+  attention each patch receives, averaged over heads and its image's query rows, then over each
+  2x2 merge unit, Qwen2.5-VL's window permutation undone; keys for VisionZip -- the same
+  definitions as patches/qwen2_vl.py), reduces with the SHARED `reduce_images`, and returns the
+  kept embeddings with 6 extra channels: each kept token's (t, h, w) grid coordinate, split as
+  (v // 256, v % 256) so no channel exceeds 255 (exact in bf16 / fp16);
+- `recompute_mrope_positions`: strips the channels and writes base + (t, h, w) at the kept
+  tokens' placeholders (chunked prefill aware); text positions are never touched, so the
+  decode offset (mrope_position_delta) equals the unpruned model's.
+
+vLLM only calls `recompute_mrope_positions` when its runner's `is_multimodal_pruning_enabled` is
+set, which vLLM 0.32 ties to video EVS (and its CPU runner never sets at all). The model installs
+`_enable_position_recompute`: a small, idempotent wrapper on the V1 runner that sets the flag for
+models that ask for it (only ours, only when pruning is on).
+
+Limits: the V1 model runner only (V2 builds its own pruning state from EVS settings); image
+placeholders must follow a text token (`<|vision_start|>`, as vLLM's own EVS also assumes);
+video EVS (--video-pruning-rate) and vlm_prune cannot be combined; methods that score with the
+tower's attention need the tower unsharded (tensor_parallel_size 1 or mm_encoder_tp_mode="data").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen2_vl import (
+    Qwen2VLDummyInputsBuilder,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLMultiModalProcessor,
+    Qwen2VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import PromptReplacement
+
+from ..kernels import attention_received
+from ..patches.base import ImageTokens, Region, reduce_images
+from ..registry import get_method
+from .config import plugin_config
+
+FAMILY = "qwen2_vl"
+POSITION_CHANNELS = 6  # (t, h, w), each as (high, low) base-256 digits
+_DIGIT = 256
+
+
+# -- counts (shared by the processor and the model) -------------------------------------------
+
+
+def pruned_image_tokens(config, method, grid_thw: Sequence[int], merge: int) -> int:
+    """Placeholders an image of patch grid (1, h, w) gets: the method's output for the image's
+    budget on its (h / merge) x (w / merge) token grid (one region, as in patches/qwen2_vl.py)."""
+    t, h, w = (int(v) for v in grid_thw)
+    if t != 1:
+        raise ValueError(f"vlm_prune on vLLM: an image with {t} temporal patches is not supported")
+    rows, cols = h // merge, w // merge
+    return method.output_count(config.budget_for(rows * cols), (rows, cols), config.options)
+
+
+def encode_positions(coords: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[K, 3] int -> [K, 6] channels (high, low digits) exact in any float dtype."""
+    if coords.numel() and int(coords.max()) >= _DIGIT * _DIGIT:
+        raise ValueError("vlm_prune: image grid too large to carry positions")
+    return torch.cat([coords // _DIGIT, coords % _DIGIT], dim=1).to(dtype)
+
+
+def decode_positions(channels: torch.Tensor) -> torch.Tensor:
+    """[K, 6] -> [3, K] int64."""
+    digits = channels.float().round().long()
+    return (digits[:, :3] * _DIGIT + digits[:, 3:]).T
+
+
+# -- processor --------------------------------------------------------------------------------
+
+
+class _PrunedPromptUpdates:
+    """Mixin for the multimodal processors: an image's replacement has the pruned count."""
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        hf_config = self.info.get_hf_config()
+        config = plugin_config(hf_config, FAMILY)
+        if config is None:
+            return updates
+        method = get_method(config.method)()
+        merge = hf_config.vision_config.spatial_merge_size
+
+        def pruned(item_idx: int, original):
+            tokens = original(item_idx)
+            grid = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data
+            return tokens[:1] * pruned_image_tokens(config, method, grid.tolist(), merge)
+
+        return [
+            PromptReplacement(modality=u.modality, target=u.target, replacement=partial(pruned, original=u.replacement))
+            if u.modality == "image" else u
+            for u in updates
+        ]
+
+
+class PrunedQwen2VLMultiModalProcessor(_PrunedPromptUpdates, Qwen2VLMultiModalProcessor):
+    pass
+
+
+class PrunedQwen2_5_VLMultiModalProcessor(_PrunedPromptUpdates, Qwen2_5_VLMultiModalProcessor):
+    pass
+
+
+# -- the runner flag (vLLM 0.32) --------------------------------------------------------------
+
+
+def _enable_position_recompute() -> None:
+    """vLLM 0.32's V1 runner calls `model.recompute_mrope_positions` only when its
+    `is_multimodal_pruning_enabled` is set: `GPUModelRunner.load_model` sets it for video EVS
+    only, `CPUModelRunner.load_model` never. Wrap `_gather_mm_embeddings` (the one reader, shared
+    by both runners) so runners whose model sets `vlm_prune_recomputes_positions` get the flag.
+    Installed once per process, only when a model with pruning on is built; other models are
+    untouched."""
+    from vllm.v1.worker import gpu_model_runner
+
+    runner_cls = gpu_model_runner.GPUModelRunner
+    original = getattr(runner_cls, "_gather_mm_embeddings", None)
+    if original is None:
+        raise RuntimeError("vlm_prune: this vLLM's model runner has no _gather_mm_embeddings (written for vLLM 0.32)")
+    if getattr(original, "_vlm_prune_wrapper", False):
+        return
+
+    def _gather_mm_embeddings(self, *args, **kwargs):
+        if not self.is_multimodal_pruning_enabled and getattr(self.get_model(), "vlm_prune_recomputes_positions", False):
+            self.is_multimodal_pruning_enabled = True
+        return original(self, *args, **kwargs)
+
+    _gather_mm_embeddings._vlm_prune_wrapper = True
+    _gather_mm_embeddings.__wrapped__ = original
+    runner_cls._gather_mm_embeddings = _gather_mm_embeddings
+
+
+# -- model ------------------------------------------------------------------------------------
+
+
+class _PrunedQwenMixin:
+    """The model side, shared by Qwen2-VL and Qwen2.5-VL (the towers differ in the window
+    permutation and in how `visual` takes grid_thw)."""
+
+    windowed = False
+    prune_config = None
+
+    def _init_pruning(self, vllm_config) -> None:
+        self.prune_config = plugin_config(self.config, FAMILY)  # fails the engine start if invalid
+        if self.prune_config is None:
+            return
+        if self.multimodal_config.is_multimodal_pruning_enabled():
+            raise ValueError("vlm_prune cannot be combined with vLLM's video pruning (--video-pruning-rate)")
+        if getattr(vllm_config, "use_v2_model_runner", False):
+            raise ValueError("vlm_prune on Qwen-VL needs vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0")
+        self.prune_method = get_method(self.prune_config.method)()
+        self.needs_tower = bool(self.prune_method.needs & {"cls_attention", "keys"})
+        if "layers" in self.prune_config.options and self.prune_config.options["layers"] is not None:
+            raise ValueError("vlm_prune on Qwen-VL scores with the last vision block; 'layers' is not supported")
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        if self.needs_tower and tp > 1 and not self.use_data_parallel:
+            raise ValueError(
+                f"vlm_prune: {self.prune_config.method!r} reads the vision tower's attention, which is sharded "
+                "across tensor-parallel ranks; use --mm-encoder-tp-mode data"
+            )
+        self.vlm_prune_recomputes_positions = True
+        _enable_position_recompute()
+
+    # encoder CUDA graphs bypass embed_multimodal's output format (as vLLM does for EVS)
+    def get_encoder_cudagraph_config(self):
+        config = super().get_encoder_cudagraph_config()
+        if self.prune_config is None:
+            return config
+        return dataclasses.replace(config, modalities=[])
+
+    # -- positions ----------------------------------------------------------------------------
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        if self.prune_config is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        pieces: list[np.ndarray] = []
+        st = 0
+        next_position = 0
+        grids = {id(f): g for f, g in zip(sorted(mm_features, key=lambda f: f.mm_position.offset),
+                                          self.iter_mm_grid_thw(mm_features))}
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            offset, t, h, w, t_factor = grids[id(feature)]
+            text_len = offset - st
+            pieces.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + next_position)
+            base = next_position + text_len
+            grid = np.indices((t, h, w))
+            if t_factor != 1.0:
+                grid[0] = (grid[0] * t_factor).astype(np.int64)
+            if feature.modality == "image":  # placeholders wait for recompute_mrope_positions
+                length = feature.mm_position.length
+                span = np.full((3, length), base, dtype=np.int64)
+            else:
+                length = t * h * w
+                span = grid.reshape(3, -1) + base
+            pieces.append(span)
+            next_position = base + int(grid.max()) + 1  # the unpruned extent
+            st = offset + length
+        if st < len(input_tokens):
+            text_len = len(input_tokens) - st
+            pieces.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + next_position)
+            next_position += text_len
+        positions = np.concatenate(pieces, axis=1).reshape(3, -1).astype(np.int64)
+        return torch.from_numpy(positions), next_position - len(input_tokens)
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+        """Writes the kept tokens' (t, h, w) + base at their placeholders; returns the embeddings
+        without the position channels. Text positions were right from the start."""
+        if self.prune_config is None:
+            return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
+                                                     num_computed_tokens)
+        ids = torch.as_tensor(input_ids, dtype=torch.long).cpu()
+        positions = mrope_positions.clone()
+        n = ids.numel()
+        image_id, video_id = self.config.image_token_id, self.config.video_token_id
+        is_media = (ids == image_id) | (ids == video_id)
+        media_index = is_media.nonzero().flatten().tolist()
+        out = []
+        cursor = num_computed_tokens
+        for embeddings in multimodal_embeddings:
+            start = next(i for i in media_index if i >= cursor)
+            length = embeddings.shape[0]
+            if int(ids[start]) == image_id:
+                run_start = start
+                while run_start > 0 and bool(is_media[run_start - 1]):
+                    run_start -= 1
+                base = int(positions[0, run_start - 1]) + 1 if run_start > 0 else 0
+                coords = decode_positions(embeddings[:, -POSITION_CHANNELS:]).to(positions.device)
+                positions[:, start:start + length] = coords + base
+                embeddings = embeddings[:, :-POSITION_CHANNELS]
+            out.append(embeddings)
+            cursor = start + length
+        delta = int(positions.max()) + 1 - n if n else 0
+        return out, positions, delta
+
+    # -- images -------------------------------------------------------------------------------
+
+    def _run_tower(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _process_image_input(self, image_input):
+        if self.prune_config is None:
+            return super()._process_image_input(image_input)
+        grid_thw = image_input["image_grid_thw"]
+        grids = grid_thw.tolist()
+        merge = self.visual.spatial_merge_size
+        if image_input["type"] == "image_embeds":
+            if self.needs_tower:
+                raise ValueError(f"vlm_prune: {self.prune_config.method!r} needs the vision tower; "
+                                 "precomputed image embeddings cannot be scored")
+            embeds, signals = image_input["image_embeds"].type(self.visual.dtype), {}
+        else:
+            with self._capture_signals(grids) as signals:
+                embeds = self._run_tower(image_input["pixel_values"], grid_thw)
+        sizes = [t * h * w // (merge * merge) for t, h, w in grids]
+        per_image = {name: value.split(sizes) for name, value in signals.items()}
+        images = []
+        for i, (feats, (t, h, w)) in enumerate(zip(embeds.split(sizes), grids)):
+            rows, cols = h // merge, w // merge
+            regions = [Region(torch.arange(f * rows * cols, (f + 1) * rows * cols, device=feats.device), (rows, cols))
+                       for f in range(t)]
+            images.append(ImageTokens(feats, regions, {name: v[i].to(feats.device) for name, v in per_image.items()}))
+        kept, features = reduce_images(self.prune_method, self.prune_config, images,
+                                       self.prune_config.budget or "per_image")
+        out = []
+        for slots_kept, feats, (t, h, w) in zip(kept, features, grids):
+            rows, cols = h // merge, w // merge
+            slots = slots_kept.nonzero().flatten().cpu()
+            coords = torch.stack([slots // (rows * cols), (slots % (rows * cols)) // cols, slots % cols], dim=1)
+            out.append(torch.cat([feats, encode_positions(coords, feats.dtype).to(feats.device)], dim=1))
+        return tuple(out)
+
+    # -- the [CLS]-free score (patches/qwen2_vl.py, on vLLM's tower modules) -------------------
+
+    @contextlib.contextmanager
+    def _capture_signals(self, grids: list[list[int]]):
+        """Yields a dict filled, once the tower ran, with per merged token of all images (raster
+        order): "cls_attention" [T / 4] float32 (attention received in the last block) and, for
+        methods that need them, "keys" [T / 4, D] (that block's keys, before the rotary)."""
+        result: dict[str, torch.Tensor] = {}
+        if not self.needs_tower:
+            yield result
+            return
+        block = self.visual.blocks[-1]
+        attn = block.attn
+        seen: dict[str, Any] = {}
+
+        def keep_inputs(module, args, kwargs):
+            seen.update(cu_seqlens=kwargs.get("cu_seqlens"), cos=kwargs.get("rotary_pos_emb_cos"),
+                        sin=kwargs.get("rotary_pos_emb_sin"))
+
+        def keep_qkv(module, args, output):
+            seen["qkv"] = output[0] if isinstance(output, tuple) else output
+
+        handles = [attn.register_forward_pre_hook(keep_inputs, with_kwargs=True),
+                   attn.qkv.register_forward_hook(keep_qkv)]
+        try:
+            yield result
+        finally:
+            for handle in handles:
+                handle.remove()
+        qkv = seen["qkv"].reshape(seen["qkv"].shape[0], -1)  # [T, 3 * H * D] (batch dim 1)
+        total = qkv.shape[0]
+        heads, head_dim = attn.num_attention_heads_per_partition, attn.hidden_size_per_attention_head
+        q, k, _ = qkv.reshape(total, 3, heads, head_dim).unbind(1)  # [T, H, D] each
+        unit = self.visual.spatial_merge_size ** 2
+        window_index = self._window_index(grids).to(qkv.device) if self.windowed else None
+
+        def per_merged_token(values: torch.Tensor) -> torch.Tensor:
+            units = values.reshape(-1, unit, *values.shape[1:]).mean(1)
+            if window_index is None:
+                return units
+            raster = torch.empty_like(units)
+            raster[window_index] = units
+            return raster
+
+        if "keys" in self.prune_method.needs:
+            result["keys"] = per_merged_token(k.reshape(total, -1))
+        if "cls_attention" in self.prune_method.needs:
+            rotated = attn.apply_rotary_emb(torch.stack([q, k]).contiguous(), seen["cos"], seen["sin"])
+            q_rot, k_rot = rotated.unbind(0)
+            received = attention_received(q_rot.transpose(0, 1), k_rot.transpose(0, 1), head_dim ** -0.5,
+                                          self._score_segments(grids, seen["cu_seqlens"]))
+            result["cls_attention"] = per_merged_token(received)
+
+    def _score_segments(self, grids, captured: torch.Tensor) -> torch.Tensor:
+        """Attention segments of the last block: one per frame (full attention)."""
+        bounds = [0]
+        for t, h, w in grids:
+            bounds += [bounds[-1] + h * w * (f + 1) for f in range(t)]
+        return torch.tensor(bounds, dtype=torch.int64)
+
+    def _window_index(self, grids) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PrunedQwen2VLMultiModalProcessor, info=Qwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
+)
+class PrunedQwen2VLForConditionalGeneration(_PrunedQwenMixin, Qwen2VLForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_pruning(vllm_config)
+
+    def _run_tower(self, pixel_values, grid_thw):
+        return self.visual(pixel_values, grid_thw=grid_thw)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PrunedQwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
+)
+class PrunedQwen2_5_VLForConditionalGeneration(_PrunedQwenMixin, Qwen2_5_VLForConditionalGeneration):
+    windowed = True
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_pruning(vllm_config)
+
+    def _run_tower(self, pixel_values, grid_thw):
+        return self.visual(pixel_values, grid_thw=grid_thw.tolist())
+
+    def _window_index(self, grids) -> torch.Tensor:
+        """permuted[j] = raster[index[j]] over the merge units of all images."""
+        parts, offset = [], 0
+        for t, h, w in grids:
+            index, _ = self.visual.get_window_index_thw(t, h, w)
+            parts.append(index + offset)
+            offset += t * (h // self.visual.spatial_merge_size) * (w // self.visual.spatial_merge_size)
+        return torch.cat(parts)
+
+    def _score_segments(self, grids, captured):
+        if len(self.visual.blocks) - 1 in self.visual.fullatt_block_indexes:
+            return super()._score_segments(grids, captured)
+        return captured.cpu()  # a windowed last block: its own window segments

@@ -1,8 +1,15 @@
 """Hot-path ops of vlm_prune: a reference PyTorch implementation of each (the CPU path and the
-test oracle), with fused Triton kernels beside them where they pay (see issue: kernels)."""
+test oracle) beside a fused Triton kernel where it pays, behind one dispatch point
+(`dispatch.use_triton`; PruneConfig.backend = "auto" | "torch" | "triton")."""
 
 from .attention_received import attention_received
-from .cls_attention import cls_attention_scores
-from .llm_signals import attention_from_rows, transition_variation
+from .cls_attention import cls_attention_scores, cls_attention_scores_ref
+from .dispatch import use_backend
+from .llm_signals import attention_from_rows, transition_variation, transition_variation_ref
+from .topk import select_top_k, top_k_in_order, top_k_in_order_ref
 
-__all__ = ["attention_from_rows", "attention_received", "cls_attention_scores", "transition_variation"]
+__all__ = [
+    "attention_from_rows", "attention_received", "cls_attention_scores", "cls_attention_scores_ref",
+    "select_top_k", "top_k_in_order", "top_k_in_order_ref", "transition_variation",
+    "transition_variation_ref", "use_backend",
+]

@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import use_triton
+
 
 def transition_variation(
+    t_in: torch.Tensor, t_out: torch.Tensor, visual: torch.Tensor, direction: str = "signed",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """TTV of one sub-module: the fused Triton kernel or `transition_variation_ref`."""
+    if use_triton(t_in, backend):
+        from . import triton_kernels
+
+        return triton_kernels.transition_variation(t_in, t_out, visual, direction)
+    return transition_variation_ref(t_in, t_out, visual, direction)
+
+
+def transition_variation_ref(
     t_in: torch.Tensor, t_out: torch.Tensor, visual: torch.Tensor, direction: str = "signed"
 ) -> torch.Tensor:
     """TransPrune's TTV of one sub-module.

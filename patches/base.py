@@ -30,6 +30,7 @@ import torch
 
 from vlm_prune.compat import bind_to_kwargs, cache_length, get_cache
 from vlm_prune.config import PruneConfig, split_budget
+from vlm_prune.kernels import use_backend
 from vlm_prune.registry import get_method
 from vlm_prune.sequence import Compaction
 
@@ -479,7 +480,8 @@ def reduce_images(method, config: PruneConfig, images: list[ImageTokens], budget
         for name in method.needs:
             if name in images[members[0][0]].context:
                 signals[name] = torch.stack([images[i].context[name] for i, _ in members])
-        red = method.reduce(feats, grid, k, signals, config.options)
+        with use_backend(config.backend):
+            red = method.reduce(feats, grid, k, signals, config.options)
         for j, (i, region) in enumerate(members):
             index, reduced = red.index[j], red.features[j]
             if len(index) > 1 and not bool((index[1:] > index[:-1]).all()):

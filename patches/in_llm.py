@@ -262,7 +262,8 @@ class LLMStagePatch(PatchBase):
             t_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             t_out = output[0] if isinstance(output, tuple) else output
             visual = _gather(self.prompt.is_image, self._index, False)
-            self._ttv = self._ttv + transition_variation(t_in, t_out, visual, self.config.options["direction"])
+            self._ttv = self._ttv + transition_variation(t_in, t_out, visual, self.config.options["direction"],
+                                                         self.config.backend)
             self._select_s += time.perf_counter() - start
 
         return hook

@@ -170,7 +170,7 @@ class LlavaPatch(VisionStagePatch):
             heads, head_dim = attn.num_heads, attn.head_dim
             query = q.view(q.shape[0], heads, head_dim)
             keys = k.view(k.shape[0], k.shape[1], heads, head_dim).transpose(1, 2)
-            row = cls_attention_scores(query, keys, attn.scale)
+            row = cls_attention_scores(query, keys, attn.scale, self.config.backend)
             total = row if total is None else total + row
         result["cls_attention"] = total
         if "keys" in self.method.needs:

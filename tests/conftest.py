@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-import vlm_prune
-from vlm_prune import tiny
+# The Triton kernels run on CPU tensors only in the interpreter, which must be chosen before
+# the kernel module is imported (GPU runs set TRITON_INTERPRET=0 to test the compiled kernels).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import vlm_prune  # noqa: E402
+from vlm_prune import tiny  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on the 2-core CI machine
 

@@ -162,9 +162,11 @@ class PruneConfig:
             raise ValueError(f"budget={self.budget!r} is not allowed; choose one of {list(BUDGET_POLICIES)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not allowed; choose one of {list(BACKENDS)}")
-        if self.backend == "triton":  # the fused kernels are tracked in the kernels issue
-            raise ValueError("backend='triton' is not available yet (no Triton kernels ship in this "
-                             "version); use 'auto' or 'torch'")
+        if self.backend == "triton":
+            from vlm_prune.kernels.dispatch import triton_available
+
+            if not triton_available():
+                raise ValueError("backend='triton' needs Triton installed (pip install triton); use 'auto' or 'torch'")
         object.__setattr__(self, "options", method_cls.validate_options(dict(self.options)))
 
     @classmethod

@@ -88,17 +88,11 @@ class VisionMethod(Method):
 
 
 def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest scores per row, in increasing (raster) order.
+    """Indices of the k highest scores per row, in increasing (raster) order: [I, N] -> [I, k].
+    Ties go to the lower index. Runs the Triton kernel under the Triton backend."""
+    from vlm_prune.kernels import top_k_in_order
 
-    scores: [I, N] -> [I, k] int64. Ties go to the lower index, so results are stable across
-    batch compositions.
-    """
-    n = scores.shape[-1]
-    if k >= n:
-        return torch.arange(n, device=scores.device).expand(scores.shape[0], n).clone()
-    # A stable descending sort breaks ties by index; topk's tie order is unspecified.
-    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :k]
-    return order.sort(dim=-1).values
+    return top_k_in_order(scores, k)
 
 
 def gather_tokens(features: torch.Tensor, index: torch.Tensor) -> Reduction:

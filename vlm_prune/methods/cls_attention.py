@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..config import Option, optional_int_list
 from ..registry import register_method
-from .base import Reduction, VisionMethod, gather_tokens, keep_top_k
+from .base import Reduction, VisionMethod
 
 
 @register_method
@@ -31,4 +31,7 @@ class ClsAttention(VisionMethod):
     }
 
     def reduce(self, features, grid, k, signals, options) -> Reduction:
-        return gather_tokens(features, keep_top_k(signals["cls_attention"], k))
+        from vlm_prune.kernels import select_top_k
+
+        picked, index = select_top_k(features, signals["cls_attention"], k)  # fused on the Triton backend
+        return Reduction(features=picked, index=index)

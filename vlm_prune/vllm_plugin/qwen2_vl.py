@@ -55,6 +55,7 @@ from vllm.model_executor.models.qwen2_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
+from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from ..kernels import attention_received
 from ..patches.base import ImageTokens, Region, reduce_images
@@ -234,29 +235,31 @@ class _PrunedQwenMixin:
         if self.prune_config is None:
             return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
                                                      num_computed_tokens)
-        ids = torch.as_tensor(input_ids, dtype=torch.long).cpu()
-        positions = mrope_positions.clone()
-        n = ids.numel()
-        image_id, video_id = self.config.image_token_id, self.config.video_token_id
-        is_media = (ids == image_id) | (ids == video_id)
-        media_index = is_media.nonzero().flatten().tolist()
-        out = []
-        cursor = num_computed_tokens
-        for embeddings in multimodal_embeddings:
-            start = next(i for i in media_index if i >= cursor)
-            length = embeddings.shape[0]
-            if int(ids[start]) == image_id:
-                run_start = start
-                while run_start > 0 and bool(is_media[run_start - 1]):
-                    run_start -= 1
-                base = int(positions[0, run_start - 1]) + 1 if run_start > 0 else 0
-                coords = decode_positions(embeddings[:, -POSITION_CHANNELS:]).to(positions.device)
-                positions[:, start:start + length] = coords + base
-                embeddings = embeddings[:, :-POSITION_CHANNELS]
-            out.append(embeddings)
-            cursor = start + length
-        delta = int(positions.max()) + 1 - n if n else 0
-        return out, positions, delta
+        n = len(input_ids)
+        if not multimodal_embeddings:  # decode steps, text-only prompts, chunks without media
+            return [], mrope_positions, (int(mrope_positions.max()) + 1 - n if n else 0)
+        with gpu_sync_allowed():
+            ids = torch.as_tensor(input_ids, dtype=torch.long).cpu()
+            positions = mrope_positions.clone()
+            image_id, video_id = self.config.image_token_id, self.config.video_token_id
+            is_media = (ids == image_id) | (ids == video_id)
+            media_index = is_media.nonzero().flatten().tolist()
+            out = []
+            cursor = num_computed_tokens
+            for embeddings in multimodal_embeddings:
+                start = next(i for i in media_index if i >= cursor)  # where this chunk's first token sits
+                length = embeddings.shape[0]
+                if int(ids[start]) == image_id:
+                    run_start = start  # the item's first placeholder: base follows the text before it
+                    while run_start > 0 and bool(is_media[run_start - 1]):
+                        run_start -= 1
+                    base = int(positions[0, run_start - 1]) + 1 if run_start > 0 else 0
+                    coords = decode_positions(embeddings[:, -POSITION_CHANNELS:]).to(positions.device)
+                    positions[:, start:start + length] = coords + base
+                    embeddings = embeddings[:, :-POSITION_CHANNELS]
+                out.append(embeddings)  # videos: unpruned, positions already right
+                cursor = start + length
+            return out, positions, int(positions.max()) + 1 - n
 
     # -- images -------------------------------------------------------------------------------
 

@@ -1,0 +1,108 @@
+"""Every Triton kernel against its reference: fp32 and fp16, odd sizes (63, 577, 2340 tokens;
+head dims 64/80/128), batches 1-3, variable k, NaN-filled scratch memory. On CPU the kernels run
+in the Triton interpreter (TRITON_INTERPRET=1, set in conftest); bf16 runs on GPU only (the
+interpreter's bf16 arithmetic is wrong)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlm_prune
+from vlm_prune import tiny
+from vlm_prune.kernels import cls_attention_scores_ref, top_k_in_order_ref, transition_variation_ref
+from vlm_prune.kernels.dispatch import interpreting
+
+triton_kernels = pytest.importorskip("vlm_prune.kernels.triton_kernels", reason="Triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+GPU_ONLY = pytest.mark.skipif(DEVICE != "cuda", reason="GPU only: the interpreter's bf16 arithmetic is wrong")
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=GPU_ONLY)]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, heads, tokens, head_dim", [(1, 2, 63, 64), (3, 2, 577, 80), (2, 1, 2340, 128)])
+def test_cls_attention_row(dtype, batch, heads, tokens, head_dim):
+    torch.manual_seed(tokens)
+    query = torch.randn(batch, heads, head_dim, device=DEVICE).to(dtype)
+    keys = torch.randn(batch, heads, tokens, head_dim, device=DEVICE).to(dtype)
+    scale = head_dim**-0.5
+    got = triton_kernels.cls_attention_scores(query, keys, scale)
+    expected = cls_attention_scores_ref(query, keys, scale)
+    torch.testing.assert_close(got, expected, rtol=TOL[dtype], atol=TOL[dtype] / tokens)
+    torch.testing.assert_close(got.sum(-1), torch.ones(batch, device=DEVICE), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [63, 577, 2340])
+def test_topk_mask_with_variable_k_and_ties(tokens):
+    torch.manual_seed(tokens)
+    scores = torch.randn(3, tokens, device=DEVICE)
+    scores[1] = torch.randint(0, 5, (tokens,), device=DEVICE).float()  # heavy ties
+    ks = torch.tensor([1, tokens // 3, tokens - 1])
+    scratch = torch.full((3, tokens), -7, dtype=torch.int8, device=DEVICE)  # garbage scratch
+    mask = triton_kernels.topk_mask(scores, ks, out=scratch)
+    for row, k in enumerate(ks.tolist()):
+        expected = torch.zeros(tokens, dtype=torch.bool, device=DEVICE)
+        expected[top_k_in_order_ref(scores[row:row + 1], k)[0]] = True
+        assert torch.equal(mask[row], expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens, dim, width", [(63, 64, 7), (577, 80, 64), (2340, 128, 585)])
+def test_compact_gather_writes_every_slot(dtype, tokens, dim, width):
+    torch.manual_seed(dim)
+    features = torch.randn(2, tokens, dim, device=DEVICE).to(dtype)
+    mask = torch.zeros(2, tokens, dtype=torch.bool, device=DEVICE)
+    for row in range(2):
+        mask[row, torch.randperm(tokens, device=DEVICE)[:width]] = True
+    out = torch.full((2, width, dim), float("nan"), device=DEVICE).to(dtype)
+    index = torch.full((2, width), -99, dtype=torch.int64, device=DEVICE)
+    got, got_index = triton_kernels.compact_gather(features, mask, width, out=out, index=index)
+    for row in range(2):
+        expected_index = mask[row].nonzero().flatten()
+        assert torch.equal(got_index[row], expected_index)
+        assert torch.equal(got[row], features[row, expected_index])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("direction", ["signed", "abs"])
+@pytest.mark.parametrize("batch, tokens, dim", [(1, 63, 64), (3, 577, 80), (2, 700, 128)])
+def test_transition_variation(dtype, direction, batch, tokens, dim):
+    torch.manual_seed(tokens)
+    t_in = torch.randn(batch, tokens, dim, device=DEVICE).to(dtype)
+    t_out = torch.randn(batch, tokens, dim, device=DEVICE).to(dtype)
+    visual = torch.rand(batch, tokens, device=DEVICE) < 0.6
+    visual[0] = False if batch > 1 else visual[0]  # a row without visual tokens
+    scratch = torch.full((batch, 2 * tokens), float("nan"), device=DEVICE)
+    got = triton_kernels.transition_variation(t_in, t_out, visual, direction, scratch=scratch)
+    expected = transition_variation_ref(t_in, t_out, visual, direction)
+    torch.testing.assert_close(got, expected, rtol=TOL[dtype] * 10, atol=TOL[dtype] / 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["cls_attention", "transition"])
+def test_triton_backend_end_to_end(llava, method):
+    """The whole patch with backend="triton" (kernels) equals backend="torch" (references)."""
+    model, processor = llava
+    from .conftest import llava_inputs
+
+    inputs = llava_inputs(processor, ["USER: <image>\nWhat is it? ASSISTANT:"], [(140, 100)])
+    results = {}
+    for backend in ("torch", "triton"):
+        handle = vlm_prune.patch(model, method, 9, backend=backend)
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        results[backend] = (handle.kept_indices[0].tolist(), logits)
+        handle.remove()
+    assert results["torch"][0] == results["triton"][0]
+    torch.testing.assert_close(results["torch"][1], results["triton"][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_kernel_bench_smoke(capsys):
+    """The GPU bench script itself runs (tiny sizes, interpreter; its timings mean nothing)."""
+    from vlm_prune.kernels import bench
+
+    assert bench.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "[CLS] attention row" in out and "| triton |" in out

@@ -45,7 +45,6 @@ def test_unknown_option_names_the_allowed_ones():
     [
         ({"positions": "shuffled"}, ValueError, "positions='shuffled'"),
         ({"backend": "cuda"}, ValueError, "backend='cuda'"),
-        ({"backend": "triton"}, ValueError, "backend='triton' is not available"),
         ({"budget": "per_tile"}, ValueError, "budget='per_tile'"),
         ({"mode": "max"}, ValueError, "mode='max'"),
     ],

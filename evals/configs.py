@@ -44,16 +44,10 @@ def parse_keep(text: str) -> int | float:
 
 
 def parse_options(text: str) -> dict:
-    options = {}
-    for pair in filter(None, re.split(r",(?![^\[]*\])", text) if text else []):  # commas in [...] stay
-        if "=" not in pair:
-            raise ValueError(f"option {pair!r} must look like name=value")
-        name, value = pair.split("=", 1)
-        try:
-            options[name] = json.loads(value)
-        except json.JSONDecodeError:
-            options[name] = value
-    return options
+    """"layers=[-3,-2],seed=1" -> {"layers": [-3, -2], "seed": 1} (commas inside [...] stay)."""
+    from vlm_prune.cli import parse_options as parse_pairs
+
+    return parse_pairs(list(filter(None, re.split(r",(?![^\[]*\])", text) if text else [])))
 
 
 def make_config(method: str, keep: int | float, options: dict | None = None) -> Config:

@@ -21,11 +21,12 @@ def parse_keep(text: str) -> int | float:
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """["layers=[-3,-2]", "seed=1", "mode=avg"] -> {"layers": [-3, -2], "seed": 1, "mode": "avg"}."""
+    """["layers=[-3,-2]", "seed=1", "mode=avg"] -> {"layers": [-3, -2], "seed": 1, "mode": "avg"}
+    (values parsed as JSON where they are JSON, else kept as text)."""
     options = {}
     for pair in pairs:
         if "=" not in pair:
-            raise argparse.ArgumentTypeError(f"--option {pair!r} must look like name=value")
+            raise ValueError(f"option {pair!r} must look like name=value")
         name, value = pair.split("=", 1)
         try:
             options[name] = json.loads(value)

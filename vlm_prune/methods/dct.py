@@ -27,8 +27,8 @@ import torch
 
 from ..config import Option, choice
 from ..registry import register_method
-from .base import Reduction, VisionMethod
-from .pool import cell_centres, pooled_grid
+from .base import Reduction
+from .pool import CoarseGridMethod, coarse_grid
 
 
 @functools.lru_cache(maxsize=64)
@@ -56,7 +56,7 @@ def low_pass(grid: torch.Tensor, rows: int, cols: int, rescale: bool = True) -> 
 
 
 @register_method
-class DCT(VisionMethod):
+class DCT(CoarseGridMethod):
     name = "dct"
     uses_pre_projection = True
     paper = "Fourier-VLM: Compressing Vision Tokens in the Frequency Domain (2025)"
@@ -64,18 +64,11 @@ class DCT(VisionMethod):
         "rescale": Option(True, choice(True, False), "multiply by sqrt(r c / (h w)) so a constant grid stays constant"),
     }
 
-    def output_count(self, k, grid, options):
-        rows, cols = pooled_grid(k, *grid)
-        return rows * cols
-
     def reduce(self, features, grid, k, signals, options) -> Reduction:
         h, w = grid
         n_images, _, dim = features.shape
-        rows, cols = pooled_grid(k, h, w)
+        rows, cols, index = coarse_grid(k, grid, n_images, features.device)
         if (rows, cols) == (h, w):  # nothing to cut: exactly the identity
-            index = torch.arange(h * w, device=features.device).expand(n_images, -1).clone()
             return Reduction(features=features, index=index)
         out = low_pass(features.view(n_images, h, w, dim), rows, cols, options["rescale"])
-        centre = cell_centres(h, rows)[:, None] * w + cell_centres(w, cols)[None, :]
-        index = centre.reshape(1, -1).to(features.device).expand(n_images, -1).clone()
         return Reduction(features=out.reshape(n_images, rows * cols, dim), index=index)

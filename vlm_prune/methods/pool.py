@@ -35,24 +35,35 @@ def cell_centres(size: int, cells: int) -> torch.Tensor:
     return (start + end - 1) // 2
 
 
+def coarse_grid(k: int, grid: tuple[int, int], n_images: int, device) -> tuple[int, int, torch.Tensor]:
+    """(rows, cols, index [n_images, rows * cols]): the output grid for budget k and the centre
+    token each output cell stands for (increasing, raster order)."""
+    h, w = grid
+    rows, cols = pooled_grid(k, h, w)
+    centre = cell_centres(h, rows)[:, None] * w + cell_centres(w, cols)[None, :]
+    return rows, cols, centre.reshape(1, -1).to(device).expand(n_images, -1).clone()
+
+
+class CoarseGridMethod(VisionMethod):
+    """Methods whose output is a coarser grid: the count is known from the budget alone."""
+
+    def output_count(self, k, grid, options):
+        rows, cols = pooled_grid(k, *grid)
+        return rows * cols
+
+
 @register_method
-class Pool(VisionMethod):
+class Pool(CoarseGridMethod):
     name = "pool"
     paper = "control (uniform spatial pooling / subsampling)"
     options = {
         "mode": Option("avg", choice("avg", "subsample"), "average each cell or take its centre token"),
     }
 
-    def output_count(self, k, grid, options):
-        rows, cols = pooled_grid(k, *grid)
-        return rows * cols
-
     def reduce(self, features, grid, k, signals, options) -> Reduction:
         h, w = grid
         n_images, _, dim = features.shape
-        rows, cols = pooled_grid(k, h, w)
-        centre = cell_centres(h, rows)[:, None] * w + cell_centres(w, cols)[None, :]
-        index = centre.reshape(1, -1).to(features.device).expand(n_images, -1).clone()
+        rows, cols, index = coarse_grid(k, grid, n_images, features.device)
         if options["mode"] == "subsample":
             return gather_tokens(features, index)
         as_image = features.transpose(1, 2).reshape(n_images, dim, h, w)

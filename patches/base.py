@@ -129,7 +129,7 @@ class PatchBase:
         """A forward of generate(use_cache=False) after the first: the whole sequence again."""
         return self._in_generate and self._prefilled_in_generate
 
-    def _image_mask(self, kw: dict[str, Any]) -> torch.Tensor:
+    def image_token_mask(self, kw: dict[str, Any]) -> torch.Tensor:
         """[B, L] bool: the image placeholders, from input_ids or by comparing embeddings."""
         token_id = self.model.config.image_token_id
         if kw.get("input_ids") is not None:
@@ -212,10 +212,6 @@ class VisionStagePatch(PatchBase):
         """Context manager around the tower; yields a dict it fills with raw signals."""
         return contextlib.nullcontext({})
 
-    def image_token_mask(self, kw: dict[str, Any]) -> torch.Tensor:
-        """[B, L] bool: where the image placeholders are."""
-        return self._image_mask(kw)
-
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, L] -> [B, L, D] token embeddings."""
         return self.target_module().get_input_embeddings()(input_ids)
@@ -235,6 +231,11 @@ class VisionStagePatch(PatchBase):
 
     @property
     def pad_token_id(self) -> int:
+        """The id that fills re-padded slots (masked, so any valid id would do)."""
+        for config in (getattr(self.model.config, "text_config", None), self.model.config):
+            pad = getattr(config, "pad_token_id", None)
+            if pad is not None:
+                return int(pad)
         return 0
 
     # -- install / remove -----------------------------------------------------------------

@@ -100,7 +100,7 @@ class LLMStagePatch(PatchBase):
             return None
         self._prefilled_in_generate = self._in_generate
         self.stage_index, self.layer_lengths = [], []
-        is_image = self._image_mask(kw)
+        is_image = self.image_token_mask(kw)
         counts = is_image.sum(1).tolist()
         if not any(counts):
             self.phase, self.prompt = "off", None

@@ -80,11 +80,6 @@ class LlavaPatch(VisionStagePatch):
     def target_module(self) -> torch.nn.Module:
         return self.model.model
 
-    @property
-    def pad_token_id(self) -> int:
-        pad = getattr(self.model.config.text_config, "pad_token_id", None)
-        return 0 if pad is None else int(pad)
-
     # arguments of LlavaModel.forward that are not passed on to get_image_features
     _FORWARD_ONLY = frozenset({
         "pixel_values", "vision_feature_layer", "vision_feature_select_strategy", "image_sizes",

@@ -50,13 +50,6 @@ class Qwen2VLPatch(VisionStagePatch):
     def target_module(self) -> torch.nn.Module:
         return self.model.model
 
-    @property
-    def pad_token_id(self) -> int:
-        pad = getattr(self.model.config.text_config, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(self.model.config, "pad_token_id", None)
-        return 0 if pad is None else int(pad)
-
     def encode(self, kw: dict[str, Any]) -> Any:
         return self.model.model.get_image_features(kw["pixel_values"], kw.get("image_grid_thw"), return_dict=True)
 

@@ -52,7 +52,7 @@ def _cmd_bench(args) -> int:
 def _cmd_demo(args) -> int:
     from . import demo
 
-    demo.run(threads=args.threads, prompts=args.prompts)
+    demo.run(threads=args.threads, n=args.n, out=args.out)
     return 0
 
 
@@ -69,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-prune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run every method on a small model and print a table")
+    demo = sub.add_parser("demo", help="every method at two budgets on the bundled fixture model")
     demo.add_argument("--threads", type=int, default=2)
-    demo.add_argument("--prompts", type=int, default=8, help="prompts per configuration")
+    demo.add_argument("-n", type=int, default=600, help="test questions per configuration")
+    demo.add_argument("--out", default="demo-results", help="folder for demo.md, demo.json and the PNG plot")
     demo.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="prefill time pruned vs unpruned, in one process")

@@ -270,10 +270,13 @@ def _language_step(model, rng, batch: int, k: int, n_objects, qweights, vocab, l
 
 def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000, batch: int = 32, l_batch: int = 16,
           questions_per_image: int = 12, lr: float = 1e-3, eval_every: int = 400, n_val: int = 600,
-          n_test: int = 2400, text_layers: int = 3, threads: int = 1, log=print):
+          n_test: int = 2400, text_layers: int = 3, threads: int = 1, init_from=None,
+          init_parts: str = "vision", log=print):
     """Train the fixture from scratch on CPU and save it (model + processor + metrics.json) to out_dir.
 
     Fresh images every step (seeded numpy generators), torch seeded, `threads` torch threads.
+    `init_from` (a saved fixture folder) skips stage V and starts from its vision tower
+    (`init_parts="vision"`) or from all its weights (`"all"`: continue stage L, no curriculum).
     After saving, the model is reloaded from disk and scored on the test split (`n_test` items,
     the split's default seed); that result goes to metrics.json.
     """
@@ -286,6 +289,17 @@ def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000,
     model.train()
     val = sv.make_split("validation", n_val)
     history = {"stage_v": [], "stage_l": []}
+
+    if init_from is not None:
+        from transformers import LlavaForConditionalGeneration
+
+        src = LlavaForConditionalGeneration.from_pretrained(str(init_from))
+        if init_parts == "all":
+            model.load_state_dict(src.state_dict())
+        else:
+            model.model.vision_tower.load_state_dict(src.model.vision_tower.state_dict())
+        v_steps = 0
+        del src
 
     # ---- stage V: vision tower + auxiliary heads
     torch.manual_seed(seed + 1)
@@ -319,6 +333,8 @@ def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000,
     layout = _block_layout(questions_per_image)
     qweights = np.full(len(sv.QTYPES), 1 / len(sv.QTYPES))
     stages = [(0.0, (1, 2)), (0.1, (1, 3)), (0.25, (1, 4)), (0.45, (2, 4))]
+    if init_from is not None and init_parts == "all":
+        stages = [(0.0, (2, 4))]
     best = None
     run_loss, run_acc = [], []
     for step in range(l_steps):
@@ -359,7 +375,7 @@ def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000,
         "split": "test", "seed": sv.SPLIT_SEEDS["test"], **res,
         "prediction": "argmax of the last-position logits restricted to the answer words ('accuracy'); "
                       "'accuracy_argmax' is the plain argmax over the vocabulary",
-        "training": {"seed": seed, "v_steps": v_steps, "l_steps": l_steps, "batch": batch, "l_batch": l_batch,
+        "training": {"seed": seed, "init_from": str(init_from) if init_from else None, "init_parts": init_parts, "v_steps": v_steps, "l_steps": l_steps, "batch": batch, "l_batch": l_batch,
                      "questions_per_image": questions_per_image, "lr": lr, "text_layers": text_layers,
                      "threads": threads, "stage_v_s": round(t_v), "total_s": round(t_total),
                      "validation": history["stage_l"][-1]["val"] if history["stage_l"] else None},
@@ -382,6 +398,9 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=400)
     p.add_argument("--questions", type=int, default=12)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--init-from", default=None, help="a saved fixture folder: skip stage V, start from it")
+    p.add_argument("--init-parts", default="vision", choices=["vision", "all"])
     e = sub.add_parser("eval", help="score a saved fixture on the test split")
     e.add_argument("--path", default=None)
     e.add_argument("--n", type=int, default=2400)
@@ -389,7 +408,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.cmd == "train":
         train(args.out, seed=args.seed, v_steps=args.v_steps, l_steps=args.l_steps,
-              eval_every=args.eval_every, questions_per_image=args.questions, threads=args.threads)
+              eval_every=args.eval_every, questions_per_image=args.questions, threads=args.threads,
+              lr=args.lr, init_from=args.init_from, init_parts=args.init_parts)
     else:
         model, processor = load(args.path)
         res = evaluate(model, processor, sv.make_split(args.split, args.n))

@@ -2,7 +2,8 @@
 .venv-vllm interpreter by tests/test_vllm.py; vLLM pins an older transformers than the main venv).
 
     python run_llm.py SPEC_JSON     # {"model", "requests": [{"prompt", "image": [w, h, seed]}],
-                                    #  "overrides": {...} | null, "max_tokens": n}
+                                    #  "overrides": {...} | null, "max_tokens": n,
+                                    #  "llm_kwargs": {...} (optional, more LLM(...) arguments)}
 """
 
 import json
@@ -19,6 +20,7 @@ def main() -> None:
                   gpu_memory_utilization=0.1)  # on CPU this is the share of RAM kept for the KV cache
     if spec.get("overrides"):
         kwargs["hf_overrides"] = spec["overrides"]
+    kwargs.update(spec.get("llm_kwargs") or {})
     llm = LLM(**kwargs)
     requests = [{"prompt": r["prompt"], "multi_modal_data": {"image": tiny.random_image(*r["image"])}}
                 for r in spec["requests"]]

@@ -255,7 +255,7 @@ class _PrunedQwenMixin:
                         run_start -= 1
                     base = int(positions[0, run_start - 1]) + 1 if run_start > 0 else 0
                     coords = decode_positions(embeddings[:, -POSITION_CHANNELS:]).to(positions.device)
-                    positions[:, start:start + length] = base  # MUTATION
+                    positions[:, start:start + length] = coords + base
                     embeddings = embeddings[:, :-POSITION_CHANNELS]
                 out.append(embeddings)  # videos: unpruned, positions already right
                 cursor = start + length

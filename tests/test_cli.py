@@ -47,10 +47,12 @@ def test_bad_cli_input_is_a_clear_error(capsys):
         cli.main(["bench", "--keep", "lots"])
 
 
-def test_demo_runs(capsys):
+def test_demo_runs_on_the_fixture(tmp_path, capsys):
     from vlm_prune import demo
 
-    rows = demo.run(threads=1, prompts=2)
-    assert rows[0]["method"] == "unpruned" and rows[0]["agreement"] == 1.0
-    assert {(r["method"], r["tokens"]) for r in rows[1:]} >= {("cls_attention", 144), ("cls_attention", 64)}
-    assert "agreement" in capsys.readouterr().out
+    rows = demo.run(threads=1, n=60, methods=["cls_attention", "random"], budgets=[16], out=tmp_path)
+    assert [(r["method"], r["keep"]) for r in rows] == [("unpruned", 144), ("cls_attention", 16), ("random", 16)]
+    assert rows[0]["retention"] == 1.0 and all(r["kept"] == r["keep"] for r in rows)
+    assert all(0 <= r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] <= 1 for r in rows)
+    assert {"demo.md", "demo.json", "accuracy_vs_tokens.png"} <= {p.name for p in tmp_path.iterdir()}
+    assert "| cls_attention | 16 |" in capsys.readouterr().out

@@ -89,8 +89,8 @@ def _report(rows: list[dict], out: Path, n: int, threads: int) -> None:
     from .plot import line_plot
 
     series: dict[str, list[tuple[float, float]]] = {}
-    for r in rows[1:]:
-        series.setdefault(r["method"], []).append((r["kept"], r["accuracy"]))
+    for r in rows[1:]:  # every line ends at the unpruned model (144 tokens)
+        series.setdefault(r["method"], [(rows[0]["kept"], rows[0]["accuracy"])]).append((r["kept"], r["accuracy"]))
     png = line_plot(series, out / "accuracy_vs_tokens.png", "fixture LLaVA, synthetic VQA: accuracy vs visual tokens kept",
                     "visual tokens kept (of 144)", "accuracy", reference=rows[0]["accuracy"])
     print(f"\nwrote {out / 'demo.md'}, {out / 'demo.json'}, {png} (dashed line: unpruned)")

@@ -141,6 +141,7 @@ def evaluate(model, processor, items, batch_size: int = 64, restrict: bool = Tru
             correct_any.append(ok_a)
             per.setdefault(it.qtype, []).append(ok)
     return {
+        "correct": correct,  # per item, in order (bootstrap intervals, paired comparisons)
         "accuracy": float(np.mean(correct)),
         "accuracy_argmax": float(np.mean(correct_any)),
         "n": len(items),
@@ -366,11 +367,13 @@ def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000,
     # ---- save, reload, test
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    from vlm_prune.vllm_plugin.checkpoint import save_for_vllm
+
+    save_for_vllm(model, processor, out_dir)  # a layout both transformers and vLLM load
     model2, processor2 = load(out_dir)
     test = sv.make_split("test", n_test)
     res = evaluate(model2, processor2, test)
+    res.pop("correct")
     metrics = {
         "split": "test", "seed": sv.SPLIT_SEEDS["test"], **res,
         "prediction": "argmax of the last-position logits restricted to the answer words ('accuracy'); "
@@ -413,6 +416,7 @@ def main(argv=None):
     else:
         model, processor = load(args.path)
         res = evaluate(model, processor, sv.make_split(args.split, args.n))
+        res.pop("correct")
         print(json.dumps(res, indent=2))
 
 

@@ -31,7 +31,7 @@ from .hf_loading import load_processor, prompt_for
 class VLLMBackend(Backend):
     name = "vllm"
 
-    def __init__(self, model_dir: str, device: str = "auto", dtype: str = "auto", max_model_len: int = 4096):
+    def __init__(self, model_dir: str, device: str = "auto", dtype: str = "auto", max_model_len: int | None = None):
         try:
             import vllm  # noqa: F401
         except ImportError as error:
@@ -62,7 +62,9 @@ class VLLMBackend(Backend):
         self.close()
         from vllm import LLM
 
-        kwargs = dict(model=self.model_dir, dtype=self.dtype, max_model_len=self.max_model_len, seed=0)
+        kwargs = dict(model=self.model_dir, dtype=self.dtype, seed=0)
+        if self.max_model_len:  # else vLLM derives it from the checkpoint
+            kwargs["max_model_len"] = self.max_model_len
         try:
             import torch
 

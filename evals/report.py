@@ -63,16 +63,15 @@ def markdown(summaries: list[dict]) -> str:
 
 
 def plot(summaries: list[dict], path: Path) -> Path | None:
-    """Score vs visual tokens kept, one panel per benchmark, one series per method; None (and a
-    printed note) if matplotlib is not installed."""
+    """Score vs visual tokens kept, one panel per benchmark, one series per method. Without
+    matplotlib: one Pillow-drawn PNG per benchmark (results_<bench>.png); returns the first."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("note: matplotlib is not installed; skipping the PNG plot (results.json / results.md written)")
-        return None
+        return _plot_with_pillow(summaries, path)
     benches = sorted({s["bench"] for s in summaries})
     fig, axes = plt.subplots(1, len(benches), figsize=(4.5 * len(benches), 3.6), squeeze=False)
     for ax, bench in zip(axes[0], benches):
@@ -88,6 +87,24 @@ def plot(summaries: list[dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _plot_with_pillow(summaries: list[dict], path: Path) -> Path | None:
+    from vlm_prune.plot import line_plot
+
+    written = []
+    for bench in sorted({s["bench"] for s in summaries}):
+        rows = [s for s in summaries if s["bench"] == bench and s["score"] is not None]
+        if not rows:
+            continue
+        series: dict[str, list[tuple[float, float]]] = {}
+        for s in rows:
+            series.setdefault(s["method"], []).append((s["efficiency"]["kept"], s["score"]))
+        baseline = next((s["score"] for s in rows if s["method"] == "none"), None)
+        written.append(line_plot(series, path.with_name(f"{path.stem}_{bench}.png"),
+                                 f"{bench}: {rows[0]['primary']} vs visual tokens kept",
+                                 "visual tokens kept (mean)", rows[0]["primary"], reference=baseline))
+    return written[0] if written else None
 
 
 def write_report(out: Path) -> dict:

@@ -142,8 +142,4 @@ def test_report_without_matplotlib_still_writes(tmp_path, pope, capsys):
     assert report["json"].exists() and report["markdown"].exists()
     s = report["summaries"][0]
     assert s["retention"] is None  # no baseline in this folder
-    try:
-        import matplotlib  # noqa: F401
-        assert report["png"].exists()
-    except ImportError:
-        assert report["png"] is None and "matplotlib is not installed" in capsys.readouterr().out
+    assert report["png"].exists() and report["png"].stat().st_size > 1000  # matplotlib or Pillow

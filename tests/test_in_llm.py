@@ -13,6 +13,7 @@ from vlm_prune.flops import prefill_flops, stage_lengths
 from vlm_prune.methods.transition import Transition
 
 from .conftest import llava_inputs
+from .test_families import greedy, logits, make_inputs
 
 PROMPTS = ["USER: <image>\nWhat is it? ASSISTANT:", "USER: <image>\nHow many green triangles are there? ASSISTANT:"]
 SIZES = [(140, 100), (90, 120)]
@@ -50,22 +51,7 @@ QUESTIONS_F = ["What is it?", "How many green triangles are there?"]
 
 def family_inputs(family, processor, rows=(0, 1)):
     """Rows of the two-sample batch below (each row: one image, one question, seed = row)."""
-    if family == "llava_next":
-        texts = [f"USER: <image>\n{QUESTIONS_F[r]} ASSISTANT:" for r in rows]
-    else:
-        texts = [tiny.qwen_prompt(QUESTIONS_F[r]) for r in rows]
-    images = [tiny.random_image(*SIZES_F[r], seed=r) for r in rows]
-    return processor(images=images, text=texts, return_tensors="pt", padding=True)
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def greedy(model, inputs, **kw):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, **kw)
+    return make_inputs(processor, family, [SIZES_F[r] for r in rows], [QUESTIONS_F[r] for r in rows], seeds=list(rows))
 
 
 def masked_reference(model, inputs, stage_columns, stage_layers):

@@ -35,6 +35,17 @@ from vlm_prune.kernels import attention_received
 from .base import ImageTokens, Region, VisionStagePatch
 
 
+def merge_unit_mean(values: torch.Tensor, unit: int, window_index: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, ...] per patch -> [T / unit, ...] per merged token (the merger's 2x2 units averaged),
+    in raster order. window_index: Qwen2.5-VL's block order, permuted[j] = raster[index[j]]."""
+    units = values.reshape(-1, unit, *values.shape[1:]).mean(1)
+    if window_index is None:
+        return units
+    raster = torch.empty_like(units)
+    raster[window_index] = units
+    return raster
+
+
 class Qwen2VLPatch(VisionStagePatch):
     default_positions = "original"  # M-RoPE: kept tokens keep their 3D positions
     # An M-RoPE position is a grid coordinate, not a count: there is nothing to renumber, and
@@ -146,17 +157,12 @@ class Qwen2VLPatch(VisionStagePatch):
         total = qkv.shape[0]
         q, k, _ = qkv.reshape(total, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
-        if self.windowed:  # blocks ran on window-permuted units: permuted[j] = raster[index[j]]
+        window_index = None
+        if self.windowed:  # blocks ran on window-permuted units
             window_index = vision_window_index(self.visual, grid_seen["grid_thw"]).to(qkv.device)
 
         def per_merged_token(values: torch.Tensor) -> torch.Tensor:
-            """[T, ...] per patch -> [T / 4, ...] per merged token (2x2 unit mean), raster order."""
-            units = values.reshape(-1, self.merge_unit, *values.shape[1:]).mean(1)
-            if not self.windowed:
-                return units
-            raster = torch.empty_like(units)
-            raster[window_index] = units
-            return raster
+            return merge_unit_mean(values, self.merge_unit, window_index)
 
         if "keys" in self.method.needs:  # VisionZip's key similarity: the block's keys, pre-rotary
             result["keys"] = per_merged_token(k.reshape(total, -1))

@@ -59,6 +59,7 @@ from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from ..kernels import attention_received
 from ..patches.base import ImageTokens, Region, reduce_images
+from ..patches.qwen2_vl import merge_unit_mean
 from ..registry import get_method
 from .config import plugin_config
 
@@ -335,12 +336,7 @@ class _PrunedQwenMixin:
         window_index = self._window_index(grids).to(qkv.device) if self.windowed else None
 
         def per_merged_token(values: torch.Tensor) -> torch.Tensor:
-            units = values.reshape(-1, unit, *values.shape[1:]).mean(1)
-            if window_index is None:
-                return units
-            raster = torch.empty_like(units)
-            raster[window_index] = units
-            return raster
+            return merge_unit_mean(values, unit, window_index)
 
         if "keys" in self.prune_method.needs:
             result["keys"] = per_merged_token(k.reshape(total, -1))

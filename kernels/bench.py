@@ -2,9 +2,10 @@
 
 Times (CUDA events, median of --repeats after warm-up) at LLaVA-1.5 (576 tokens), LLaVA-NeXT
 (2880) and Qwen2-VL (16384) sizes, then the end-to-end pruning overhead -- scoring plus
-compaction as a share of prefill -- for a 7B-shaped LLaVA (CLIP-L/336 tower, Llama at hidden
-4096 with a few layers: enough to time the per-layer cost), with backend="triton" and "torch".
-Prints a Markdown table; --json writes the numbers.
+selection and compaction as a share of prefill -- for 7B-shaped LLaVA-1.5 and Qwen2-VL (real
+vision towers; the LLM measured on a few decoder layers and scaled to its real depth), with
+backend="torch" and "triton". Prints Markdown tables; --json writes the numbers, --profile FILE
+torch.profiler op tables of one pruned prefill.
 
 `--smoke` runs tiny sizes on CPU through the Triton interpreter (set TRITON_INTERPRET=1 before
 starting Python) to check the script itself; its timings mean nothing.
@@ -46,10 +47,40 @@ def _timer(device: str, repeats: int):
     return measure
 
 
+def _graph_timer(repeats: int, calls: int = 20):
+    """Device time per call: `calls` calls captured in one CUDA graph, replays timed with events.
+    This removes the host's launch cost, which on a busy host hides what a kernel saves."""
+    def measure(fn) -> float:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        samples = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end) / calls)
+        return statistics.median(samples)
+
+    return measure
+
+
 def kernel_rows(device: str, repeats: int, sizes: dict[str, int], dtype: torch.dtype) -> list[dict]:
     from . import cls_attention_scores_ref, top_k_in_order_ref, transition_variation_ref, triton_kernels
 
     measure = _timer(device, repeats)
+    measure_graph = _graph_timer(repeats) if device == "cuda" else None
     rows = []
     for name, tokens in sizes.items():
         heads, head_dim = (16, 64) if name != "qwen2-vl" else (16, 80)
@@ -58,7 +89,6 @@ def kernel_rows(device: str, repeats: int, sizes: dict[str, int], dtype: torch.d
         scores = torch.randn(1, tokens, device=device)
         feats = torch.randn(1, tokens, 4096, device=device, dtype=dtype)
         keep = max(1, tokens // 9)
-        ks = torch.tensor([keep])
         t_in = torch.randn(1, tokens + 64, 4096, device=device, dtype=dtype)
         t_out = torch.randn_like(t_in)
         visual = torch.zeros(1, tokens + 64, dtype=torch.bool, device=device)
@@ -69,7 +99,7 @@ def kernel_rows(device: str, repeats: int, sizes: dict[str, int], dtype: torch.d
             return feats.gather(1, index[..., None].expand(-1, -1, feats.shape[-1]))
 
         def topk_fused():
-            return triton_kernels.compact_gather(feats, triton_kernels.topk_mask(scores, ks), keep)
+            return triton_kernels.compact_gather(feats, triton_kernels.topk_slots(scores, keep), keep)[0]
 
         cases = [
             ("[CLS] attention row", lambda: cls_attention_scores_ref(q, k, head_dim**-0.5),
@@ -79,41 +109,164 @@ def kernel_rows(device: str, repeats: int, sizes: dict[str, int], dtype: torch.d
              lambda: triton_kernels.transition_variation(t_in, t_out, visual, "signed")),
         ]
         for op, ref, fused in cases:
-            ref_ms, fused_ms = measure(ref), measure(fused)
-            rows.append(dict(size=name, tokens=tokens, op=op, reference_ms=ref_ms, triton_ms=fused_ms,
-                             speedup=ref_ms / fused_ms))
+            try:
+                expected, got = ref().float(), fused().float()
+                error = ((got - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+                ref_ms, fused_ms = measure(ref), measure(fused)
+            except Exception as exc:  # one failing kernel must not hide the other rows
+                print(f"[bench] {name} / {op}: {exc!r}", file=sys.stderr)
+                continue
+            row = dict(size=name, tokens=tokens, op=op, reference_ms=ref_ms, triton_ms=fused_ms,
+                       speedup=ref_ms / fused_ms, relative_error=error,
+                       reference_graph_ms=None, triton_graph_ms=None, graph_speedup=None)
+            if measure_graph is not None:
+                try:
+                    row.update(reference_graph_ms=measure_graph(ref), triton_graph_ms=measure_graph(fused))
+                    row["graph_speedup"] = row["reference_graph_ms"] / row["triton_graph_ms"]
+                except Exception as exc:
+                    print(f"[bench] {name} / {op} (CUDA graph): {exc!r}", file=sys.stderr)
+            rows.append(row)
     return rows
 
 
-def overhead_rows(device: str, repeats: int, dtype: torch.dtype, smoke: bool) -> list[dict]:
-    import vlm_prune
+# 7B-shaped models: the real vision towers, the LLM cut to a few decoder layers (enough to time
+# the per-layer cost, which is then scaled to the real depth).
+SHAPES_7B = {
+    "llava-1.5-7b": dict(
+        depth=32, build="llava", batches=(1, 8),
+        sizes=dict(image_size=336, vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096,
+                   text_hidden=4096, text_layers=4, text_heads=32, text_kv_heads=32, text_intermediate=11008)),
+    "qwen2-vl-7b": dict(
+        depth=28, build="qwen2_vl", batches=(1, 4),
+        sizes=dict(vision_depth=32, vision_hidden=1280, vision_heads=16, vision_intermediate=5120, text_hidden=3584,
+                   text_layers=4, text_heads=28, text_kv_heads=4, text_intermediate=18944, max_pixels=12845056)),
+}
+SMOKE_SHAPES = {
+    "llava-smoke": dict(depth=4, build="llava", batches=(1, 2), sizes=dict(image_size=336, vision_hidden=64, vision_layers=2,
+                                                             text_hidden=128, text_layers=2)),
+    "qwen2-vl-smoke": dict(depth=4, build="qwen2_vl", batches=(1,), sizes=dict(vision_depth=2, vision_hidden=64, text_hidden=128,
+                                                                 text_layers=2, max_pixels=256 * 28 * 28)),
+}
+
+
+def _model(shape: dict, device: str, dtype: torch.dtype):
     from vlm_prune import tiny
 
-    sizes = (dict(image_size=336, vision_hidden=64, vision_layers=2, text_hidden=128, text_layers=2) if smoke else
-             dict(image_size=336, vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096,
-                  text_hidden=4096, text_layers=4, text_heads=32, text_kv_heads=32, text_intermediate=11008))
-    model, processor = tiny.llava(dtype=dtype, **sizes)
-    model = model.to(device)
-    inputs = processor(images=[tiny.random_image(640, 480)], text=["USER: <image>\nDescribe the picture. ASSISTANT:"],
-                       return_tensors="pt")
-    inputs = {key: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for key, v in inputs.items()}
+    with torch.device(device):  # initialise the weights where they run: seconds, not minutes, at 7B widths
+        build = tiny.llava if shape["build"] == "llava" else tiny.qwen2_vl
+        return build(dtype=dtype, **shape["sizes"])
+
+
+def _inputs(shape: dict, processor, device: str, dtype: torch.dtype, batch: int = 1) -> dict:
+    """`batch` different 640x480 images, one per prompt."""
+    from vlm_prune import tiny
+
+    if shape["build"] == "llava":
+        prompt = "USER: <image>\nDescribe the picture. ASSISTANT:"
+    else:
+        prompt = tiny.qwen_prompt("Describe the picture.")
+    images = [tiny.random_image(640, 480, seed=i) for i in range(batch)]
+    inputs = processor(images=images, text=[prompt] * batch, return_tensors="pt")
+    return {key: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for key, v in inputs.items()}
+
+
+def overhead_rows(device: str, repeats: int, dtype: torch.dtype, smoke: bool, keep: float = 0.25) -> list[dict]:
+    """Per 7B shape and backend: the pruning overhead (scoring + selection + compaction, device-
+    synchronised) against the prefill of the full-depth model, whose LLM part is the measured
+    per-layer cost times the real depth."""
+    previous = os.environ.get("VLM_PRUNE_SYNC_TIMINGS")
+    os.environ["VLM_PRUNE_SYNC_TIMINGS"] = "1"
+    try:
+        return _overhead_rows(device, repeats, dtype, smoke, keep)
+    finally:
+        if previous is None:
+            del os.environ["VLM_PRUNE_SYNC_TIMINGS"]
+        else:
+            os.environ["VLM_PRUNE_SYNC_TIMINGS"] = previous
+
+
+def _overhead_rows(device: str, repeats: int, dtype: torch.dtype, smoke: bool, keep: float) -> list[dict]:
+    import vlm_prune
+
     measure = _timer(device, repeats)
     rows = []
-    for backend in ("torch", "triton"):
-        handle = vlm_prune.patch(model, "cls_attention", 64, backend=backend)
-        selects = []
+    for name, shape in (SMOKE_SHAPES if smoke else SHAPES_7B).items():
+        try:
+            model, processor = _model(shape, device, dtype)
+        except Exception as exc:  # a bench row that fails must not hide the others
+            print(f"[bench] {name}: could not build the model: {exc!r}", file=sys.stderr)
+            continue
+        n_layers = model.config.text_config.num_hidden_layers
+        for batch in shape["batches"]:
+            inputs = _inputs(shape, processor, device, dtype, batch)
 
-        def run():
-            with torch.inference_mode():
-                model(**inputs, logits_to_keep=1)
-            selects.append(handle.timings.get("select_s", 0.0))
+            def prefill():
+                with torch.inference_mode():
+                    model(**inputs, logits_to_keep=1)
 
-        prefill_ms = measure(run)
-        select_ms = 1000 * statistics.median(selects)
-        rows.append(dict(backend=backend, prefill_ms=prefill_ms, select_ms=select_ms,
-                         overhead_pct=100 * select_ms / prefill_ms))
-        handle.remove()
+            unpruned_ms = measure(prefill)
+            for backend in ("torch", "triton"):
+                try:
+                    handle = vlm_prune.patch(model, "cls_attention", keep, backend=backend)
+                    timings = []
+
+                    def pruned_prefill():
+                        prefill()
+                        timings.append(handle.timings)
+
+                    pruned_ms = measure(pruned_prefill)
+                    stats = handle.stats[0]
+                    handle.remove()
+                except Exception as exc:
+                    vlm_prune.unpatch(model)
+                    print(f"[bench] {name} / batch {batch} / {backend}: {exc!r}", file=sys.stderr)
+                    continue
+                vision_ms = 1000 * statistics.median(t["vision_s"] for t in timings)
+                select_ms = 1000 * statistics.median(t["select_s"] for t in timings)
+                layer_full = (unpruned_ms - vision_ms) / n_layers
+                layer_pruned = (pruned_ms - vision_ms - select_ms) / n_layers
+                full_unpruned = vision_ms + shape["depth"] * layer_full
+                full_pruned = vision_ms + shape["depth"] * layer_pruned + select_ms
+                rows.append(dict(
+                    model=name, batch=batch, backend=backend, tokens=f"{stats['visual_tokens']}->{stats['kept']}",
+                    measured_layers=n_layers, depth=shape["depth"], vision_ms=vision_ms, select_ms=select_ms,
+                    measured_unpruned_ms=unpruned_ms, measured_pruned_ms=pruned_ms,
+                    prefill_unpruned_ms=full_unpruned, prefill_pruned_ms=full_pruned,
+                    speedup=full_unpruned / full_pruned, overhead_pct=100 * select_ms / full_pruned,
+                    overhead_of_unpruned_pct=100 * select_ms / full_unpruned,
+                ))
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return rows
+
+
+def profile_selection(device: str, dtype: torch.dtype, path: str, smoke: bool) -> None:
+    """One pruned prefill per shape and backend under torch.profiler; op tables (by device and by
+    host time) go to the text file `path`, to show what the selection path spends its time on."""
+    import vlm_prune
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    for name, shape in (SMOKE_SHAPES if smoke else SHAPES_7B).items():
+        try:
+            model, processor = _model(shape, device, dtype)
+            inputs = _inputs(shape, processor, device, dtype)
+            for backend in ("torch", "triton"):
+                with vlm_prune.pruned(model, "cls_attention", 0.25, backend=backend), torch.inference_mode():
+                    for _ in range(2):
+                        model(**inputs, logits_to_keep=1)
+                    with profile(activities=activities) as prof:
+                        model(**inputs, logits_to_keep=1)
+                sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+                with open(path, "a") as f:
+                    table = prof.key_averages()
+                    f.write(f"==== {name}, backend={backend}\n")
+                    f.write(table.table(sort_by=sort, row_limit=40) + "\n\n")
+                    f.write(table.table(sort_by="cpu_time_total", row_limit=40) + "\n\n")
+            del model
+        except Exception as exc:
+            print(f"[bench] profile {name}: {exc!r}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU via the Triton interpreter")
     parser.add_argument("--json", help="also write the numbers here")
+    parser.add_argument("--profile", metavar="FILE", help="also write torch.profiler op tables of a pruned prefill here")
     args = parser.parse_args(argv)
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -134,16 +288,33 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         device, dtype, sizes, repeats = "cuda", getattr(torch, args.dtype), SIZES, args.repeats
     kernels = kernel_rows(device, repeats, sizes, dtype)
-    overhead = overhead_rows(device, max(3, repeats // 4), dtype, args.smoke)
+    overhead = overhead_rows(device, max(3, repeats // 2), dtype, args.smoke)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter)"
     print(f"vlm_prune kernels on {name}, {args.dtype if device == 'cuda' else 'float32'}, median of {repeats}\n")
-    print("| size | tokens | op | reference ms | Triton ms | speed-up |\n|---|---|---|---|---|---|")
+    print("Eager: one call timed with events around it (host launch cost included). Device: calls "
+          "replayed from a CUDA graph (the kernels' own time).\n")
+    print("| size | tokens | op | eager reference ms | eager Triton ms | eager speed-up | device reference ms "
+          "| device Triton ms | device speed-up | rel. error |\n|---|---|---|---|---|---|---|---|---|---|")
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
     for r in kernels:
-        print(f"| {r['size']} | {r['tokens']} | {r['op']} | {r['reference_ms']:.3f} | {r['triton_ms']:.3f} | {r['speedup']:.2f}x |")
-    print("\n7B-shaped LLaVA (4 decoder layers), cls_attention 576 -> 64:\n")
-    print("| backend | prefill ms | scoring + compaction ms | share of prefill |\n|---|---|---|---|")
+        print(f"| {r['size']} | {r['tokens']} | {r['op']} | {r['reference_ms']:.3f} | {r['triton_ms']:.3f} | "
+              f"{r['speedup']:.2f}x | {fmt(r['reference_graph_ms'], '.4f')} | {fmt(r['triton_graph_ms'], '.4f')} | "
+              f"{fmt(r['graph_speedup'], '.2f')}x | {r['relative_error']:.1e} |")
+    print("\nPruning overhead, cls_attention keep 0.25, 640x480 image: LLM per-layer cost measured on the "
+          "first layers and scaled to the real depth; device-synchronised timings\n")
+    print("| model | batch | backend | visual tokens per image | vision ms | scoring + compaction ms "
+          "| measured (4 layers) unpruned -> pruned ms | full depth unpruned -> pruned ms | speed-up "
+          "| overhead (share of pruned prefill) |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in overhead:
-        print(f"| {r['backend']} | {r['prefill_ms']:.2f} | {r['select_ms']:.3f} | {r['overhead_pct']:.2f}% |")
+        print(f"| {r['model']} | {r['batch']} | {r['backend']} | {r['tokens']} | {r['vision_ms']:.2f} | "
+              f"{r['select_ms']:.3f} | {r['measured_unpruned_ms']:.2f} -> {r['measured_pruned_ms']:.2f} | "
+              f"{r['prefill_unpruned_ms']:.2f} -> {r['prefill_pruned_ms']:.2f} | {r['speedup']:.2f}x | "
+              f"{r['overhead_pct']:.2f}% |")
+    if args.profile:
+        profile_selection(device, dtype, args.profile, args.smoke)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "kernels": kernels, "overhead": overhead}, f, indent=2)

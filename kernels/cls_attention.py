@@ -1,9 +1,11 @@
 """Attention of one query row ([CLS]) to every key, averaged over heads.
 
 Only this row is computed, so the model's own attention can stay on SDPA/flash kernels.
-`cls_attention_scores` dispatches to the fused Triton kernel (`_cls_row_kernel`: one program per
-(image, head), a max/sum pass then a write pass over key blocks, heads summed with atomics) or
-to `cls_attention_scores_ref`, the reference and CPU path.
+`cls_attention_scores` dispatches to the fused Triton kernels (`_cls_logits_kernel`: one program
+per (image, head, key block) writes the logits and the block's softmax partials;
+`_cls_combine_kernel`: one program per (image, key block) normalises and averages the heads) or
+to `cls_attention_scores_ref`, the reference and CPU path. The keys are read once, in their
+dtype and strides, never upcast or copied.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Top-k of each row of scores with raster order kept, and the gather of the kept tokens.
 
 `top_k_in_order` / `select_top_k` dispatch to the Triton kernels (threshold bisection instead of
-a sort, then one pass that compacts indices and feature rows) or to the references here.
+a sort, writing each kept token's output slot, then a fully parallel scatter of indices and
+feature rows) or to the references here.
 Ties go to the lower index in both, so results do not depend on the batch composition.
 """
 
@@ -27,9 +28,9 @@ def top_k_in_order(scores: torch.Tensor, k: int, backend: str | None = None) -> 
         return top_k_in_order_ref(scores, k)
     from . import triton_kernels
 
-    mask = triton_kernels.topk_mask(scores, torch.full((scores.shape[0],), k))
-    dummy = torch.empty(scores.shape[0], scores.shape[1], 1, device=scores.device)
-    return triton_kernels.compact_gather(dummy, mask, k)[1]
+    slots = triton_kernels.topk_slots(scores, k)
+    no_features = torch.empty(scores.shape[0], scores.shape[1], 0, device=scores.device)
+    return triton_kernels.compact_gather(no_features, slots, k)[1]
 
 
 def select_top_k(features: torch.Tensor, scores: torch.Tensor, k: int,
@@ -38,7 +39,7 @@ def select_top_k(features: torch.Tensor, scores: torch.Tensor, k: int,
     if k < scores.shape[-1] and use_triton(scores, backend):
         from . import triton_kernels
 
-        mask = triton_kernels.topk_mask(scores, torch.full((scores.shape[0],), k))
-        return triton_kernels.compact_gather(features, mask, k)
+        slots = triton_kernels.topk_slots(scores, k)
+        return triton_kernels.compact_gather(features, slots, k)
     index = top_k_in_order_ref(scores, k)
     return features.gather(1, index.unsqueeze(-1).expand(-1, -1, features.shape[-1])), index

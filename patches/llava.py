@@ -14,12 +14,12 @@ keys (VisionZip); a pre-hook on the projector gives the pre-projection features 
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Any
 
 import torch
 
 from vlm_prune.kernels import cls_attention_scores
+from vlm_prune.timing import clock
 
 from .base import ImageTokens, Region, VisionStagePatch
 
@@ -157,7 +157,7 @@ class LlavaPatch(VisionStagePatch):
             result["pre_projection"] = captured["projector"]["input"]
         if not self.score_layers:
             return
-        start = time.perf_counter()
+        start = clock(self.model.device)
         total = None
         for layer_idx in self.score_layers:
             attn = self.vision_layers[layer_idx].self_attn
@@ -170,7 +170,7 @@ class LlavaPatch(VisionStagePatch):
         result["cls_attention"] = total
         if "keys" in self.method.needs:
             result["keys"] = captured[self.score_layers[-1]]["k"]
-        self._signal_s += time.perf_counter() - start
+        self._signal_s += clock(self.model.device) - start
 
 
 def _store(slot: dict[str, torch.Tensor], key: str, first_row: bool = False):

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 from typing import Any
 
 import torch
 
 from vlm_prune.compat import vision_window_index
 from vlm_prune.kernels import attention_received
+from vlm_prune.timing import clock
 
 from .base import ImageTokens, Region, VisionStagePatch
 
@@ -152,7 +152,7 @@ class Qwen2VLPatch(VisionStagePatch):
         finally:
             for h in handles:
                 h.remove()
-        start = time.perf_counter()
+        start = clock(self.model.device)
         qkv = seen["qkv"]
         total = qkv.shape[0]
         q, k, _ = qkv.reshape(total, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
@@ -171,4 +171,4 @@ class Qwen2VLPatch(VisionStagePatch):
             q_rot, k_rot = rotary(q, k, cos, sin)
             received = attention_received(q_rot.transpose(0, 1), k_rot.transpose(0, 1), attn.scaling, seen["cu_seqlens"])
             result["cls_attention"] = per_merged_token(received)
-        self._signal_s += time.perf_counter() - start
+        self._signal_s += clock(self.model.device) - start

@@ -19,7 +19,8 @@ class PruneHandle:
     config: the validated PruneConfig.
     stats:  per sample of the last prefill, {"visual_tokens": n_in, "kept": n_kept}.
     kept_indices: per image of the last prefill, which visual tokens were passed on.
-    timings: of the last prefill, {"vision_s": vision tower, "select_s": scoring + compaction}.
+    timings: of the last prefill, {"vision_s": vision tower, "select_s": scoring + compaction}
+        (host clock; on CUDA set VLM_PRUNE_SYNC_TIMINGS=1 for exact figures, see vlm_prune.timing).
     """
 
     def __init__(self, model: torch.nn.Module, config: PruneConfig, family_patch: Any):

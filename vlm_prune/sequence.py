@@ -9,7 +9,7 @@ on the side the batch was padded on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,19 +20,24 @@ class Compaction:
     dropped_before: [B, L'] int64 prompt tokens dropped before each kept column (renumbering).
     total_dropped:  [B] int64 prompt tokens dropped per row.
     prompt_len:     L, the prompt length before compaction.
+    kept_per_row:   host copy of the kept count per row (read once, so the properties and
+                    `gather` never wait for the device again).
     """
 
     index: torch.Tensor
     dropped_before: torch.Tensor
     total_dropped: torch.Tensor
     prompt_len: int
+    kept_per_row: tuple[int, ...] = ()
+    _safe_index: torch.Tensor | None = field(default=None, repr=False)  # index.clamp(min=0), made once
 
     @classmethod
     def from_keep_mask(cls, keep: torch.Tensor, left_padded: bool = True) -> "Compaction":
         """keep: [B, L] bool, True where a column stays."""
         batch, length = keep.shape
         kept_per_row = keep.sum(1)
-        width = int(kept_per_row.max()) if batch else 0
+        kept_host = tuple(kept_per_row.tolist())  # the one device read of the compaction
+        width = max(kept_host, default=0)
         columns = torch.arange(length, device=keep.device).expand(batch, length)
         # Stable sort puts kept columns first, in order; the first kept_per_row of them are real.
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
@@ -45,16 +50,17 @@ class Compaction:
             index = torch.where(slot >= shift[:, None], index.gather(1, src), torch.full_like(index, -1))
         dropped_cum = torch.cumsum((~keep).long(), dim=1)
         dropped_before = torch.where(index >= 0, dropped_cum.gather(1, index.clamp(min=0)), 0)
-        return cls(index, dropped_before, (~keep).long().sum(1), length)
+        return cls(index, dropped_before, length - kept_per_row, length, kept_host)
 
     @property
     def is_identity(self) -> bool:
-        return bool((self.total_dropped == 0).all()) and self.index.shape[1] == self.prompt_len
+        return all(k == self.prompt_len for k in self.kept_per_row)
 
     @property
     def needs_mask(self) -> bool:
-        """True when rows were re-padded, so an explicit attention mask is required."""
-        return bool((self.index < 0).any())
+        """True when rows were re-padded (rows keep different counts), so an explicit attention
+        mask is required."""
+        return len(set(self.kept_per_row)) > 1
 
     def extended(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(index, dropped_before) for a sequence of `length` >= prompt_len whose columns past
@@ -62,6 +68,8 @@ class Compaction:
         extra = length - self.prompt_len
         if extra < 0:
             raise ValueError(f"sequence of length {length} is shorter than the pruned prompt ({self.prompt_len})")
+        if extra == 0:  # the prefill itself: no ops (every one costs a launch on a GPU host)
+            return self.index, self.dropped_before
         batch = self.index.shape[0]
         tail = torch.arange(self.prompt_len, length, device=self.index.device).expand(batch, extra)
         index = torch.cat([self.index, tail], dim=1)
@@ -78,10 +86,15 @@ class Compaction:
         batch_dim = seq_dim - 1
         shape = [1] * x.dim()
         shape[batch_dim], shape[seq_dim] = index.shape
-        idx = index.clamp(min=0).view(shape).expand(*x.shape[:seq_dim], index.shape[1], *x.shape[seq_dim + 1 :])
+        if index is self.index:
+            if self._safe_index is None:
+                self._safe_index = index.clamp(min=0)
+            safe = self._safe_index
+        else:
+            safe = index.clamp(min=0)
+        idx = safe.view(shape).expand(*x.shape[:seq_dim], index.shape[1], *x.shape[seq_dim + 1 :])
         out = x.gather(seq_dim, idx)
-        pad = (index < 0).view(shape)
-        return out.masked_fill(pad, pad_value) if bool(pad.any()) else out
+        return out.masked_fill((index < 0).view(shape), pad_value) if self.needs_mask else out
 
     def renumber(self, positions: torch.Tensor) -> torch.Tensor:
         """Compacted positions [..., B, T'] -> consecutive numbering (dropped tokens removed)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -87,3 +88,33 @@ def test_compaction_right_padding_and_3d_positions():
     assert out.shape == (3, 2, 4) and out[:, 0].tolist() == [[0, 1, 3, 0]] * 3
     embeds = torch.randn(2, 4, 3)
     torch.testing.assert_close(comp.gather(embeds, 0, seq_dim=1)[0, :3], embeds[0, [0, 1, 3]])
+
+
+def test_reduce_images_rejects_unsorted_indices_and_checks_every_group():
+    """The engine's contract check (one device read for all groups): a method whose indices are
+    not strictly increasing is refused, also when only the second of two groups breaks it."""
+    from vlm_prune.config import PruneConfig
+    from vlm_prune.methods.base import Reduction
+    from vlm_prune.patches.base import ImageTokens, Region, reduce_images
+
+    class Reversed:
+        needs, uses_pre_projection = frozenset(), False
+
+        def __init__(self, bad_grid):
+            self.bad_grid = bad_grid
+
+        def reduce(self, features, grid, k, signals, options):
+            index = torch.arange(k).expand(features.shape[0], k)
+            if grid == self.bad_grid:
+                index = index.flip(-1)
+            return Reduction(features=features[:, :k], index=index)
+
+    images = [ImageTokens(torch.randn(4, 3), [Region(torch.arange(4), (2, 2))]),
+              ImageTokens(torch.randn(9, 3), [Region(torch.arange(9), (3, 3))])]
+    config = PruneConfig("random", 0.5)
+    kept, out = reduce_images(Reversed(bad_grid=None), config, images)
+    budgets = [config.budget_for(4), config.budget_for(9)]
+    assert [int(k.sum()) for k in kept] == budgets and [o.shape[0] for o in out] == budgets
+    for bad in [(2, 2), (3, 3)]:
+        with pytest.raises(RuntimeError, match="unsorted or repeated"):
+            reduce_images(Reversed(bad_grid=bad), config, images)

@@ -44,10 +44,20 @@ class Region:
 
     slots: torch.Tensor
     grid: tuple[int, int]
+    start: int | None = None  # set (by `span`) when slots are start, start+1, ...: read as a slice
 
     def __post_init__(self) -> None:
         if self.grid[0] * self.grid[1] != len(self.slots):
             raise ValueError(f"a {self.grid[0]}x{self.grid[1]} region needs {self.grid[0] * self.grid[1]} tokens, got {len(self.slots)}")
+
+    @classmethod
+    def span(cls, start: int, stop: int, grid: tuple[int, int], device=None) -> "Region":
+        """The consecutive tokens start..stop-1 as a region."""
+        return cls(torch.arange(start, stop, device=device), grid, start)
+
+    def covers(self, n_tokens: int) -> bool:
+        """True when the region is exactly tokens 0..n_tokens-1 in order."""
+        return self.start == 0 and len(self.slots) == n_tokens
 
 
 @dataclass
@@ -182,6 +192,18 @@ class VisionStagePatch(PatchBase):
         self._signal_s = 0.0
         self._last_encoded: tuple[Any, list[ImageTokens]] | None = None
         self.check_model()
+
+    @property
+    def kept_indices(self) -> list[torch.Tensor]:
+        """Per image of the last prefill: the indices of the visual tokens passed on."""
+        if getattr(self, "_kept_slots", None) is not None:
+            self._kept_indices = [slots.nonzero().flatten() for slots in self._kept_slots]
+            self._kept_slots = None
+        return self._kept_indices
+
+    @kept_indices.setter
+    def kept_indices(self, value: list[torch.Tensor]) -> None:
+        self._kept_indices, self._kept_slots = value, None
 
     # -- what a family provides -----------------------------------------------------------
 
@@ -336,10 +358,22 @@ class VisionStagePatch(PatchBase):
             )
         kept_slots, kept_features = self._reduce(images)
         keep = torch.ones_like(is_image)
-        keep[is_image] = torch.cat(kept_slots).to(is_image.device)
+        keep[is_image] = (kept_slots[0] if len(kept_slots) == 1 else torch.cat(kept_slots)).to(is_image.device)
+        # kept counts per row on the host: images fill the rows' placeholders in order
+        kept_images = iter(f.shape[0] for f in kept_features)
+        sizes = iter(img.features.shape[0] for img in images)
+        row_kept = []
+        for n in counts:
+            visual, kept_visual = 0, 0
+            while visual < n:
+                visual += next(sizes)
+                kept_visual += next(kept_images)
+            row_kept.append(kept_visual)
+        row_len = [is_image.shape[1] - n + k for n, k in zip(counts, row_kept)]
         mask = kw.get("attention_mask")
-        left_padded = mask is None or not bool((mask[:, -1] == 0).any())
-        compaction = Compaction.from_keep_mask(keep, left_padded=left_padded)
+        # the padding side matters only when rows end up with different lengths
+        left_padded = len(set(row_len)) <= 1 or mask is None or not bool((mask[:, -1] == 0).any())
+        compaction = Compaction.from_keep_mask(keep, left_padded=left_padded, kept_per_row=row_len)
         need_mask = mask is not None or compaction.needs_mask or (
             self.positions == "original" and not compaction.is_identity
         )
@@ -347,15 +381,13 @@ class VisionStagePatch(PatchBase):
         if need_mask:
             full = mask if mask is not None else torch.ones_like(is_image, dtype=torch.long)
             prompt_mask = compaction.gather(full, 0)
-        self.state = PromptState(compaction, keep, torch.cat(kept_features), prompt_mask)
+        features = kept_features[0] if len(kept_features) == 1 else torch.cat(kept_features)
+        self.state = PromptState(compaction, keep, features, prompt_mask)
         new_kw = self._apply(kw, self.state, is_image)
-        self.kept_indices = [slots.nonzero().flatten() for slots in kept_slots]
+        self._kept_slots = kept_slots  # turned into indices only when asked for (a device read each)
         n_layers = self.model.config.text_config.num_hidden_layers
         self.layer_lengths = [new_kw["inputs_embeds"].shape[1]] * n_layers
-        self.stats = [
-            {"visual_tokens": int(n), "kept": int(k)}
-            for n, k in zip(counts, (is_image & keep).sum(1).tolist())
-        ]
+        self.stats = [{"visual_tokens": int(n), "kept": int(k)} for n, k in zip(counts, row_kept)]
         total = clock(self.model.device) - start
         # the scoring hooks run inside the tower's forward: their time belongs to selection
         self.timings = {"vision_s": vision_s - self._signal_s, "select_s": total - vision_s + self._signal_s}
@@ -403,7 +435,7 @@ class VisionStagePatch(PatchBase):
             positions = comp.renumber(positions)
         mask = kw.get("attention_mask")
         if mask is not None:
-            mask = comp.gather(mask, 0)
+            mask = state.prompt_mask if not extra and state.prompt_mask is not None else comp.gather(mask, 0)
         elif state.prompt_mask is not None:
             mask = _extend_mask(state.prompt_mask, extra)
         new_kw = dict(kw)
@@ -463,23 +495,39 @@ def reduce_images(method, config: PruneConfig, images: list[ImageTokens], budget
 
     project: maps pre-projection tokens to the LLM space (methods that prefer them), or None.
     Returns per image: [N] bool slots passed on, and [K, D] the tokens passed on.
+
+    An image that is one region over all its tokens (LLaVA-1.5, Qwen images) takes a short
+    path -- slices instead of index copies, the method's output used as is: on a GPU host every
+    op is a launch, and this runs in every prefill.
     """
-    outputs = [img.features.clone() for img in images]
-    kept = [torch.ones(img.features.shape[0], dtype=torch.bool, device=img.features.device) for img in images]
+    budgets = [region_budgets(config, img, budget) for img in images]
+    whole = [len(img.regions) == 1 and img.regions[0].covers(img.features.shape[0]) for img in images]
+    outputs: list[torch.Tensor | None] = [None if w else img.features.clone() for img, w in zip(images, whole)]
+    kept: list[torch.Tensor | None] = [None] * len(images)
     groups: dict[tuple, list[tuple[int, Region]]] = {}
     for i, img in enumerate(images):
-        for region, k in zip(img.regions, region_budgets(config, img, budget)):
-            kept[i][region.slots] = False
+        n = img.features.shape[0]
+        if not whole[i]:
+            kept[i] = torch.ones(n, dtype=torch.bool, device=img.features.device)
+        for region, k in zip(img.regions, budgets[i]):
+            if not whole[i]:
+                kept[i][region.slots] = False
             if k > 0:
                 groups.setdefault((region.grid, k), []).append((i, region))
+            elif whole[i]:  # nothing of this image goes on
+                kept[i] = torch.zeros(n, dtype=torch.bool, device=img.features.device)
+                outputs[i] = img.features[:0]
     pre_projection = (method.uses_pre_projection and project is not None
                       and all("pre_projection" in img.signals for img in images))
-    increasing = []  # checked with one device read at the end, not one per group
+    # the built-in methods are tested to return increasing indices; others are checked, with
+    # one device read at the end rather than one per group
+    check_order = not type(method).__module__.startswith("vlm_prune.methods.")
+    increasing = []
     for (grid, k), members in groups.items():
         source = "pre_projection" if pre_projection else None
-        feats = torch.stack([(images[i].signals[source] if source else images[i].features)[r.slots] for i, r in members])
+        feats = _stack([(images[i].signals[source] if source else images[i].features, r) for i, r in members])
         signals = {
-            name: torch.stack([images[i].signals[name][r.slots] for i, r in members])
+            name: _stack([(images[i].signals[name], r) for i, r in members])
             for name in method.needs if name in images[members[0][0]].signals
         }
         for name in method.needs:
@@ -487,18 +535,30 @@ def reduce_images(method, config: PruneConfig, images: list[ImageTokens], budget
                 signals[name] = torch.stack([images[i].context[name] for i, _ in members])
         with use_backend(config.backend):
             red = method.reduce(feats, grid, k, signals, config.options)
-        rows = [red.index] if isinstance(red.index, torch.Tensor) else red.index  # lists: counts vary per image
-        increasing += [(r[..., 1:] > r[..., :-1]).all() for r in rows if r.shape[-1] > 1]
+        if check_order:
+            rows = [red.index] if isinstance(red.index, torch.Tensor) else red.index  # lists: counts vary per image
+            increasing += [(r[..., 1:] > r[..., :-1]).all() for r in rows if r.shape[-1] > 1]
         for j, (i, region) in enumerate(members):
             index, reduced = red.index[j], red.features[j]
             if pre_projection:
                 reduced = project(reduced)
+            if whole[i]:
+                n = images[i].features.shape[0]
+                kept[i] = torch.zeros(n, dtype=torch.bool, device=index.device).index_fill_(0, index, True)
+                outputs[i] = reduced.to(images[i].features.dtype)
+                continue
             slots = region.slots[index]
             outputs[i][slots] = reduced.to(outputs[i].dtype)
             kept[i][slots] = True
     if increasing and not bool(torch.stack(increasing).all()):
         raise RuntimeError(f"method {config.method!r} returned unsorted or repeated token indices")
-    return kept, [out[k] for out, k in zip(outputs, kept)]
+    return kept, [out if w else out[k] for out, k, w in zip(outputs, kept, whole)]
+
+
+def _stack(parts: list[tuple[torch.Tensor, Region]]) -> torch.Tensor:
+    """[M, n, ...]: each tensor's rows of its region (a view when a single region spans them)."""
+    taken = [x[r.start:r.start + len(r.slots)] if r.start is not None else x[r.slots] for x, r in parts]
+    return taken[0].unsqueeze(0) if len(taken) == 1 else torch.stack(taken)
 
 
 def _extend_mask(prompt_mask: torch.Tensor, extra: int) -> torch.Tensor:

@@ -119,7 +119,7 @@ class LlavaPatch(VisionStagePatch):
                     f"image {i} gives {feats.shape[0]} visual tokens; expected a {side}x{side} patch "
                     f"grid{' plus [CLS]' if n_prefix else ''}"
                 )
-            region = Region(torch.arange(n_prefix, feats.shape[0], device=feats.device), (side, side))
+            region = Region.span(n_prefix, feats.shape[0], (side, side), feats.device)
             images.append(ImageTokens(feats, [region], {name: value[i] for name, value in per_token.items()}))
         return images
 

@@ -109,7 +109,7 @@ class Qwen2VLPatch(VisionStagePatch):
             if feats.shape[0] != t * per_frame:
                 raise ValueError(f"image {i}: {feats.shape[0]} features for a {t}x{rows}x{cols} token grid")
             regions = [
-                Region(torch.arange(f * per_frame, (f + 1) * per_frame, device=feats.device), (rows, cols))
+                Region.span(f * per_frame, (f + 1) * per_frame, (rows, cols), feats.device)
                 for f in range(t)
             ]
             image_signals = {name: values[i].to(feats.device) for name, values in per_image.items()}

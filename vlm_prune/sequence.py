@@ -32,25 +32,35 @@ class Compaction:
     _safe_index: torch.Tensor | None = field(default=None, repr=False)  # index.clamp(min=0), made once
 
     @classmethod
-    def from_keep_mask(cls, keep: torch.Tensor, left_padded: bool = True) -> "Compaction":
-        """keep: [B, L] bool, True where a column stays."""
+    def from_keep_mask(cls, keep: torch.Tensor, left_padded: bool = True,
+                       kept_per_row: list[int] | None = None) -> "Compaction":
+        """keep: [B, L] bool, True where a column stays. `kept_per_row` (its row sums, when the
+        caller knows them on the host) saves a device read."""
         batch, length = keep.shape
-        kept_per_row = keep.sum(1)
-        kept_host = tuple(kept_per_row.tolist())  # the one device read of the compaction
+        if kept_per_row is None:
+            kept_per_row = keep.sum(1).tolist()
+        kept_host = tuple(int(k) for k in kept_per_row)
         width = max(kept_host, default=0)
+        dropped_cum = torch.cumsum((~keep).long(), dim=1)
+        total_dropped = dropped_cum[:, -1] if length else torch.zeros(batch, dtype=torch.long, device=keep.device)
+        if len(set(kept_host)) <= 1:
+            # every row keeps as many: the kept columns in order, no re-padding (few ops: each
+            # costs a launch on a GPU host, where this runs in every prefill)
+            index = keep.nonzero()[:, 1].view(batch, width)
+            return cls(index, dropped_cum.gather(1, index), total_dropped, length, kept_host, _safe_index=index)
+        kept_dev = torch.tensor(kept_host, device=keep.device)
         columns = torch.arange(length, device=keep.device).expand(batch, length)
         # Stable sort puts kept columns first, in order; the first kept_per_row of them are real.
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
         slot = torch.arange(width, device=keep.device).expand(batch, width)
-        real = slot < kept_per_row[:, None]
+        real = slot < kept_dev[:, None]
         index = torch.where(real, columns.gather(1, order), torch.full_like(order, -1))
         if left_padded:  # shift each row right by its missing count so padding stays on the left
-            shift = width - kept_per_row
+            shift = width - kept_dev
             src = (slot - shift[:, None]).clamp(min=0)
             index = torch.where(slot >= shift[:, None], index.gather(1, src), torch.full_like(index, -1))
-        dropped_cum = torch.cumsum((~keep).long(), dim=1)
         dropped_before = torch.where(index >= 0, dropped_cum.gather(1, index.clamp(min=0)), 0)
-        return cls(index, dropped_before, length - kept_per_row, length, kept_host)
+        return cls(index, dropped_before, total_dropped, length, kept_host)
 
     @property
     def is_identity(self) -> bool:

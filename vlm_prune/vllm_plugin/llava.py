@@ -89,7 +89,7 @@ class PrunedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         signals = self._signals(captured)
         n_tokens = features.shape[1]
         side = math.isqrt(n_tokens)
-        region = Region(torch.arange(n_tokens, device=features.device), (side, side))
+        region = Region.span(0, n_tokens, (side, side), features.device)
         images = [
             ImageTokens(features[i], [region], {name: value[i] for name, value in signals.items()}
                         | {"pre_projection": pre_projection[i]})

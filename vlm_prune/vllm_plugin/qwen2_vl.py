@@ -286,7 +286,7 @@ class _PrunedQwenMixin:
         images = []
         for i, (feats, (t, h, w)) in enumerate(zip(embeds.split(sizes), grids)):
             rows, cols = h // merge, w // merge
-            regions = [Region(torch.arange(f * rows * cols, (f + 1) * rows * cols, device=feats.device), (rows, cols))
+            regions = [Region.span(f * rows * cols, (f + 1) * rows * cols, (rows, cols), feats.device)
                        for f in range(t)]
             images.append(ImageTokens(feats, regions, {name: v[i].to(feats.device) for name, v in per_image.items()}))
         kept, features = reduce_images(self.prune_method, self.prune_config, images,

@@ -21,6 +21,33 @@ Training (`train`, CPU, seeded, single-threaded; see /work/shared/notes/fixture.
   mask and position ids restarting after the image), which is exactly the single-question
   test-time layout; loss on each answer token; object-count curriculum; question types that
   lag on the validation split are sampled more often.
+- Denser supervision (issue #9, `dense`): the answer loss also at every position from the
+  question's key word (its last colour / shape / cell word: the cell of color_at / shape_at, the
+  shape of color_of) up to the colon, weight 0.5. The key-word token then learns a one-hop lookup
+  (cell -> the object's colour or shape) that the last position copies; with the loss on the last
+  position only, the last token never attended back to the cell word and the position questions
+  stayed at chance (v1: color_at 58, shape_at 49 on the test split). The lookup types go from
+  chance to ~100% in 400-800 steps once it kicks in. Dense loss on count / exists (and relpos)
+  kept those at chance for 1,200+ steps in runs from a fresh LLM, so it is restricted to the
+  three lookup types (`dense_qtypes`).
+- Tried and not (yet) helpful: text embeddings re-initialised at std 1.0 (`embed_std`; the
+  projected image tokens have norm ~14, default text embeddings ~0.4) -- slower with dense loss;
+  grounding targets for relpos (`ground`: its object words predict their object's cell word)
+  -- relpos stays at chance (50%), the colour -> cell lookup is learned slowly (36% cell accuracy
+  after 2,000 steps at weight 0.5).
+
+The shipped checkpoint (v2, test 87.75%: color_at 100, color_of 100, shape_at 98.8, exists 93.0,
+count 84.0, relpos 50.7 = chance) is the v1 checkpoint (stage V 1,500 steps + stage L 3,000
+steps, the recipe above without `dense`, git 44400dd) continued for 2,000 stage-L steps from all
+its weights (no curriculum) with the dense loss on the lookup types (20 min on one thread)::
+
+    python -m vlm_prune.fixture train --init-from V1_DIR --init-parts all --l-steps 2000 \
+        --eval-every 200 --dense 0.5 --dense-qtypes color_of,color_at,shape_at --ground 0.5 --threads 1
+
+(V1_DIR: ``git archive 44400dd vlm_prune/fixture_model``, or ``python -m vlm_prune.fixture train
+--out V1_DIR`` at that commit.) The vision tower stays frozen in stage L, so every checkpoint
+since v1 carries the same tower: ``--init-from vlm_prune/fixture_model --init-parts vision``
+reruns stage L only.
 
 Command line: ``python -m vlm_prune.fixture train [--out DIR] [--seed S]`` and
 ``python -m vlm_prune.fixture eval [--path DIR] [--n N]``.
@@ -224,13 +251,34 @@ def _block_layout(k: int):
     return mask, pos
 
 
-def _language_step(model, rng, batch: int, k: int, n_objects, qweights, vocab, layout):
-    """Loss of one stage-L batch: `batch` images, `k` questions each, packed in blocks."""
+_CONTENT_WORDS = set(sv.COLOR_NAMES) | set(sv.SHAPES) | set(sv.CELLS)
+
+
+def _key_index(words) -> int:
+    """Index of the question's last content word (colour / shape / cell), the word the answer
+    hinges on: the cell of color_at / shape_at, the shape of color_of, the colour of count, ..."""
+    return max(i for i, w in enumerate(words) if w in _CONTENT_WORDS)
+
+
+def _language_step(model, rng, batch: int, k: int, n_objects, qweights, vocab, layout, dense: float = 0.0,
+                   ground: float = 0.0, dense_qtypes=None):
+    """Loss of one stage-L batch: `batch` images, `k` questions each, packed in blocks.
+
+    `dense` > 0 adds the answer loss, with that weight, at every position from the question's key
+    word (`_key_index`) up to the one before the final ":" (denser supervision: the key-word token
+    learns to look its answer up in the image in one hop; the final position keeps weight 1), in
+    the question types `dense_qtypes` (default: all).
+    `ground` > 0 adds grounding targets with that weight in relpos questions: the colour and shape
+    words of the first object and the colour word of the second predict that object's cell word
+    (cells are not answer words, so the restricted prediction at the colon is unaffected).
+    """
     scenes = [sv.sample_scene(rng, n_objects) for _ in range(batch)]
     images = [sv.render(s, rng) for s in scenes]
     ids = torch.full((batch, k, QMAX), vocab["<pad>"], dtype=torch.long)
     last = torch.zeros(batch, k, dtype=torch.long)
     gold = torch.zeros(batch, k, dtype=torch.long)
+    weight = torch.zeros(batch, k, QMAX)
+    target = torch.zeros(batch, k, QMAX, dtype=torch.long)
     qtypes = []
     for b, s in enumerate(scenes):
         # every qtype once (in random order), then extras weighted towards the lagging ones
@@ -247,6 +295,14 @@ def _language_step(model, rng, batch: int, k: int, n_objects, qweights, vocab, l
             ids[b, j, :len(words)] = torch.tensor([vocab[w] for w in words])
             last[b, j] = len(words) - 1
             gold[b, j] = vocab[qa[1]]
+            target[b, j] = vocab[qa[1]]
+            if dense > 0 and (dense_qtypes is None or qt in dense_qtypes):
+                weight[b, j, _key_index(words):len(words) - 1] = dense
+            if ground > 0 and qt == "relpos":  # is the c1 s1 left or right of the c2 s2 ?
+                cell = {o.color: sv.CELLS[o.cell] for o in s}
+                for i, c in ((2, words[2]), (3, words[2]), (9, words[9])):
+                    target[b, j, i] = vocab[cell[c]]
+                    weight[b, j, i] = ground
             qtypes.append(qt)
             j += 1
     mask, pos = layout
@@ -266,13 +322,21 @@ def _language_step(model, rng, batch: int, k: int, n_objects, qweights, vocab, l
     logits = model.lm_head(h_last)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), gold.reshape(-1))
     acc = (logits.argmax(-1) == gold).float().mean().item()
+    if dense > 0 or ground > 0:
+        # answer loss at the earlier positions too (weights 0 outside key word .. last-but-one)
+        all_logits = model.lm_head(h[:, 1 + N_PATCHES:])  # (batch, k*QMAX, vocab)
+        ce = F.cross_entropy(all_logits.reshape(-1, all_logits.shape[-1]),
+                             target.reshape(-1), reduction="none")
+        w = weight.reshape(-1)
+        loss = (loss * gold.numel() + (ce * w).sum()) / (gold.numel() + w.sum())
     return loss, acc
 
 
 def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000, batch: int = 32, l_batch: int = 16,
           questions_per_image: int = 12, lr: float = 1e-3, eval_every: int = 400, n_val: int = 600,
           n_test: int = 2400, text_layers: int = 3, threads: int = 1, init_from=None,
-          init_parts: str = "vision", embed_std: float | None = None, log=print):
+          init_parts: str = "vision", embed_std: float | None = None, dense: float = 0.0,
+          proj_scale: float | None = None, ground: float = 0.0, dense_qtypes=None, l_stop: int | None = None, log=print):
     """Train the fixture from scratch on CPU and save it (model + processor + metrics.json) to out_dir.
 
     Fresh images every step (seeded numpy generators), torch seeded, `threads` torch threads.
@@ -281,7 +345,10 @@ def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000,
     After saving, the model is reloaded from disk and scored on the test split (`n_test` items,
     the split's default seed); that result goes to metrics.json. `embed_std` re-initialises the
     text embeddings with that standard deviation (the projected image tokens have norm ~14, the
-    default-initialised text embeddings ~0.4).
+    default-initialised text embeddings ~0.4). `dense`: see `_language_step`. `proj_scale`
+    multiplies the projector's initial output layer (image tokens start nearer the text norm).
+    `l_stop` (experiments) stops stage L after that many steps of the `l_steps` schedule and
+    returns the history without saving.
     """
     torch.set_num_threads(threads)
     out_dir = Path(out_dir or DEFAULT_PATH)
@@ -330,6 +397,11 @@ def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000,
         with torch.no_grad():
             model.get_input_embeddings().weight.normal_(0.0, embed_std)
 
+    if proj_scale is not None:
+        with torch.no_grad():
+            model.model.multi_modal_projector.linear_2.weight.mul_(proj_scale)
+            model.model.multi_modal_projector.linear_2.bias.mul_(proj_scale)
+
     # ---- stage L: projector + Llama, vision frozen
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
@@ -351,7 +423,10 @@ def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000,
             g["lr"] = _cosine(step, l_steps, 100, lr)
         model.model.multi_modal_projector.train()
         model.model.language_model.train()
-        loss, acc = _language_step(model, rng, l_batch, questions_per_image, n_objects, qweights, vocab, layout)
+        if l_stop is not None and step >= l_stop:
+            return {"history": history}
+        loss, acc = _language_step(model, rng, l_batch, questions_per_image, n_objects, qweights, vocab, layout,
+                                   dense, ground, dense_qtypes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -387,8 +462,11 @@ def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000,
                       "'accuracy_argmax' is the plain argmax over the vocabulary",
         "training": {"seed": seed, "init_from": str(init_from) if init_from else None, "init_parts": init_parts, "v_steps": v_steps, "l_steps": l_steps, "batch": batch, "l_batch": l_batch,
                      "questions_per_image": questions_per_image, "lr": lr, "text_layers": text_layers,
+                     "embed_std": embed_std, "dense": dense, "dense_qtypes": list(dense_qtypes or sv.QTYPES),
+                     "ground": ground, "proj_scale": proj_scale,
                      "threads": threads, "stage_v_s": round(t_v), "total_s": round(t_total),
-                     "validation": history["stage_l"][-1]["val"] if history["stage_l"] else None},
+                     "validation": ({k: v for k, v in history["stage_l"][-1]["val"].items() if k != "correct"}
+                                    if history["stage_l"] else None)},
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(f"TEST acc {res['accuracy']:.4f} (argmax {res['accuracy_argmax']:.4f}) "
@@ -412,6 +490,12 @@ def main(argv=None):
     p.add_argument("--init-from", default=None, help="a saved fixture folder: skip stage V, start from it")
     p.add_argument("--init-parts", default="vision", choices=["vision", "all"])
     p.add_argument("--embed-std", type=float, default=None, help="re-initialise the text embeddings with this std")
+    p.add_argument("--dense", type=float, default=0.0, help="answer-loss weight from the key word to the colon")
+    p.add_argument("--proj-scale", type=float, default=None, help="scale the projector's initial output layer")
+    p.add_argument("--dense-qtypes", default=None, help="comma-separated qtypes that get --dense (default all)")
+    p.add_argument("--ground", type=float, default=0.0, help="relpos grounding-target weight (object words -> cell)")
+    p.add_argument("--text-layers", type=int, default=3)
+    p.add_argument("--l-stop", type=int, default=None, help="experiments: stop stage L early, save nothing")
     e = sub.add_parser("eval", help="score a saved fixture on the test split")
     e.add_argument("--path", default=None)
     e.add_argument("--n", type=int, default=2400)
@@ -420,7 +504,9 @@ def main(argv=None):
     if args.cmd == "train":
         train(args.out, seed=args.seed, v_steps=args.v_steps, l_steps=args.l_steps,
               eval_every=args.eval_every, questions_per_image=args.questions, threads=args.threads,
-              lr=args.lr, init_from=args.init_from, init_parts=args.init_parts, embed_std=args.embed_std)
+              lr=args.lr, init_from=args.init_from, init_parts=args.init_parts, embed_std=args.embed_std,
+              dense=args.dense, ground=args.ground,
+              dense_qtypes=args.dense_qtypes.split(",") if args.dense_qtypes else None, proj_scale=args.proj_scale, text_layers=args.text_layers, l_stop=args.l_stop)
     else:
         model, processor = load(args.path)
         res = evaluate(model, processor, sv.make_split(args.split, args.n))

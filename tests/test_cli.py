@@ -56,3 +56,17 @@ def test_demo_runs_on_the_fixture(tmp_path, capsys):
     assert all(0 <= r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] <= 1 for r in rows)
     assert {"demo.md", "demo.json", "accuracy_vs_tokens.png"} <= {p.name for p in tmp_path.iterdir()}
     assert "| cls_attention | 16 |" in capsys.readouterr().out
+
+
+def test_demo_position_policy_reaches_the_vision_stage_methods_only(tmp_path, capsys):
+    """--positions original changes what cls_attention answers (the fixture reads cells from
+    position ids) and is not passed to the in-LLM fastv, which keeps positions anyway."""
+    from vlm_prune import demo
+
+    kw = dict(threads=1, n=60, methods=["cls_attention", "fastv"], budgets=[16])
+    default = demo.run(out=tmp_path / "a", **kw)
+    original = demo.run(out=tmp_path / "b", positions="original", **kw)
+    assert [r["positions"] for r in original] == ["default", "original", "default"]
+    assert original[1]["per_qtype"] != default[1]["per_qtype"]
+    assert original[2]["accuracy"] == default[2]["accuracy"]
+    assert "vision-stage positions=original" in (tmp_path / "b" / "demo.md").read_text()

@@ -52,7 +52,7 @@ def _cmd_bench(args) -> int:
 def _cmd_demo(args) -> int:
     from . import demo
 
-    demo.run(threads=args.threads, n=args.n, out=args.out)
+    demo.run(threads=args.threads, n=args.n, out=args.out, positions=args.positions)
     return 0
 
 
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=2)
     demo.add_argument("-n", type=int, default=600, help="test questions per configuration")
     demo.add_argument("--out", default="demo-results", help="folder for demo.md, demo.json and the PNG plot")
+    demo.add_argument("--positions", choices=["renumber", "original"], default=None,
+                      help="position ids of the kept tokens for the vision-stage methods (default: renumber)")
     demo.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="prefill time pruned vs unpruned, in one process")

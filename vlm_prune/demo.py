@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from . import api
+from .registry import get_method
 
 BUDGETS = [36, 16]  # of 144 visual tokens: 25% and 11%
 METHODS = ["cls_attention", "visionzip", "divprune", "dct", "text_recovery", "transition", "fastv", "pool", "random"]
@@ -43,7 +44,9 @@ def _score(model, processor, items, batch_size: int) -> tuple[dict, float]:
 
 
 def run(threads: int = 2, n: int = 600, batch_size: int = 50, out: str | Path = "demo-results",
-        methods: list[str] | None = None, budgets: list[int] | None = None) -> list[dict]:
+        methods: list[str] | None = None, budgets: list[int] | None = None, positions: str | None = None) -> list[dict]:
+    """`positions` ("renumber" / "original"; None = the family default, renumber) applies to the
+    vision-stage methods; the in-LLM ones always keep every token's original position."""
     from vlm_prune.evals.synthetic_vqa import make_split
 
     from .fixture import load
@@ -56,26 +59,28 @@ def run(threads: int = 2, n: int = 600, batch_size: int = 50, out: str | Path = 
     rows = []
     with torch.inference_mode(), tqdm(total=len(configs), desc="demo", unit="config") as bar:
         for method, keep in configs:
-            handle = api.patch(model, method, keep, **OPTIONS.get(method, {})) if keep else None
+            extra = {"positions": positions} if positions and keep and get_method(method).stage == "vision" else {}
+            handle = api.patch(model, method, keep, **extra, **OPTIONS.get(method, {})) if keep else None
             result, seconds = _score(model, processor, items, batch_size)
             kept = 144 if handle is None else sum(s["kept"] for s in handle.stats) / len(handle.stats)
             api.unpatch(model)
             low, high = bootstrap_interval(result["correct"])
-            rows.append(dict(method=method, keep=keep or 144, kept=round(kept, 1), accuracy=result["accuracy"],
+            rows.append(dict(method=method, keep=keep or 144, positions=extra.get("positions", "default"), kept=round(kept, 1), accuracy=result["accuracy"],
                              ci95=[low, high], seconds=seconds, per_qtype=result["per_qtype"]))
             bar.update()
     base = rows[0]
     for row in rows:
         row["retention"] = row["accuracy"] / base["accuracy"]
         row["speedup"] = base["seconds"] / row["seconds"]
-    _report(rows, out, n, threads)
+    _report(rows, out, n, threads, positions)
     return rows
 
 
-def _report(rows: list[dict], out: Path, n: int, threads: int) -> None:
+def _report(rows: list[dict], out: Path, n: int, threads: int, positions: str | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    policy = f", vision-stage positions={positions}" if positions else ""
     lines = [f"vlm_prune demo: fixture LLaVA (144 visual tokens), synthetic VQA test split, n={n}, "
-             f"{threads} thread(s)", "",
+             f"{threads} thread(s){policy}", "",
              "| method | keep | tokens kept | accuracy (95% CI) | retention | prefill speed-up |",
              "|---|---|---|---|---|---|"]
     for r in rows:

@@ -196,7 +196,7 @@ class VisionStagePatch(PatchBase):
     @property
     def kept_indices(self) -> list[torch.Tensor]:
         """Per image of the last prefill: the indices of the visual tokens passed on."""
-        if getattr(self, "_kept_slots", None) is not None:
+        if self._kept_slots is not None:
             self._kept_indices = [slots.nonzero().flatten() for slots in self._kept_slots]
             self._kept_slots = None
         return self._kept_indices
@@ -359,16 +359,7 @@ class VisionStagePatch(PatchBase):
         kept_slots, kept_features = self._reduce(images)
         keep = torch.ones_like(is_image)
         keep[is_image] = (kept_slots[0] if len(kept_slots) == 1 else torch.cat(kept_slots)).to(is_image.device)
-        # kept counts per row on the host: images fill the rows' placeholders in order
-        kept_images = iter(f.shape[0] for f in kept_features)
-        sizes = iter(img.features.shape[0] for img in images)
-        row_kept = []
-        for n in counts:
-            visual, kept_visual = 0, 0
-            while visual < n:
-                visual += next(sizes)
-                kept_visual += next(kept_images)
-            row_kept.append(kept_visual)
+        row_kept = _per_row(counts, [img.features.shape[0] for img in images], [f.shape[0] for f in kept_features])
         row_len = [is_image.shape[1] - n + k for n, k in zip(counts, row_kept)]
         mask = kw.get("attention_mask")
         # the padding side matters only when rows end up with different lengths
@@ -559,6 +550,20 @@ def _stack(parts: list[tuple[torch.Tensor, Region]]) -> torch.Tensor:
     """[M, n, ...]: each tensor's rows of its region (a view when a single region spans them)."""
     taken = [x[r.start:r.start + len(r.slots)] if r.start is not None else x[r.slots] for x, r in parts]
     return taken[0].unsqueeze(0) if len(taken) == 1 else torch.stack(taken)
+
+
+def _per_row(row_tokens: list[int], image_tokens: list[int], image_values: list[int]) -> list[int]:
+    """Sums a per-image count over each row's images, on the host: the images fill the rows'
+    placeholders in order (`row_tokens`: placeholders per row; `image_tokens`: per image)."""
+    images = iter(zip(image_tokens, image_values))
+    sums = []
+    for n in row_tokens:
+        seen = total = 0
+        while seen < n:
+            tokens, value = next(images)
+            seen, total = seen + tokens, total + value
+        sums.append(total)
+    return sums
 
 
 def _extend_mask(prompt_mask: torch.Tensor, extra: int) -> torch.Tensor:

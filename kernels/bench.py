@@ -61,17 +61,7 @@ def _graph_timer(repeats: int, calls: int = 20):
         with torch.cuda.graph(graph):
             for _ in range(calls):
                 fn()
-        graph.replay()
-        torch.cuda.synchronize()
-        samples = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) / calls)
-        return statistics.median(samples)
+        return _timer("cuda", repeats)(graph.replay) / calls
 
     return measure
 

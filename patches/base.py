@@ -335,7 +335,7 @@ class VisionStagePatch(PatchBase):
         return images
 
     def _prefill(self, kw: dict[str, Any]) -> dict[str, Any] | None:
-        start = clock(self.model.device)
+        start = clock(self.model)
         self.state = None
         is_image = self.image_token_mask(kw)
         counts = is_image.sum(1).tolist()
@@ -345,9 +345,9 @@ class VisionStagePatch(PatchBase):
             self.layer_lengths = [is_image.shape[1]] * self.model.config.text_config.num_hidden_layers
             return None
         self._signal_s = 0.0
-        vision_start = clock(self.model.device)
+        vision_start = clock(self.model)
         images = self._images(kw)
-        vision_s = clock(self.model.device) - vision_start
+        vision_s = clock(self.model) - vision_start
         if "question" in self.method.needs:
             self._add_question(kw, is_image, images)
         n_slots = sum(img.features.shape[0] for img in images)
@@ -379,7 +379,7 @@ class VisionStagePatch(PatchBase):
         n_layers = self.model.config.text_config.num_hidden_layers
         self.layer_lengths = [new_kw["inputs_embeds"].shape[1]] * n_layers
         self.stats = [{"visual_tokens": int(n), "kept": int(k)} for n, k in zip(counts, row_kept)]
-        total = clock(self.model.device) - start
+        total = clock(self.model) - start
         # the scoring hooks run inside the tower's forward: their time belongs to selection
         self.timings = {"vision_s": vision_s - self._signal_s, "select_s": total - vision_s + self._signal_s}
         return new_kw

@@ -142,10 +142,10 @@ class LLMStagePatch(PatchBase):
     def _enter_stage(self, s: int, hidden: torch.Tensor) -> torch.Tensor:
         """Drops tokens before the stage's first layer; returns the sliced hidden states."""
         if self.phase == "prefill":
-            start = clock(self.model.device)
+            start = clock(self.model)
             new_index = self._select(s)
             self.stage_index.append(new_index)
-            self._select_s += clock(self.model.device) - start
+            self._select_s += clock(self.model) - start
             if s == len(self.stages) - 1:
                 self._finish_prefill(new_index)
         else:
@@ -258,13 +258,13 @@ class LLMStagePatch(PatchBase):
         def hook(module, args, kwargs, output):
             if self.phase != "prefill":
                 return
-            start = clock(self.model.device)
+            start = clock(self.model)
             t_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             t_out = output[0] if isinstance(output, tuple) else output
             visual = _gather(self.prompt.is_image, self._index, False)
             self._ttv = self._ttv + transition_variation(t_in, t_out, visual, self.config.options["direction"],
                                                          self.config.backend)
-            self._select_s += clock(self.model.device) - start
+            self._select_s += clock(self.model) - start
 
         return hook
 
@@ -279,7 +279,7 @@ class LLMStagePatch(PatchBase):
         """After the attention of a layer that ends a stage: the rows' attention to every token."""
         if self.phase != "prefill":
             return
-        start = clock(self.model.device)
+        start = clock(self.model)
         prompt, index = self.prompt, self._index
         batch, length = index.shape
         head_dim = module.head_dim
@@ -304,7 +304,7 @@ class LLMStagePatch(PatchBase):
         if prompt.mask2d is not None:
             allowed &= _gather(prompt.mask2d.bool(), index, False)[:, None, :]
         self._attention = attention_from_rows(q_rows, k, allowed, row_valid, module.scaling)
-        self._select_s += clock(self.model.device) - start
+        self._select_s += clock(self.model) - start
 
 
 # -- helpers ---------------------------------------------------------------------------------

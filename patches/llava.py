@@ -157,7 +157,7 @@ class LlavaPatch(VisionStagePatch):
             result["pre_projection"] = captured["projector"]["input"]
         if not self.score_layers:
             return
-        start = clock(self.model.device)
+        start = clock(self.model)
         total = None
         for layer_idx in self.score_layers:
             attn = self.vision_layers[layer_idx].self_attn
@@ -170,7 +170,7 @@ class LlavaPatch(VisionStagePatch):
         result["cls_attention"] = total
         if "keys" in self.method.needs:
             result["keys"] = captured[self.score_layers[-1]]["k"]
-        self._signal_s += clock(self.model.device) - start
+        self._signal_s += clock(self.model) - start
 
 
 def _store(slot: dict[str, torch.Tensor], key: str, first_row: bool = False):

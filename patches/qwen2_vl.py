@@ -152,7 +152,7 @@ class Qwen2VLPatch(VisionStagePatch):
         finally:
             for h in handles:
                 h.remove()
-        start = clock(self.model.device)
+        start = clock(self.model)
         qkv = seen["qkv"]
         total = qkv.shape[0]
         q, k, _ = qkv.reshape(total, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
@@ -171,4 +171,4 @@ class Qwen2VLPatch(VisionStagePatch):
             q_rot, k_rot = rotary(q, k, cos, sin)
             received = attention_received(q_rot.transpose(0, 1), k_rot.transpose(0, 1), attn.scaling, seen["cu_seqlens"])
             result["cls_attention"] = per_merged_token(received)
-        self._signal_s += clock(self.model.device) - start
+        self._signal_s += clock(self.model) - start

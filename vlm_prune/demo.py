@@ -65,8 +65,9 @@ def run(threads: int = 2, n: int = 600, batch_size: int = 50, out: str | Path = 
             kept = 144 if handle is None else sum(s["kept"] for s in handle.stats) / len(handle.stats)
             api.unpatch(model)
             low, high = bootstrap_interval(result["correct"])
-            rows.append(dict(method=method, keep=keep or 144, positions=extra.get("positions", "default"), kept=round(kept, 1), accuracy=result["accuracy"],
-                             ci95=[low, high], seconds=seconds, per_qtype=result["per_qtype"]))
+            rows.append(dict(method=method, keep=keep or 144, positions=extra.get("positions", "default"),
+                             kept=round(kept, 1), accuracy=result["accuracy"], ci95=[low, high], seconds=seconds,
+                             per_qtype=result["per_qtype"]))
             bar.update()
     base = rows[0]
     for row in rows:

@@ -15,9 +15,12 @@ import time
 import torch
 
 
-def clock(device: torch.device | str | None = None) -> float:
-    """Seconds on the host clock; synchronises `device` first when it is CUDA and
-    VLM_PRUNE_SYNC_TIMINGS=1."""
-    if device is not None and torch.device(device).type == "cuda" and os.environ.get("VLM_PRUNE_SYNC_TIMINGS") == "1":
-        torch.cuda.synchronize(device)
+def clock(where: torch.nn.Module | torch.device | str | None = None) -> float:
+    """Seconds on the host clock; first synchronises the device of `where` (a module, e.g. the
+    model, or a device) when it is CUDA and VLM_PRUNE_SYNC_TIMINGS=1. The device is looked up
+    only then: this runs in per-layer hooks."""
+    if where is not None and os.environ.get("VLM_PRUNE_SYNC_TIMINGS") == "1":
+        device = torch.device(where.device if isinstance(where, torch.nn.Module) else where)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     return time.perf_counter()

@@ -4,8 +4,9 @@
 # Output lands in $OUT (the device tool's return folder; /tmp/vlm_prune_gpu elsewhere).
 #
 # No network there and no pip build: the package is laid out by links (the package-dir
-# mapping of pyproject.toml) in the device's throwaway copy of the tree, and a carried .whl/ folder (transformers as pinned in
-# constraints.txt, see README "Kernels") is unpacked over the machine's own packages.
+# mapping of pyproject.toml) in the device's throwaway copy of the tree, and a carried .whl/
+# folder (transformers as pinned in constraints.txt; README "Kernels" has the download command)
+# is unpacked over the machine's own packages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/vlm_prune_gpu}"

@@ -24,6 +24,42 @@ def test_splits_are_deterministic_and_distinct():
     assert all(x.answer in sv.ANSWER_WORDS and x.image.size == (168, 168) for x in a)
 
 
+def test_grounding_targets_name_where_each_relpos_object_is():
+    rng = np.random.default_rng(0)
+    checked = 0
+    while checked < 20:
+        scene = sv.sample_scene(rng, (2, 4))
+        qa = sv.ask(scene, "relpos", rng)
+        if qa is None:
+            continue
+        words = (qa[0] + " answer :").split()
+        first, second = ({o.color: o for o in scene}[words[i]] for i in (2, 9))
+        assert (words[3], words[10]) == (first.shape, second.shape)
+        assert [i for i, _ in fixture._object_words(words)] == [2, 3, 9, 10]
+        got = [fixture._grounding_target({o.color: o for o in scene}[c], "column") for _, c in fixture._object_words(words)]
+        assert got == [sv.CELLS[3 + first.col]] * 2 + [sv.CELLS[3 + second.col]] * 2
+        assert fixture._grounding_target(first, "cell") == sv.CELLS[first.cell]
+        # the answer is what the two column targets imply
+        assert qa[1] == ("left" if first.col < second.col else "right")
+        checked += 1
+
+
+def test_training_runs_every_stage_and_saves_a_loadable_model(tmp_path):
+    """A few steps of each stage (V, G, L with every auxiliary loss), then save + reload + test."""
+    log = []
+    metrics = fixture.train(
+        tmp_path / "fx", v_steps=2, g_steps=2, l_steps=2, batch=4, l_batch=2, questions_per_image=6,
+        eval_every=100, n_val=6, n_test=6, dense=0.5, ground=1.0, ground_target="column", pos_aux=0.5,
+        log=lambda *a, **k: log.append(a[0]),
+    )
+    assert any(line.startswith("[V") for line in log) and any(line.startswith("[G") for line in log)
+    assert metrics["n"] == 6 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["training"]["g_steps"] == 2 and metrics["training"]["pos_aux"] == 0.5
+    model, processor = fixture.load(tmp_path / "fx")
+    assert model.config.image_seq_length == 144
+    assert json.loads((tmp_path / "fx" / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+
+
 def test_fixture_loads_offline_in_both_layouts(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, processor = fixture.load()

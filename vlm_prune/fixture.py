@@ -30,24 +30,48 @@ Training (`train`, CPU, seeded, single-threaded; see /work/shared/notes/fixture.
   chance to ~100% in 400-800 steps once it kicks in. Dense loss on count / exists (and relpos)
   kept those at chance for 1,200+ steps in runs from a fresh LLM, so it is restricted to the
   three lookup types (`dense_qtypes`).
-- Tried and not (yet) helpful: text embeddings re-initialised at std 1.0 (`embed_std`; the
-  projected image tokens have norm ~14, default text embeddings ~0.4) -- slower with dense loss;
-  grounding targets for relpos (`ground`: its object words predict their object's cell word)
-  -- relpos stays at chance (50%), the colour -> cell lookup is learned slowly (36% cell accuracy
-  after 2,000 steps at weight 0.5).
+- Left/right (issue #9, v3). Probes of v2 showed why relpos sat at chance: the projector had
+  dropped where each token is (a linear probe reads a patch's column from the tower's features
+  with 100% accuracy, from the projected tokens 81%, from layer 0's values 54%; v2 located
+  cells by position id instead), and the colour word never learned to look up its object's
+  column. Three pieces fixed it: `pos_aux` (a throwaway head on the projected image tokens
+  predicts each token's row and column, weight 0.5), grounding targets (`ground`, `ground_target
+  ="column"`: in relpos questions the object words c1 s1 / c2 s2 predict the middle-row cell word
+  of their object's column), and stage G (`g_steps`): the grounding targets trained alone on
+  relpos questions before stage L -- mixed into stage L they stayed at chance for 2,000 steps,
+  alone they reach ~98% in 300 steps (a plateau-then-jump, like the lookup types above).
+  Relpos then goes from 50% to 95% in 250 stage-L steps; count dips (to ~60%) and recovers.
+- Tried and not helpful: text embeddings re-initialised at std 1.0 (`embed_std`) -- slower with
+  dense loss; dense loss on count / exists from a fresh LLM; 9-way cell grounding targets mixed
+  into stage L (36% cell accuracy after 2,000 steps); `pos_aux` on layer 0's values instead of
+  the embeddings.
 
-The shipped checkpoint (v2, test 87.75%: color_at 100, color_of 100, shape_at 98.8, exists 93.0,
-count 84.0, relpos 50.7 = chance) is the v1 checkpoint (stage V 1,500 steps + stage L 3,000
-steps, the recipe above without `dense`, git 44400dd) continued for 2,000 stage-L steps from all
-its weights (no curriculum) with the dense loss on the lookup types (20 min on one thread)::
+The shipped checkpoint is v3 (test accuracy and per-type numbers in `fixture_model/metrics.json`
+and the README). Its lineage, each step continuing from all of the previous weights (the vision
+tower is frozen in every stage L, so all versions carry v1's tower):
 
-    python -m vlm_prune.fixture train --init-from V1_DIR --init-parts all --l-steps 2000 \
+- v1 (git 44400dd): stage V 1,500 steps + stage L 3,000 steps, the recipe above without
+  `dense` (``python -m vlm_prune.fixture train --out V1_DIR`` at that commit); test 66.3%.
+- v2 (git a74d4e7): v1 + 2,000 stage-L steps with the dense loss on the lookup types; 87.75%::
+
+    python -m vlm_prune.fixture train --init-from V1_DIR --init-parts all --out V2_DIR --l-steps 2000 \
         --eval-every 200 --dense 0.5 --dense-qtypes color_of,color_at,shape_at --ground 0.5 --threads 1
 
-(V1_DIR: ``git archive 44400dd vlm_prune/fixture_model``, or ``python -m vlm_prune.fixture train
---out V1_DIR`` at that commit.) The vision tower stays frozen in stage L, so every checkpoint
-since v1 carries the same tower: ``--init-from vlm_prune/fixture_model --init-parts vision``
-reruns stage L only.
+- v3a: v2 + 2,000 stage-L steps with `pos_aux` and column grounding (relpos still at chance,
+  count 87%; 88.5%)::
+
+    python -m vlm_prune.fixture train --init-from V2_DIR --init-parts all --out V3A_DIR --l-steps 2000 \
+        --eval-every 200 --dense 0.5 --dense-qtypes color_of,color_at,shape_at,relpos --ground 1.0 \
+        --ground-target column --pos-aux 0.5 --threads 1
+
+- v3: v3a + stage G 400 steps + stage L 1,500 steps, same losses (~25 min on one thread)::
+
+    python -m vlm_prune.fixture train --init-from V3A_DIR --init-parts all --g-steps 400 --l-steps 1500 \
+        --eval-every 250 --dense 0.5 --dense-qtypes color_of,color_at,shape_at,relpos --ground 1.0 \
+        --ground-target column --pos-aux 0.5 --threads 1
+
+(An earlier checkpoint: ``git archive <commit> vlm_prune/fixture_model``.)
+``--init-from vlm_prune/fixture_model --init-parts vision`` reruns stage L on the shipped tower.
 
 Command line: ``python -m vlm_prune.fixture train [--out DIR] [--seed S]`` and
 ``python -m vlm_prune.fixture eval [--path DIR] [--n N]``.
@@ -261,7 +285,7 @@ def _key_index(words) -> int:
 
 
 def _language_step(model, rng, batch: int, k: int, n_objects, qweights, vocab, layout, dense: float = 0.0,
-                   ground: float = 0.0, dense_qtypes=None):
+                   ground: float = 0.0, dense_qtypes=None, ground_target: str = "cell", pos_head=None, pos_aux: float = 0.0):
     """Loss of one stage-L batch: `batch` images, `k` questions each, packed in blocks.
 
     `dense` > 0 adds the answer loss, with that weight, at every position from the question's key
@@ -269,8 +293,14 @@ def _language_step(model, rng, batch: int, k: int, n_objects, qweights, vocab, l
     learns to look its answer up in the image in one hop; the final position keeps weight 1), in
     the question types `dense_qtypes` (default: all).
     `ground` > 0 adds grounding targets with that weight in relpos questions: the colour and shape
-    words of the first object and the colour word of the second predict that object's cell word
-    (cells are not answer words, so the restricted prediction at the colon is unaffected).
+    words of the first object and the colour and shape words of the second predict that object's
+    cell word (`ground_target="cell"`) or only its column, as the middle row's cell word
+    (`"column"`: middle-left / center / middle-right); cells are not answer words, so the
+    restricted prediction at the colon is unaffected.
+    `pos_head` (a throwaway Linear(d, 2 * side)) with `pos_aux` > 0 adds a loss that keeps each
+    projected image token's own row and column linearly readable (the answer loss alone lets the
+    projector drop them: the LLM can locate tokens by position id, but then cannot say where a
+    colour is).
     """
     scenes = [sv.sample_scene(rng, n_objects) for _ in range(batch)]
     images = [sv.render(s, rng) for s in scenes]
@@ -279,6 +309,7 @@ def _language_step(model, rng, batch: int, k: int, n_objects, qweights, vocab, l
     gold = torch.zeros(batch, k, dtype=torch.long)
     weight = torch.zeros(batch, k, QMAX)
     target = torch.zeros(batch, k, QMAX, dtype=torch.long)
+    grounded = torch.zeros(batch, k, QMAX, dtype=torch.bool)
     qtypes = []
     for b, s in enumerate(scenes):
         # every qtype once (in random order), then extras weighted towards the lagging ones
@@ -299,10 +330,11 @@ def _language_step(model, rng, batch: int, k: int, n_objects, qweights, vocab, l
             if dense > 0 and (dense_qtypes is None or qt in dense_qtypes):
                 weight[b, j, _key_index(words):len(words) - 1] = dense
             if ground > 0 and qt == "relpos":  # is the c1 s1 left or right of the c2 s2 ?
-                cell = {o.color: sv.CELLS[o.cell] for o in s}
-                for i, c in ((2, words[2]), (3, words[2]), (9, words[9])):
-                    target[b, j, i] = vocab[cell[c]]
+                by_color = {o.color: o for o in s}
+                for i, c in _object_words(words):
+                    target[b, j, i] = vocab[_grounding_target(by_color[c], ground_target)]
                     weight[b, j, i] = ground
+                    grounded[b, j, i] = True
             qtypes.append(qt)
             j += 1
     mask, pos = layout
@@ -311,6 +343,13 @@ def _language_step(model, rng, batch: int, k: int, n_objects, qweights, vocab, l
         out = model.model.vision_tower(pixel_values(images), output_hidden_states=True)
         feats = out.hidden_states[model.config.vision_feature_layer][:, 1:]
     image_emb = model.model.multi_modal_projector(feats)
+    pos_loss = None
+    if pos_head is not None and pos_aux > 0:
+        side = sv.IMAGE_SIZE // sv.PATCH
+        row, col, _ = _position_targets()
+        out_rc = pos_head(image_emb).reshape(batch * N_PATCHES, 2, side)
+        pos_loss = (F.cross_entropy(out_rc[:, 0], row.repeat(batch))
+                    + F.cross_entropy(out_rc[:, 1], col.repeat(batch)))
     embed = lm.get_input_embeddings()
     bos = embed(torch.full((batch, 1), vocab["<s>"], dtype=torch.long))
     text = embed(ids.reshape(batch, k * QMAX))
@@ -329,14 +368,66 @@ def _language_step(model, rng, batch: int, k: int, n_objects, qweights, vocab, l
                              target.reshape(-1), reduction="none")
         w = weight.reshape(-1)
         loss = (loss * gold.numel() + (ce * w).sum()) / (gold.numel() + w.sum())
-    return loss, acc
+    if pos_loss is not None:
+        loss = loss + pos_aux * pos_loss
+    ground_acc = None
+    if grounded.any():
+        at = grounded.reshape(batch, k * QMAX)
+        hit = all_logits.argmax(-1)[at] == target.reshape(batch, k * QMAX)[at]
+        ground_acc = hit.float().mean().item()
+    return loss, acc, ground_acc
+
+
+def _object_words(words) -> list[tuple[int, str]]:
+    """(index, colour) of each object word of a relpos question -- "is the c1 s1 left or right of
+    the c2 s2 ?": c1 and s1 name the first object, c2 and s2 the second."""
+    return [(2, words[2]), (3, words[2]), (9, words[9]), (10, words[9])]
+
+
+def _grounding_target(obj, target: str) -> str:
+    """The cell word an object word learns to predict: its cell, or (`"column"`) the middle
+    row's cell of its column (middle-left / center / middle-right)."""
+    return sv.CELLS[sv.GRID + obj.col] if target == "column" else sv.CELLS[obj.cell]
+
+
+def _grounding_step(model, rng, batch: int, vocab, target: str = "column"):
+    """Loss of one stage-G batch: `batch` relpos questions (one per image, the single-question
+    layout), loss only at their object words, which predict their object's column / cell.
+
+    This is the lookup relpos needs (colour -> where), learned alone: mixed into stage L it stays
+    at chance for 2,000 steps, alone it is learned in ~150-300 steps once the projected image
+    tokens keep their positions (`pos_aux`)."""
+    ids, targets, images = [], [], []
+    while len(ids) < batch:
+        scene = sv.sample_scene(rng, (2, 4))
+        qa = sv.ask(scene, "relpos", rng)
+        if qa is None:
+            continue
+        words = (qa[0] + " answer :").split()
+        by_color = {o.color: o for o in scene}
+        ids.append([vocab[w] for w in words])
+        targets.append([vocab[_grounding_target(by_color[c], target)] for _, c in _object_words(words)])
+        images.append(sv.render(scene, rng))
+    lm = model.model.language_model
+    with torch.no_grad():
+        out = model.model.vision_tower(pixel_values(images), output_hidden_states=True)
+        feats = out.hidden_states[model.config.vision_feature_layer][:, 1:]
+    embed = lm.get_input_embeddings()
+    bos = embed(torch.full((batch, 1), vocab["<s>"], dtype=torch.long))
+    h = lm(inputs_embeds=torch.cat([bos, model.model.multi_modal_projector(feats), embed(torch.tensor(ids))], 1)).last_hidden_state
+    where = torch.tensor([i for i, _ in _object_words(words)]) + 1 + N_PATCHES
+    logits = model.lm_head(h[:, where])
+    targets = torch.tensor(targets)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return loss, (logits.argmax(-1) == targets).float().mean().item()
 
 
 def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000, batch: int = 32, l_batch: int = 16,
           questions_per_image: int = 12, lr: float = 1e-3, eval_every: int = 400, n_val: int = 600,
           n_test: int = 2400, text_layers: int = 3, threads: int = 1, init_from=None,
           init_parts: str = "vision", embed_std: float | None = None, dense: float = 0.0,
-          proj_scale: float | None = None, ground: float = 0.0, dense_qtypes=None, l_stop: int | None = None, log=print):
+          proj_scale: float | None = None, ground: float = 0.0, dense_qtypes=None, ground_target: str = "cell",
+          pos_aux: float = 0.0, g_steps: int = 0, l_stop: int | None = None, log=print):
     """Train the fixture from scratch on CPU and save it (model + processor + metrics.json) to out_dir.
 
     Fresh images every step (seeded numpy generators), torch seeded, `threads` torch threads.
@@ -358,7 +449,7 @@ def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000,
     model = build_model(seed, text_layers)
     model.train()
     val = sv.make_split("validation", n_val)
-    history = {"stage_v": [], "stage_l": []}
+    history = {"stage_v": [], "stage_g": [], "stage_l": []}
 
     if init_from is not None:
         from transformers import LlavaForConditionalGeneration
@@ -402,11 +493,35 @@ def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000,
             model.model.multi_modal_projector.linear_2.weight.mul_(proj_scale)
             model.model.multi_modal_projector.linear_2.bias.mul_(proj_scale)
 
-    # ---- stage L: projector + Llama, vision frozen
+    # ---- stage G (optional): relpos object words -> where their object is, alone
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
     model.model.vision_tower.eval()
     params = [p for n, p in model.named_parameters() if p.requires_grad]
+    if g_steps:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+        rng = np.random.default_rng([seed, 3])
+        model.model.multi_modal_projector.train()
+        model.model.language_model.train()
+        run_acc = []
+        for step in range(g_steps):
+            loss, acc = _grounding_step(model, rng, batch, vocab, ground_target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            run_acc.append(acc)
+            if step % 50 == 49 or step == g_steps - 1:
+                history["stage_g"].append({"step": step + 1, "loss": round(loss.item(), 4), "acc": round(float(np.mean(run_acc)), 4)})
+                log(f"[G {step + 1:5d}] loss {loss.item():.4f} grounding acc {np.mean(run_acc):.3f} ({time.time() - t0:.0f}s)", flush=True)
+                run_acc = []
+
+    # ---- stage L: projector + Llama, vision frozen
+    pos_head = None
+    if pos_aux > 0:
+        side = sv.IMAGE_SIZE // sv.PATCH
+        pos_head = nn.Linear(model.config.text_config.hidden_size, 2 * side)
+        params += list(pos_head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     rng = np.random.default_rng([seed, 2])
     torch.manual_seed(seed + 2)
@@ -416,7 +531,7 @@ def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000,
     if init_from is not None and init_parts == "all":
         stages = [(0.0, (2, 4))]
     best = None
-    run_loss, run_acc = [], []
+    run_loss, run_acc, run_ground = [], [], []
     for step in range(l_steps):
         n_objects = [r for frac, r in stages if step >= frac * l_steps][-1]
         for g in opt.param_groups:
@@ -425,18 +540,21 @@ def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000,
         model.model.language_model.train()
         if l_stop is not None and step >= l_stop:
             return {"history": history}
-        loss, acc = _language_step(model, rng, l_batch, questions_per_image, n_objects, qweights, vocab, layout,
-                                   dense, ground, dense_qtypes)
+        loss, acc, ground_acc = _language_step(model, rng, l_batch, questions_per_image, n_objects, qweights, vocab, layout,
+                                   dense, ground, dense_qtypes, ground_target, pos_head, pos_aux)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         run_loss.append(loss.item())
         run_acc.append(acc)
+        if ground_acc is not None:
+            run_ground.append(ground_acc)
         if step % 50 == 0:
-            log(f"[L {step:5d}] loss {np.mean(run_loss):.4f} train_acc {np.mean(run_acc):.3f} "
+            grounding = f"ground_acc {np.mean(run_ground):.3f} " if run_ground else ""
+            log(f"[L {step:5d}] loss {np.mean(run_loss):.4f} train_acc {np.mean(run_acc):.3f} {grounding}"
                 f"objects {n_objects} ({time.time() - t0:.0f}s)", flush=True)
-            run_loss, run_acc = [], []
+            run_loss, run_acc, run_ground = [], [], []
         if (step + 1) % eval_every == 0 or step == l_steps - 1:
             res = evaluate(model, processor, val)
             lag = np.array([1.0 - res["per_qtype"][q] for q in sv.QTYPES]) + 0.05
@@ -463,7 +581,7 @@ def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000,
         "training": {"seed": seed, "init_from": str(init_from) if init_from else None, "init_parts": init_parts, "v_steps": v_steps, "l_steps": l_steps, "batch": batch, "l_batch": l_batch,
                      "questions_per_image": questions_per_image, "lr": lr, "text_layers": text_layers,
                      "embed_std": embed_std, "dense": dense, "dense_qtypes": list(dense_qtypes or sv.QTYPES),
-                     "ground": ground, "proj_scale": proj_scale,
+                     "ground": ground, "ground_target": ground_target, "pos_aux": pos_aux, "g_steps": g_steps, "proj_scale": proj_scale,
                      "threads": threads, "stage_v_s": round(t_v), "total_s": round(t_total),
                      "validation": ({k: v for k, v in history["stage_l"][-1]["val"].items() if k != "correct"}
                                     if history["stage_l"] else None)},
@@ -494,6 +612,12 @@ def main(argv=None):
     p.add_argument("--proj-scale", type=float, default=None, help="scale the projector's initial output layer")
     p.add_argument("--dense-qtypes", default=None, help="comma-separated qtypes that get --dense (default all)")
     p.add_argument("--ground", type=float, default=0.0, help="relpos grounding-target weight (object words -> cell)")
+    p.add_argument("--ground-target", default="cell", choices=["cell", "column"],
+                   help="what --ground's object words predict: the object's cell, or only its column")
+    p.add_argument("--pos-aux", type=float, default=0.0,
+                   help="weight of a loss keeping row/column readable in the projected image tokens")
+    p.add_argument("--g-steps", type=int, default=0,
+                   help="stage G steps before stage L: relpos object words learn where their object is")
     p.add_argument("--text-layers", type=int, default=3)
     p.add_argument("--l-stop", type=int, default=None, help="experiments: stop stage L early, save nothing")
     e = sub.add_parser("eval", help="score a saved fixture on the test split")
@@ -505,7 +629,8 @@ def main(argv=None):
         train(args.out, seed=args.seed, v_steps=args.v_steps, l_steps=args.l_steps,
               eval_every=args.eval_every, questions_per_image=args.questions, threads=args.threads,
               lr=args.lr, init_from=args.init_from, init_parts=args.init_parts, embed_std=args.embed_std,
-              dense=args.dense, ground=args.ground,
+              dense=args.dense, ground=args.ground, ground_target=args.ground_target,
+              pos_aux=args.pos_aux, g_steps=args.g_steps,
               dense_qtypes=args.dense_qtypes.split(",") if args.dense_qtypes else None, proj_scale=args.proj_scale, text_layers=args.text_layers, l_stop=args.l_stop)
     else:
         model, processor = load(args.path)

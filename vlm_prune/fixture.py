@@ -438,6 +438,8 @@ def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000,
     text embeddings with that standard deviation (the projected image tokens have norm ~14, the
     default-initialised text embeddings ~0.4). `dense`: see `_language_step`. `proj_scale`
     multiplies the projector's initial output layer (image tokens start nearer the text norm).
+    `pos_aux`, `ground` / `ground_target`: see `_language_step`; `g_steps` runs stage G
+    (`_grounding_step`) before stage L.
     `l_stop` (experiments) stops stage L after that many steps of the `l_steps` schedule and
     returns the history without saving.
     """

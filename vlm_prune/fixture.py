@@ -93,7 +93,8 @@ from torch import nn
 from vlm_prune.evals import synthetic_vqa as sv
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "fixture_model"
-N_PATCHES = (sv.IMAGE_SIZE // sv.PATCH) ** 2  # 144
+SIDE = sv.IMAGE_SIZE // sv.PATCH  # 12 patches per side
+N_PATCHES = SIDE**2  # 144
 _CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 _CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 QMAX = 14  # longest question + "answer :" (relpos: 12 + 2 words)
@@ -209,12 +210,11 @@ class _VisionHeads(nn.Module):
 
     def __init__(self, d: int = 128):
         super().__init__()
-        side = sv.IMAGE_SIZE // sv.PATCH
         self.presence = nn.Linear(d, len(sv.CLASSES))
         self.norm = nn.LayerNorm(d)
         self.cls = nn.Linear(d, 1 + len(sv.CLASSES))
-        self.row = nn.Linear(d, side)
-        self.col = nn.Linear(d, side)
+        self.row = nn.Linear(d, SIDE)
+        self.col = nn.Linear(d, SIDE)
         self.cell = nn.Linear(d, sv.GRID * sv.GRID)
 
 
@@ -224,11 +224,25 @@ def _cosine(step: int, total: int, warmup: int, lr: float) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+@torch.no_grad()
+def _tower_features(model, images) -> torch.Tensor:
+    """[B, 144, Dv]: the frozen tower's features the projector receives (layer -2, no [CLS])."""
+    out = model.model.vision_tower(pixel_values(images), output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+def _update(opt, params, loss) -> None:
+    """One optimiser step on `loss`, gradients clipped to norm 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def _position_targets():
-    side = sv.IMAGE_SIZE // sv.PATCH
-    idx = torch.arange(side * side)
-    row, col = idx // side, idx % side
-    per_cell = side // sv.GRID
+    idx = torch.arange(N_PATCHES)
+    row, col = idx // SIDE, idx % SIDE
+    per_cell = SIDE // sv.GRID
     return row, col, (row // per_cell) * sv.GRID + (col // per_cell)
 
 
@@ -297,7 +311,7 @@ def _language_step(model, rng, batch: int, k: int, n_objects, qweights, vocab, l
     cell word (`ground_target="cell"`) or only its column, as the middle row's cell word
     (`"column"`: middle-left / center / middle-right); cells are not answer words, so the
     restricted prediction at the colon is unaffected.
-    `pos_head` (a throwaway Linear(d, 2 * side)) with `pos_aux` > 0 adds a loss that keeps each
+    `pos_head` (a throwaway Linear(d, 2 * SIDE)) with `pos_aux` > 0 adds a loss that keeps each
     projected image token's own row and column linearly readable (the answer loss alone lets the
     projector drop them: the LLM can locate tokens by position id, but then cannot say where a
     colour is).
@@ -330,24 +344,20 @@ def _language_step(model, rng, batch: int, k: int, n_objects, qweights, vocab, l
             if dense > 0 and (dense_qtypes is None or qt in dense_qtypes):
                 weight[b, j, _key_index(words):len(words) - 1] = dense
             if ground > 0 and qt == "relpos":  # is the c1 s1 left or right of the c2 s2 ?
-                by_color = {o.color: o for o in s}
-                for i, c in _object_words(words):
-                    target[b, j, i] = vocab[_grounding_target(by_color[c], ground_target)]
+                for i, token in _grounding_targets(s, words, ground_target, vocab):
+                    target[b, j, i] = token
                     weight[b, j, i] = ground
                     grounded[b, j, i] = True
             qtypes.append(qt)
             j += 1
     mask, pos = layout
     lm = model.model.language_model
-    with torch.no_grad():
-        out = model.model.vision_tower(pixel_values(images), output_hidden_states=True)
-        feats = out.hidden_states[model.config.vision_feature_layer][:, 1:]
+    feats = _tower_features(model, images)
     image_emb = model.model.multi_modal_projector(feats)
     pos_loss = None
     if pos_head is not None and pos_aux > 0:
-        side = sv.IMAGE_SIZE // sv.PATCH
         row, col, _ = _position_targets()
-        out_rc = pos_head(image_emb).reshape(batch * N_PATCHES, 2, side)
+        out_rc = pos_head(image_emb).reshape(batch * N_PATCHES, 2, SIDE)
         pos_loss = (F.cross_entropy(out_rc[:, 0], row.repeat(batch))
                     + F.cross_entropy(out_rc[:, 1], col.repeat(batch)))
     embed = lm.get_input_embeddings()
@@ -384,6 +394,12 @@ def _object_words(words) -> list[tuple[int, str]]:
     return [(2, words[2]), (3, words[2]), (9, words[9]), (10, words[9])]
 
 
+def _grounding_targets(scene, words, target: str, vocab) -> list[tuple[int, int]]:
+    """(index, target token id) for each object word of a relpos question about `scene`."""
+    by_color = {o.color: o for o in scene}
+    return [(i, vocab[_grounding_target(by_color[c], target)]) for i, c in _object_words(words)]
+
+
 def _grounding_target(obj, target: str) -> str:
     """The cell word an object word learns to predict: its cell, or (`"column"`) the middle
     row's cell of its column (middle-left / center / middle-right)."""
@@ -404,14 +420,11 @@ def _grounding_step(model, rng, batch: int, vocab, target: str = "column"):
         if qa is None:
             continue
         words = (qa[0] + " answer :").split()
-        by_color = {o.color: o for o in scene}
         ids.append([vocab[w] for w in words])
-        targets.append([vocab[_grounding_target(by_color[c], target)] for _, c in _object_words(words)])
+        targets.append([token for _, token in _grounding_targets(scene, words, target, vocab)])
         images.append(sv.render(scene, rng))
     lm = model.model.language_model
-    with torch.no_grad():
-        out = model.model.vision_tower(pixel_values(images), output_hidden_states=True)
-        feats = out.hidden_states[model.config.vision_feature_layer][:, 1:]
+    feats = _tower_features(model, images)
     embed = lm.get_input_embeddings()
     bos = embed(torch.full((batch, 1), vocab["<s>"], dtype=torch.long))
     h = lm(inputs_embeds=torch.cat([bos, model.model.multi_modal_projector(feats), embed(torch.tensor(ids))], 1)).last_hidden_state
@@ -474,10 +487,7 @@ def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000,
         for g in opt.param_groups:
             g["lr"] = _cosine(step, v_steps, 100, lr)
         loss, stats = _vision_step(model, heads, rng, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _update(opt, params, loss)
         if step % 50 == 0 or step == v_steps - 1:
             stats = {k: round(v, 4) for k, v in stats.items()}
             history["stage_v"].append({"step": step, "loss": round(loss.item(), 4), **stats})
@@ -508,10 +518,7 @@ def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000,
         run_acc = []
         for step in range(g_steps):
             loss, acc = _grounding_step(model, rng, batch, vocab, ground_target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            _update(opt, params, loss)
             run_acc.append(acc)
             if step % 50 == 49 or step == g_steps - 1:
                 history["stage_g"].append({"step": step + 1, "loss": round(loss.item(), 4), "acc": round(float(np.mean(run_acc)), 4)})
@@ -521,8 +528,7 @@ def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000,
     # ---- stage L: projector + Llama, vision frozen
     pos_head = None
     if pos_aux > 0:
-        side = sv.IMAGE_SIZE // sv.PATCH
-        pos_head = nn.Linear(model.config.text_config.hidden_size, 2 * side)
+        pos_head = nn.Linear(model.config.text_config.hidden_size, 2 * SIDE)
         params += list(pos_head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     rng = np.random.default_rng([seed, 2])
@@ -544,10 +550,7 @@ def train(out_dir=None, seed: int = 0, v_steps: int = 1500, l_steps: int = 3000,
             return {"history": history}
         loss, acc, ground_acc = _language_step(model, rng, l_batch, questions_per_image, n_objects, qweights, vocab, layout,
                                    dense, ground, dense_qtypes, ground_target, pos_head, pos_aux)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _update(opt, params, loss)
         run_loss.append(loss.item())
         run_acc.append(acc)
         if ground_acc is not None:

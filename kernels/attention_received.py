@@ -1,13 +1,17 @@
 """Mean attention each key receives, over heads and over the query rows of its segment.
 
 The [CLS]-free importance signal for Qwen2-VL / Qwen2.5-VL (VisPruner-style): how much the
-vision tower's last block attends to each patch. Computed in chunks of query rows, so no full
-T x T map is ever held and the model's own attention can stay on SDPA/flash kernels.
+vision tower's last block attends to each patch. `attention_received` (the reference) works in
+chunks of query rows, so no full T x T map is ever held and the model's own attention can stay
+on SDPA/flash kernels. `attention_received_rotary` starts from the block's query and keys before
+rotary and dispatches to the fused Triton kernels (`triton_attention`) or to the reference.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .dispatch import use_triton
 
 
 def attention_received(
@@ -30,3 +34,34 @@ def attention_received(
             received[start:end] += probs.sum(dim=(0, 1))
         received[start:end] /= heads * (end - start)
     return received
+
+
+def rotate_half_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Qwen's vision rotary: x [T, H, Dh], cos, sin [T, Dh] -> x * cos + rotate_half(x) * sin,
+    computed in float32 and returned in x's dtype (as the model's blocks do)."""
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return (x32 * cos[:, None].float() + rotated * sin[:, None].float()).to(x.dtype)
+
+
+def attention_received_rotary_ref(query: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                                  scale: float, cu_seqlens: torch.Tensor, unit: int = 1) -> torch.Tensor:
+    """query, keys: [T, H, Dh] before rotary; cos, sin: [T, Dh]; cu_seqlens: [S + 1].
+
+    Returns [T / unit] float32: `attention_received` of the rotated query and keys, averaged over
+    each run of `unit` consecutive tokens (the merger's units)."""
+    received = attention_received(rotate_half_rotary(query, cos, sin).transpose(0, 1),
+                                  rotate_half_rotary(keys, cos, sin).transpose(0, 1), scale, cu_seqlens)
+    return received.view(-1, unit).mean(1)
+
+
+def attention_received_rotary(query: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                              scale: float, cu_seqlens: torch.Tensor, unit: int = 1,
+                              backend: str | None = None) -> torch.Tensor:
+    """See `attention_received_rotary_ref`."""
+    if not use_triton(query, backend):
+        return attention_received_rotary_ref(query, keys, cos, sin, scale, cu_seqlens, unit)
+    from . import triton_attention
+
+    return triton_attention.attention_received_rotary(query, keys, cos, sin, scale, cu_seqlens, unit)

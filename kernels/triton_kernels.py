@@ -199,8 +199,9 @@ def compact_gather(features: torch.Tensor, slots: torch.Tensor, width: int,
         index = torch.empty(batch, width, dtype=torch.int64, device=features.device)
     if out is None:
         out = torch.empty(batch, width, dim, dtype=features.dtype, device=features.device)
-    block_n, block_d = 32, min(128, triton.next_power_of_2(dim))
-    grid = (batch, triton.cdiv(length, block_n), triton.cdiv(dim, block_d))
+    block_n, block_d = 32, min(128, triton.next_power_of_2(max(dim, 1)))
+    # dim 0 (indices only, `top_k_in_order`): one feature block still writes the indices
+    grid = (batch, triton.cdiv(length, block_n), max(1, triton.cdiv(dim, block_d)))
     _compact_gather_kernel[grid](features, slots, index, out, length, dim, features.stride(0), features.stride(1),
                                  slots.stride(0), index.stride(0), out.stride(0), out.stride(1),
                                  BLOCK_N=block_n, BLOCK_D=block_d)

@@ -30,34 +30,46 @@ import torch
 from vlm_prune.compat import bind_to_kwargs, cache_length, get_cache
 from vlm_prune.config import PruneConfig, split_budget
 from vlm_prune.kernels import use_backend
+from vlm_prune.kernels.compaction import compact_prompt, compacted_inputs
 from vlm_prune.registry import get_method
 from vlm_prune.sequence import Compaction
 from vlm_prune.timing import clock
 
 
-@dataclass
 class Region:
     """A rectangular grid of one image's tokens that a method reduces as a unit.
 
-    slots: [h * w] int64 indices into the image's tokens, in raster order over `grid`.
+    slots: [h * w] int64 indices into the image's tokens, in raster order over `grid`. A span
+    (`Region.span`: consecutive tokens) makes its index tensor only when something reads it --
+    whole-image regions never do, and on a GPU host every tensor made is a launch.
     """
 
-    slots: torch.Tensor
-    grid: tuple[int, int]
-    start: int | None = None  # set (by `span`) when slots are start, start+1, ...: read as a slice
-
-    def __post_init__(self) -> None:
-        if self.grid[0] * self.grid[1] != len(self.slots):
-            raise ValueError(f"a {self.grid[0]}x{self.grid[1]} region needs {self.grid[0] * self.grid[1]} tokens, got {len(self.slots)}")
+    def __init__(self, slots: torch.Tensor | None, grid: tuple[int, int], start: int | None = None,
+                 device: torch.device | str | None = None):
+        self.grid = grid
+        self.start = start  # set by `span`: the slots are start, start+1, ..., read as a slice
+        self._slots = slots
+        self._device = device
+        self.size = len(slots) if slots is not None else grid[0] * grid[1]
+        if grid[0] * grid[1] != self.size:
+            raise ValueError(f"a {grid[0]}x{grid[1]} region needs {grid[0] * grid[1]} tokens, got {self.size}")
 
     @classmethod
     def span(cls, start: int, stop: int, grid: tuple[int, int], device=None) -> "Region":
         """The consecutive tokens start..stop-1 as a region."""
-        return cls(torch.arange(start, stop, device=device), grid, start)
+        if stop - start != grid[0] * grid[1]:
+            raise ValueError(f"a {grid[0]}x{grid[1]} region needs {grid[0] * grid[1]} tokens, got {stop - start}")
+        return cls(None, grid, start, device)
+
+    @property
+    def slots(self) -> torch.Tensor:
+        if self._slots is None:
+            self._slots = torch.arange(self.start, self.start + self.size, device=self._device)
+        return self._slots
 
     def covers(self, n_tokens: int) -> bool:
         """True when the region is exactly tokens 0..n_tokens-1 in order."""
-        return self.start == 0 and len(self.slots) == n_tokens
+        return self.start == 0 and self.size == n_tokens
 
 
 @dataclass
@@ -168,6 +180,8 @@ class VisionStagePatch(PatchBase):
     """Base of the family patches for vision-stage methods (see module docstring)."""
 
     default_positions = "renumber"
+    # without position_ids the unpruned model numbers each row 0..L-1 (base_positions' default)
+    sequential_positions = True
     position_policies: tuple[str, ...] = ("renumber", "original")
     # kwargs that run along the sequence besides ids/embeds, mask and positions
     sequence_kwargs: tuple[str, ...] = ()
@@ -234,9 +248,9 @@ class VisionStagePatch(PatchBase):
         """Context manager around the tower; yields a dict it fills with raw signals."""
         return contextlib.nullcontext({})
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, L] -> [B, L, D] token embeddings."""
-        return self.target_module().get_input_embeddings()(input_ids)
+    def embedding(self) -> torch.nn.Module:
+        """The module that maps token ids [B, L] to embeddings [B, L, D]."""
+        return self.target_module().get_input_embeddings()
 
     def base_positions(self, kw: dict[str, Any], length: int) -> torch.Tensor:
         """Position ids [..., B, L] the unpruned model would use for the whole sequence."""
@@ -357,24 +371,24 @@ class VisionStagePatch(PatchBase):
                 f"{n_slots} visual tokens; was the prompt built by the model's processor?"
             )
         kept_slots, kept_features = self._reduce(images)
-        keep = torch.ones_like(is_image)
-        keep[is_image] = (kept_slots[0] if len(kept_slots) == 1 else torch.cat(kept_slots)).to(is_image.device)
         row_kept = _per_row(counts, [img.features.shape[0] for img in images], [f.shape[0] for f in kept_features])
         row_len = [is_image.shape[1] - n + k for n, k in zip(counts, row_kept)]
         mask = kw.get("attention_mask")
         # the padding side matters only when rows end up with different lengths
         left_padded = len(set(row_len)) <= 1 or mask is None or not bool((mask[:, -1] == 0).any())
-        compaction = Compaction.from_keep_mask(keep, left_padded=left_padded, kept_per_row=row_len)
-        need_mask = mask is not None or compaction.needs_mask or (
-            self.positions == "original" and not compaction.is_identity
-        )
-        prompt_mask = None
-        if need_mask:
-            full = mask if mask is not None else torch.ones_like(is_image, dtype=torch.long)
-            prompt_mask = compaction.gather(full, 0)
+        # an explicit mask is needed for re-padded rows, and for kept original positions with gaps
+        need_mask = mask is not None or len(set(row_len)) > 1 or (
+            self.positions == "original" and any(n != is_image.shape[1] for n in row_len))
         features = kept_features[0] if len(kept_features) == 1 else torch.cat(kept_features)
-        self.state = PromptState(compaction, keep, features, prompt_mask)
-        new_kw = self._apply(kw, self.state, is_image)
+        given = kw.get("position_ids")
+        out = compact_prompt(
+            is_image, kept_slots[0] if len(kept_slots) == 1 else torch.cat(kept_slots), features, row_len,
+            left_padded, self.embedding(), kw.get("input_ids"), kw.get("inputs_embeds"),
+            self.pad_token_id,
+            None if given is None and self.sequential_positions else self.base_positions(kw, is_image.shape[1]),
+            self.positions == "renumber", mask, need_mask, backend=self.config.backend)
+        self.state = PromptState(out.compaction, out.keep, features, out.mask)
+        new_kw = self._inputs(kw, out.embeds, out.positions, out.mask, out.compaction)
         self._kept_slots = kept_slots  # turned into indices only when asked for (a device read each)
         n_layers = self.model.config.text_config.num_hidden_layers
         self.layer_lengths = [new_kw["inputs_embeds"].shape[1]] * n_layers
@@ -387,7 +401,7 @@ class VisionStagePatch(PatchBase):
     def _add_question(self, kw: dict[str, Any], is_image: torch.Tensor, images: list[ImageTokens]) -> None:
         """context["question"] per image: the mean input embedding of its row's instruction
         (the text after the row's last image; all of the row's text if nothing follows)."""
-        embeds = self.embed(kw["input_ids"]) if kw.get("input_ids") is not None else kw["inputs_embeds"]
+        embeds = self.embedding()(kw["input_ids"]) if kw.get("input_ids") is not None else kw["inputs_embeds"]
         mask = kw.get("attention_mask")
         real = mask.bool() if mask is not None else torch.ones_like(is_image)
         text = real & ~is_image
@@ -415,20 +429,19 @@ class VisionStagePatch(PatchBase):
             keep = torch.cat([keep, torch.ones_like(keep[:, :1]).expand(-1, extra)], dim=1)
             # generated tokens are text even when a model emits the image token id
             is_image = torch.cat([is_image[:, : comp.prompt_len], torch.zeros_like(is_image[:, comp.prompt_len:])], dim=1)
-        image_slots = comp.gather(is_image & keep, False)
-        if kw.get("input_ids") is not None:
-            embeds = self.embed(comp.gather(kw["input_ids"], self.pad_token_id))
-        else:
-            embeds = comp.gather(kw["inputs_embeds"], 0, seq_dim=1)
-        embeds = embeds.masked_scatter(image_slots.unsqueeze(-1), state.features.to(embeds.dtype))
-        positions = comp.gather(self.base_positions(kw, length), 0)
-        if self.positions == "renumber":
-            positions = comp.renumber(positions)
+        embeds, positions = compacted_inputs(
+            comp, is_image & keep, state.features, self.embedding(), kw.get("input_ids"), kw.get("inputs_embeds"),
+            self.pad_token_id, self.base_positions(kw, length), self.positions == "renumber")
         mask = kw.get("attention_mask")
         if mask is not None:
             mask = state.prompt_mask if not extra and state.prompt_mask is not None else comp.gather(mask, 0)
         elif state.prompt_mask is not None:
             mask = _extend_mask(state.prompt_mask, extra)
+        return self._inputs(kw, embeds, positions, mask, comp)
+
+    def _inputs(self, kw: dict[str, Any], embeds: torch.Tensor, positions: torch.Tensor,
+                mask: torch.Tensor | None, comp: Compaction) -> dict[str, Any]:
+        """The forward's keyword arguments for the compacted sequence."""
         new_kw = dict(kw)
         new_kw.update(input_ids=None, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         for key in self.sequence_kwargs:
@@ -473,7 +486,7 @@ class VisionStagePatch(PatchBase):
 
 def region_budgets(config: PruneConfig, image: ImageTokens, budget: str = "per_image") -> list[int]:
     """Tokens each region of the image keeps under the budget policy."""
-    sizes = [len(region.slots) for region in image.regions]
+    sizes = [region.size for region in image.regions]
     if budget == "per_crop":
         return [config.budget_for(n) for n in sizes]
     return split_budget(config.budget_for(sum(sizes)), sizes)
@@ -548,7 +561,7 @@ def reduce_images(method, config: PruneConfig, images: list[ImageTokens], budget
 
 def _stack(parts: list[tuple[torch.Tensor, Region]]) -> torch.Tensor:
     """[M, n, ...]: each tensor's rows of its region (a view when a single region spans them)."""
-    taken = [x[r.start:r.start + len(r.slots)] if r.start is not None else x[r.slots] for x, r in parts]
+    taken = [x[r.start:r.start + r.size] if r.start is not None else x[r.slots] for x, r in parts]
     return taken[0].unsqueeze(0) if len(taken) == 1 else torch.stack(taken)
 
 

@@ -30,6 +30,8 @@ import torch
 
 from vlm_prune.compat import vision_window_index
 from vlm_prune.kernels import attention_received
+from vlm_prune.kernels.attention_received import attention_received_rotary
+from vlm_prune.kernels.dispatch import use_triton
 from vlm_prune.timing import clock
 
 from .base import ImageTokens, Region, VisionStagePatch
@@ -38,7 +40,11 @@ from .base import ImageTokens, Region, VisionStagePatch
 def merge_unit_mean(values: torch.Tensor, unit: int, window_index: torch.Tensor | None = None) -> torch.Tensor:
     """[T, ...] per patch -> [T / unit, ...] per merged token (the merger's 2x2 units averaged),
     in raster order. window_index: Qwen2.5-VL's block order, permuted[j] = raster[index[j]]."""
-    units = values.reshape(-1, unit, *values.shape[1:]).mean(1)
+    return to_raster(values.reshape(-1, unit, *values.shape[1:]).mean(1), window_index)
+
+
+def to_raster(units: torch.Tensor, window_index: torch.Tensor | None) -> torch.Tensor:
+    """[M, ...] per merged token in the blocks' order -> raster order (see merge_unit_mean)."""
     if window_index is None:
         return units
     raster = torch.empty_like(units)
@@ -48,6 +54,7 @@ def merge_unit_mean(values: torch.Tensor, unit: int, window_index: torch.Tensor 
 
 class Qwen2VLPatch(VisionStagePatch):
     default_positions = "original"  # M-RoPE: kept tokens keep their 3D positions
+    sequential_positions = False  # M-RoPE positions come from get_rope_index
     # An M-RoPE position is a grid coordinate, not a count: there is nothing to renumber, and
     # text after an image already continues from the image's extent, not its token count.
     position_policies = ("original",)
@@ -100,10 +107,11 @@ class Qwen2VLPatch(VisionStagePatch):
             raise ValueError("Qwen-VL image features came without image_grid_thw; pass pixel_values and image_grid_thw")
         features = list(output.pooler_output)
         merge = self.visual.spatial_merge_size
-        sizes = [int(t * h * w) // self.merge_unit for t, h, w in grid_thw.tolist()]
+        grids = grid_thw.tolist()  # one device read
+        sizes = [int(t * h * w) // self.merge_unit for t, h, w in grids]
         per_image = {name: signals[name].split(sizes) for name in ("cls_attention", "keys") if name in signals}
         images = []
-        for i, (feats, (t, h, w)) in enumerate(zip(features, grid_thw.tolist())):
+        for i, (feats, (t, h, w)) in enumerate(zip(features, grids)):
             rows, cols = h // merge, w // merge
             per_frame = rows * cols
             if feats.shape[0] != t * per_frame:
@@ -168,7 +176,13 @@ class Qwen2VLPatch(VisionStagePatch):
             result["keys"] = per_merged_token(k.reshape(total, -1))
         if "cls_attention" in self.method.needs:
             cos, sin = seen["position_embeddings"]
-            q_rot, k_rot = rotary(q, k, cos, sin)
-            received = attention_received(q_rot.transpose(0, 1), k_rot.transpose(0, 1), attn.scaling, seen["cu_seqlens"])
-            result["cls_attention"] = per_merged_token(received)
+            if use_triton(q, self.config.backend):  # rotary, scores and unit means fused
+                received = attention_received_rotary(q, k, cos, sin, attn.scaling, seen["cu_seqlens"], self.merge_unit,
+                                                     backend=self.config.backend)
+                result["cls_attention"] = to_raster(received, window_index)
+            else:  # the model's own rotary, then the reference
+                q_rot, k_rot = rotary(q, k, cos, sin)
+                received = attention_received(q_rot.transpose(0, 1), k_rot.transpose(0, 1), attn.scaling,
+                                              seen["cu_seqlens"])
+                result["cls_attention"] = per_merged_token(received)
         self._signal_s += clock(self.model) - start

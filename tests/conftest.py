@@ -32,6 +32,19 @@ def _unpatch_shared(llava):
     vlm_prune.unpatch(llava[0])
 
 
+@pytest.fixture
+def garbage_buffers(monkeypatch):
+    """Every buffer the fused kernels' launchers allocate (`kernels.buffers.empty`) starts as
+    garbage (NaN / -77; 1 for byte masks), so an element a kernel never writes fails the test."""
+    from vlm_prune.kernels import buffers
+
+    def empty(*shape, dtype, device):
+        fill = float("nan") if dtype.is_floating_point else (1 if dtype == torch.uint8 else -77)
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(buffers, "empty", empty)
+
+
 def llava_inputs(processor, prompts, sizes, seeds=None):
     """Batched processor inputs: one image per `<image>` in each prompt, sizes as (w, h)."""
     seeds = seeds or list(range(len(sizes)))

@@ -89,21 +89,57 @@ def test_transition_variation(dtype, direction, batch, tokens, dim):
     torch.testing.assert_close(got, expected, rtol=TOL[dtype] * 10, atol=TOL[dtype] / 10)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bounds, heads, head_dim, unit", [
+    ([0, 63], 2, 80, 1),
+    ([0, 36, 136, 200], 3, 64, 4),  # three segments, none aligned to the kernels' 64-token blocks
+    ([0, 577], 1, 128, 1),
+])
+def test_attention_received_rotary(garbage_buffers, dtype, bounds, heads, head_dim, unit):
+    from vlm_prune.kernels.attention_received import attention_received_rotary, attention_received_rotary_ref
+
+    torch.manual_seed(bounds[-1])
+    tokens = bounds[-1]
+    # the layout the Qwen patch passes: q and k are views into the block's fused qkv output
+    qkv = torch.randn(tokens, 3, heads, head_dim, device=DEVICE).to(dtype)
+    query, keys = qkv[:, 0], qkv[:, 1]
+    angles = torch.rand(tokens, head_dim // 2, device=DEVICE) * 6
+    angles = torch.cat([angles, angles], dim=-1)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
+    args = (query, keys, angles.cos(), angles.sin(), head_dim**-0.5, cu, unit)
+    got = attention_received_rotary(*args, backend="triton")
+    expected = attention_received_rotary_ref(*args)
+    torch.testing.assert_close(got, expected, rtol=TOL[dtype] * 10, atol=TOL[dtype] / tokens)
+    # each row's probabilities sum to 1, so each segment's tokens receive 1 in all
+    torch.testing.assert_close(got.sum() * unit, torch.tensor(len(bounds) - 1.0, device=DEVICE), rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["cls_attention", "transition"])
-def test_triton_backend_end_to_end(method):
+@pytest.mark.parametrize("family, method", [
+    ("llava", "cls_attention"), ("llava", "transition"),
+    ("llava_next", "cls_attention"),  # two rows of different lengths: re-padded compaction
+    ("qwen2_vl", "cls_attention"), ("qwen2_5_vl", "cls_attention"),  # fused attention received, M-RoPE
+])
+def test_triton_backend_end_to_end(family, method):
     """The whole patch with backend="triton" (kernels) equals backend="torch" (references)."""
     from .conftest import llava_inputs
+    from .test_families import QUESTIONS, SIZES, make_inputs
 
-    model, processor = tiny.llava(seed=0)
+    if family == "llava":
+        model, processor = tiny.llava(seed=0)
+        inputs = llava_inputs(processor, ["USER: <image>\nWhat is it? ASSISTANT:"], [(140, 100)])
+    else:
+        model, processor = tiny.llava_next() if family == "llava_next" else tiny.qwen2_vl(
+            version="2.5" if family == "qwen2_5_vl" else "2")
+        inputs = make_inputs(processor, family, SIZES, QUESTIONS)
     model.to(DEVICE)
-    inputs = llava_inputs(processor, ["USER: <image>\nWhat is it? ASSISTANT:"], [(140, 100)]).to(DEVICE)
+    inputs = inputs.to(DEVICE)
     results = {}
     for backend in ("torch", "triton"):
         handle = vlm_prune.patch(model, method, 9, backend=backend)
         with torch.no_grad():
             logits = model(**inputs).logits
-        results[backend] = (handle.kept_indices[0].tolist(), logits)
+        results[backend] = ([i.tolist() for i in handle.kept_indices], logits)
         handle.remove()
     assert results["torch"][0] == results["triton"][0]
     torch.testing.assert_close(results["torch"][1], results["triton"][1], rtol=1e-4, atol=1e-5)

@@ -41,14 +41,18 @@ def dct_matrix(n: int) -> torch.Tensor:
     return basis
 
 
+@functools.lru_cache(maxsize=64)
+def low_pass_matrix(n: int, keep: int, device: torch.device) -> torch.Tensor:
+    """[keep, n] float32 on `device`: forward DCT, crop to the `keep` lowest frequencies and
+    inverse DCT of that size along one axis, as one matrix (B_keep^T A_n[:keep]). Cached per
+    device, so a prefill copies no basis to the GPU."""
+    return (dct_matrix(keep).T @ dct_matrix(n)[:keep]).to(device, torch.float32)
+
+
 def low_pass(grid: torch.Tensor, rows: int, cols: int, rescale: bool = True) -> torch.Tensor:
     """grid [I, h, w, D] -> [I, rows, cols, D]: keep the rows x cols lowest DCT frequencies."""
     h, w = grid.shape[1:3]
-    a_h, a_w = dct_matrix(h), dct_matrix(w)
-    b_r, b_c = dct_matrix(rows), dct_matrix(cols)
-    # (B_r^T A_h[:rows]) is [rows, h]: forward DCT, crop, inverse DCT along the rows in one matmul
-    left = (b_r.T @ a_h[:rows]).to(grid.device, torch.float32)
-    right = (b_c.T @ a_w[:cols]).to(grid.device, torch.float32)
+    left, right = low_pass_matrix(h, rows, grid.device), low_pass_matrix(w, cols, grid.device)
     out = torch.einsum("rh,ihwd,cw->ircd", left, grid.float(), right)
     if rescale:
         out = out * math.sqrt(rows * cols / (h * w))

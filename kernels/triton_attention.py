@@ -54,6 +54,17 @@ def _rotated_halves(x_ptr, cs_ptr, sn_ptr, t, t_ok, h, stride_xt, stride_xh, str
 
 
 @triton.jit
+def _program_tile(x_ptr, cs_ptr, sn_ptr, cu_ptr, t, h, T, n_cu, stride_xt, stride_xh, stride_ct, HALF,
+                  BLOCK_HALF: tl.constexpr, BLOCK_S: tl.constexpr):
+    """A program's own tokens t (queries in the row pass, keys in the column pass): (in range,
+    segment start, segment end, rotated halves, and the [start, end) of the other side to visit)."""
+    ok = t < T
+    lo, hi = _segment_bounds(cu_ptr, n_cu, t, T, BLOCK_S)
+    x1, x2 = _rotated_halves(x_ptr, cs_ptr, sn_ptr, t, ok, h, stride_xt, stride_xh, stride_ct, HALF, BLOCK_HALF)
+    return ok, lo, hi, x1, x2, tl.min(tl.where(ok, lo, T), axis=0), tl.max(tl.where(ok, hi, 0), axis=0)
+
+
+@triton.jit
 def _logits(q1, q2, k1, k2, scale, IEEE: tl.constexpr):
     """[M, N] float32: q . k^T * scale from the rotated halves."""
     if IEEE:  # float32 inputs: full precision, not tf32
@@ -70,13 +81,10 @@ def _received_row_stats_kernel(q_ptr, k_ptr, cs_ptr, sn_ptr, cu_ptr, max_ptr, su
                                BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
     h = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_ok = rows < T
-    lo, hi = _segment_bounds(cu_ptr, n_cu, rows, T, BLOCK_S)
-    q1, q2 = _rotated_halves(q_ptr, cs_ptr, sn_ptr, rows, r_ok, h, stride_qt, stride_qh, stride_ct, HALF, BLOCK_HALF)
+    r_ok, lo, hi, q1, q2, k_lo, k_hi = _program_tile(q_ptr, cs_ptr, sn_ptr, cu_ptr, rows, h, T, n_cu, stride_qt,
+                                                     stride_qh, stride_ct, HALF, BLOCK_HALF, BLOCK_S)
     row_max = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    k_lo = tl.min(tl.where(r_ok, lo, T), axis=0)
-    k_hi = tl.max(tl.where(r_ok, hi, 0), axis=0)
     for n0 in range(k_lo, k_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         c_ok = cols < k_hi
@@ -99,12 +107,9 @@ def _received_columns_kernel(q_ptr, k_ptr, cs_ptr, sn_ptr, cu_ptr, max_ptr, sum_
                              BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
     h = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_ok = cols < T
-    lo, hi = _segment_bounds(cu_ptr, n_cu, cols, T, BLOCK_S)
-    k1, k2 = _rotated_halves(k_ptr, cs_ptr, sn_ptr, cols, c_ok, h, stride_kt, stride_kh, stride_ct, HALF, BLOCK_HALF)
+    c_ok, lo, hi, k1, k2, q_lo, q_hi = _program_tile(k_ptr, cs_ptr, sn_ptr, cu_ptr, cols, h, T, n_cu, stride_kt,
+                                                     stride_kh, stride_ct, HALF, BLOCK_HALF, BLOCK_S)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    q_lo = tl.min(tl.where(c_ok, lo, T), axis=0)
-    q_hi = tl.max(tl.where(c_ok, hi, 0), axis=0)
     for m0 in range(q_lo, q_hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         r_ok = rows < q_hi

@@ -361,9 +361,15 @@ def main(argv: list[str] | None = None) -> int:
             print("the kernel bench needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)", file=sys.stderr)
             return 2
         device, dtype, sizes, repeats = "cuda", getattr(torch, args.dtype), SIZES, args.repeats
-    kernels = kernel_rows(device, repeats, sizes, dtype)
-    overhead = overhead_rows(device, max(3, repeats // 2), dtype, args.smoke)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter)"
+
+    def save(**parts):  # after each section, so a run cut short still leaves its numbers
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": name, **parts}, f, indent=2)
+
+    kernels = kernel_rows(device, repeats, sizes, dtype)
+    save(kernels=kernels)
     print(f"vlm_prune kernels on {name}, {args.dtype if device == 'cuda' else 'float32'}, median of {repeats}\n")
     print("Eager: one call timed with events around it (host launch cost included). Device: calls "
           "replayed from a CUDA graph (the kernels' own time).\n")
@@ -377,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['size']} | {r['tokens']} | {r['op']} | {r['reference_ms']:.3f} | {r['triton_ms']:.3f} | "
               f"{r['speedup']:.2f}x | {fmt(r['reference_graph_ms'], '.4f')} | {fmt(r['triton_graph_ms'], '.4f')} | "
               f"{fmt(r['graph_speedup'], '.2f')}x | {r['relative_error']:.1e} |")
+    sys.stdout.flush()
+    overhead = overhead_rows(device, max(3, repeats // 2), dtype, args.smoke)
+    save(kernels=kernels, overhead=overhead)
     print("\nPruning overhead, cls_attention keep 0.25, 640x480 image: LLM per-layer cost measured on the "
           "first layers and scaled to the real depth; device-synchronised timings\n")
     print("| model | batch | backend | visual tokens per image | vision ms | scoring + compaction ms "
@@ -397,9 +406,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['pruned_e2e_ms']:.2f} | {r['e2e_overhead_ms']:.3f} | {r['e2e_overhead_pct']:.2f}% |")
     if args.profile:
         profile_selection(device, dtype, args.profile, args.smoke)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "kernels": kernels, "overhead": overhead}, f, indent=2)
     return 0
 
 

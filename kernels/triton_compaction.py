@@ -51,7 +51,10 @@ def _compact_index_kernel(img_ptr, kv_ptr, pos_ptr, mask_ptr, keep_ptr, idx_ptr,
         _, img, _, keep = _scan_chunk(img_ptr + b * stride_ib, kv_ptr, c0 + ar, L, seen)
         seen += tl.sum(img.to(tl.int32), axis=0)
         kept += tl.sum(keep.to(tl.int32), axis=0)
-    shift = W - kept if LEFT_PAD else 0
+    if LEFT_PAD:  # short rows padded on the left: their kept tokens end at the last slot
+        shift = W - kept
+    else:
+        shift = kept * 0
     n_keep = 0
     n_drop = 0
     out_row = b * W
@@ -85,7 +88,10 @@ def _compact_index_kernel(img_ptr, kv_ptr, pos_ptr, mask_ptr, keep_ptr, idx_ptr,
         n_drop += tl.sum((ok & ~keep).to(tl.int32), axis=0)
     tl.store(total_ptr + b, (L - kept).to(tl.int64))
     # slots of a row that keeps fewer tokens than the longest: padding, on the side asked for
-    pad_start = 0 if LEFT_PAD else kept
+    if LEFT_PAD:
+        pad_start = kept * 0
+    else:
+        pad_start = kept
     for j0 in range(0, W, BLOCK):
         j = j0 + ar
         pad = (j >= pad_start) & (j < pad_start + W - kept)
@@ -140,7 +146,7 @@ def compact_prompt(is_image, kept_visual, features, row_lengths, left_padded, *,
     batch, length = is_image.shape
     width = max(row_lengths)
     device = is_image.device
-    img, kept_flags = _bytes(is_image), _bytes(kept_visual)
+    img, kept_flags = _bytes(is_image), _bytes(kept_visual.to(device))
     index = buffers.empty(batch, width, dtype=torch.int64, device=device)
     dropped = buffers.empty(batch, width, dtype=torch.int64, device=device)
     feature_row = buffers.empty(batch, width, dtype=torch.int32, device=device)
@@ -168,6 +174,7 @@ def compact_prompt(is_image, kept_visual, features, row_lengths, left_padded, *,
     text = text if text.stride(-1) == 1 else text.contiguous()
     dim = text.shape[-1]
     embeds = buffers.empty(batch, width, dim, dtype=text.dtype, device=device)
+    features = features.to(device)
     features = features if features.stride(-1) == 1 else features.contiguous()
     feature_src = features if features.numel() else embeds  # no row is read when none is kept
     ids = (input_ids if input_ids.stride(-1) == 1 else input_ids.contiguous()) if input_ids is not None else index

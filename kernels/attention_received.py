@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import use_triton
+from .dispatch import fused_or_reference
 
 
 def attention_received(
@@ -60,8 +60,12 @@ def attention_received_rotary(query: torch.Tensor, keys: torch.Tensor, cos: torc
                               scale: float, cu_seqlens: torch.Tensor, unit: int = 1,
                               backend: str | None = None) -> torch.Tensor:
     """See `attention_received_rotary_ref`."""
-    if not use_triton(query, backend):
-        return attention_received_rotary_ref(query, keys, cos, sin, scale, cu_seqlens, unit)
-    from . import triton_attention
+    args = (query, keys, cos, sin, scale, cu_seqlens, unit)
 
-    return triton_attention.attention_received_rotary(query, keys, cos, sin, scale, cu_seqlens, unit)
+    def fused():
+        from . import triton_attention
+
+        return triton_attention.attention_received_rotary(*args)
+
+    return fused_or_reference("attention_received_rotary", query, fused,
+                              lambda: attention_received_rotary_ref(*args), backend)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import use_triton
+from .dispatch import fused_or_reference
 
 
 def cls_attention_scores_ref(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
@@ -27,8 +27,10 @@ def cls_attention_scores_ref(query: torch.Tensor, keys: torch.Tensor, scale: flo
 
 def cls_attention_scores(query: torch.Tensor, keys: torch.Tensor, scale: float, backend: str | None = None) -> torch.Tensor:
     """[B, H, Dh], [B, H, T, Dh] -> [B, T] float32 (see cls_attention_scores_ref)."""
-    if not use_triton(keys, backend):
-        return cls_attention_scores_ref(query, keys, scale)
-    from . import triton_kernels
+    def fused():
+        from . import triton_kernels
 
-    return triton_kernels.cls_attention_scores(query, keys, scale)
+        return triton_kernels.cls_attention_scores(query, keys, scale)
+
+    return fused_or_reference("cls_attention_scores", keys, fused,
+                              lambda: cls_attention_scores_ref(query, keys, scale), backend)

@@ -20,7 +20,7 @@ import torch
 
 from vlm_prune.sequence import Compaction
 
-from .dispatch import use_triton
+from .dispatch import fused_or_reference
 
 
 @dataclass
@@ -107,7 +107,8 @@ def compact_prompt(is_image: torch.Tensor, kept_visual: torch.Tensor, features: 
     kwargs = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, pad_id=pad_id, positions=positions,
                   renumber=renumber, mask=mask, want_mask=want_mask)
     table = embedding_table(embedding) if input_ids is not None else None
-    if use_triton(is_image, backend) and (table is not None or inputs_embeds is not None):
+
+    def fused():
         from . import triton_compaction
 
         index, dropped_before, total_dropped, keep, embeds, positions, mask = triton_compaction.compact_prompt(
@@ -116,4 +117,10 @@ def compact_prompt(is_image: torch.Tensor, kept_visual: torch.Tensor, features: 
         comp = Compaction(index, dropped_before, total_dropped, is_image.shape[1], tuple(row_lengths),
                           _safe_index=index if same else None)
         return CompactedPrompt(embeds, positions, mask, comp, keep)
-    return compact_prompt_ref(*args, embedding, **kwargs)
+
+    def reference():
+        return compact_prompt_ref(*args, embedding, **kwargs)
+
+    if table is None and inputs_embeds is None:  # an embedding the kernel cannot read
+        return reference()
+    return fused_or_reference("compact_prompt", is_image, fused, reference, backend)

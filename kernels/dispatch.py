@@ -5,6 +5,10 @@ reference PyTorch code; "torch": always the reference; "triton": always the kern
 tensors only under TRITON_INTERPRET=1, the Triton interpreter, which the tests use -- it must be
 set before the kernel modules are imported). The family patches set the configured backend for
 the duration of a prefill with `use_backend`.
+
+Under "auto" a kernel that fails (it cannot compile for this GPU or Triton version, say) warns
+once and its reference runs from then on: "auto" never makes a prefill fail that "torch" would
+run. "triton" raises instead.
 """
 
 from __future__ import annotations
@@ -13,10 +17,14 @@ import contextlib
 import contextvars
 import importlib.util
 import os
+import warnings
+from typing import Callable, TypeVar
 
 import torch
 
 _backend: contextvars.ContextVar[str] = contextvars.ContextVar("vlm_prune_backend", default="auto")
+_failed: set[str] = set()  # kernels that failed under "auto": their references run from then on
+T = TypeVar("T")
 
 
 def triton_available() -> bool:
@@ -49,3 +57,23 @@ def use_triton(tensor: torch.Tensor, backend: str | None = None) -> bool:
             raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)")
         return True
     return tensor.device.type == "cuda" and triton_available()
+
+
+def fused_or_reference(name: str, tensor: torch.Tensor, fused: Callable[[], T], reference: Callable[[], T],
+                       backend: str | None = None) -> T:
+    """`fused()` where the backend routes ops on `tensor` to Triton (see `use_triton`), else
+    `reference()`; under "auto" a fused kernel that raises is reported once and replaced by its
+    reference for the rest of the process."""
+    backend = backend or _backend.get()
+    if name in _failed and backend != "triton" or not use_triton(tensor, backend):
+        return reference()
+    if backend == "triton":
+        return fused()
+    try:
+        return fused()
+    except Exception as exc:  # noqa: BLE001 -- any failure: the reference is always correct
+        _failed.add(name)
+        warnings.warn(f"vlm_prune: the Triton kernel {name!r} failed ({exc!r}); using the PyTorch reference "
+                      "from now on (backend='torch' skips the kernels, backend='triton' raises instead)",
+                      RuntimeWarning, stacklevel=2)
+        return reference()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import use_triton
+from .dispatch import fused_or_reference
 
 
 def transition_variation(
@@ -12,11 +12,13 @@ def transition_variation(
     backend: str | None = None,
 ) -> torch.Tensor:
     """TTV of one sub-module: the fused Triton kernel or `transition_variation_ref`."""
-    if use_triton(t_in, backend):
+    def fused():
         from . import triton_kernels
 
         return triton_kernels.transition_variation(t_in, t_out, visual, direction)
-    return transition_variation_ref(t_in, t_out, visual, direction)
+
+    return fused_or_reference("transition_variation", t_in, fused,
+                              lambda: transition_variation_ref(t_in, t_out, visual, direction), backend)
 
 
 def transition_variation_ref(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import use_triton
+from .dispatch import fused_or_reference
 
 
 def top_k_in_order_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -24,22 +24,24 @@ def top_k_in_order_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_k_in_order(scores: torch.Tensor, k: int, backend: str | None = None) -> torch.Tensor:
-    if k >= scores.shape[-1] or not use_triton(scores, backend):
+    if k >= scores.shape[-1]:
         return top_k_in_order_ref(scores, k)
-    from . import triton_kernels
-
-    slots = triton_kernels.topk_slots(scores, k)
-    no_features = torch.empty(scores.shape[0], scores.shape[1], 0, device=scores.device)
-    return triton_kernels.compact_gather(no_features, slots, k)[1]
+    no_features = scores.new_empty(scores.shape[0], scores.shape[1], 0)
+    return select_top_k(no_features, scores, k, backend)[1]
 
 
 def select_top_k(features: torch.Tensor, scores: torch.Tensor, k: int,
                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """features [I, N, D], scores [I, N] -> (kept features [I, k, D], indices [I, k])."""
-    if k < scores.shape[-1] and use_triton(scores, backend):
+    def fused():
         from . import triton_kernels
 
-        slots = triton_kernels.topk_slots(scores, k)
-        return triton_kernels.compact_gather(features, slots, k)
-    index = top_k_in_order_ref(scores, k)
-    return features.gather(1, index.unsqueeze(-1).expand(-1, -1, features.shape[-1])), index
+        return triton_kernels.compact_gather(features, triton_kernels.topk_slots(scores, k), k)
+
+    def reference():
+        index = top_k_in_order_ref(scores, k)
+        return features.gather(1, index.unsqueeze(-1).expand(-1, -1, features.shape[-1])), index
+
+    if k >= scores.shape[-1]:
+        return reference()
+    return fused_or_reference("top_k", scores, fused, reference, backend)

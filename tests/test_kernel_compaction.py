@@ -145,3 +145,26 @@ def test_top_k_in_order_on_the_triton_backend(tokens):
     scores = torch.randn(3, tokens, device=DEVICE)
     for k in (1, tokens // 3, tokens - 1):
         assert torch.equal(top_k_in_order(scores, k, backend="triton"), top_k_in_order_ref(scores, k))
+
+
+def test_auto_backend_falls_back_to_the_reference_when_a_kernel_fails(monkeypatch):
+    """backend="auto" never fails a prefill that "torch" would run: a kernel that raises (it does
+    not compile for this GPU, say) warns once and its reference runs from then on; "triton" raises."""
+    from vlm_prune.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_failed", set())
+    monkeypatch.setattr(dispatch, "use_triton", lambda tensor, backend=None: True)  # as on a CUDA tensor
+    calls = []
+
+    def broken():
+        calls.append("fused")
+        raise RuntimeError("PassManager::run failed")
+
+    x = torch.zeros(1)
+    with pytest.warns(RuntimeWarning, match="'demo_kernel' failed.*PassManager"):
+        assert dispatch.fused_or_reference("demo_kernel", x, broken, lambda: "ref", "auto") == "ref"
+    assert dispatch.fused_or_reference("demo_kernel", x, broken, lambda: "ref", "auto") == "ref"
+    assert calls == ["fused"]  # not retried
+    with pytest.raises(RuntimeError, match="PassManager"):
+        dispatch.fused_or_reference("demo_kernel", x, broken, lambda: "ref", "triton")
+    assert dispatch.fused_or_reference("other_kernel", x, lambda: "fused", lambda: "ref", "auto") == "fused"

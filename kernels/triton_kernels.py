@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import buffers
+
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     """The kernels index the last dim with stride 1 and take the other strides as given."""
@@ -92,10 +94,10 @@ def cls_attention_scores(query: torch.Tensor, keys: torch.Tensor, scale: float) 
     query, keys = _rows_contiguous(query), _rows_contiguous(keys)
     block_t = 64
     n_blocks = triton.cdiv(length, block_t)
-    logits = torch.empty(batch * heads, length, dtype=torch.float32, device=keys.device)
-    pmax = torch.empty(batch * heads, n_blocks, dtype=torch.float32, device=keys.device)
-    psum = torch.empty_like(pmax)
-    out = torch.empty(batch, length, dtype=torch.float32, device=keys.device)
+    logits = buffers.empty(batch * heads, length, dtype=torch.float32, device=keys.device)
+    pmax = buffers.empty(batch * heads, n_blocks, dtype=torch.float32, device=keys.device)
+    psum = buffers.empty(*pmax.shape, dtype=torch.float32, device=pmax.device)
+    out = buffers.empty(batch, length, dtype=torch.float32, device=keys.device)
     _cls_logits_kernel[(batch * heads, n_blocks)](
         query, keys, logits, pmax, psum, length, head_dim, heads, n_blocks, float(scale),
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
@@ -154,7 +156,7 @@ def topk_slots(scores: torch.Tensor, k: int | torch.Tensor, out: torch.Tensor | 
     may be scratch."""
     rows, length = scores.shape
     scores = scores.contiguous()
-    out = torch.empty(rows, length, dtype=torch.int32, device=scores.device) if out is None else out
+    out = buffers.empty(rows, length, dtype=torch.int32, device=scores.device) if out is None else out
     per_row = isinstance(k, torch.Tensor)
     # one k for all rows goes in as a scalar argument: no host-to-device copy per call
     k_rows = k.to(device=scores.device, dtype=torch.int32).contiguous() if per_row else scores
@@ -196,9 +198,9 @@ def compact_gather(features: torch.Tensor, slots: torch.Tensor, width: int,
     features = _rows_contiguous(features)
     slots = slots.to(torch.int32).contiguous()
     if index is None:
-        index = torch.empty(batch, width, dtype=torch.int64, device=features.device)
+        index = buffers.empty(batch, width, dtype=torch.int64, device=features.device)
     if out is None:
-        out = torch.empty(batch, width, dim, dtype=features.dtype, device=features.device)
+        out = buffers.empty(batch, width, dim, dtype=features.dtype, device=features.device)
     block_n, block_d = 32, min(128, triton.next_power_of_2(max(dim, 1)))
     # dim 0 (indices only, `top_k_in_order`): one feature block still writes the indices
     grid = (batch, triton.cdiv(length, block_n), max(1, triton.cdiv(dim, block_d)))
@@ -270,11 +272,11 @@ def transition_variation(t_in: torch.Tensor, t_out: torch.Tensor, visual: torch.
     batch, length, dim = t_in.shape
     t_in, t_out = _rows_contiguous(t_in), _rows_contiguous(t_out)
     visual = visual.to(torch.int8).contiguous()
-    result = torch.empty(batch, 2 * length, dtype=torch.float32, device=t_in.device) if scratch is None else scratch
+    result = buffers.empty(batch, 2 * length, dtype=torch.float32, device=t_in.device) if scratch is None else scratch
     block_l = 16
     n_blocks = triton.cdiv(length, block_l)
-    pmax = torch.empty(batch, n_blocks, dtype=torch.float32, device=t_in.device)
-    psum = torch.empty_like(pmax)
+    pmax = buffers.empty(batch, n_blocks, dtype=torch.float32, device=t_in.device)
+    psum = buffers.empty(*pmax.shape, dtype=torch.float32, device=pmax.device)
     _ttv_change_kernel[(batch, n_blocks)](
         t_in, t_out, visual, result, pmax, psum, length, dim, n_blocks, t_in.stride(0), t_in.stride(1),
         t_out.stride(0), t_out.stride(1), visual.stride(0), result.stride(0),

@@ -18,6 +18,7 @@ DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
 GPU_ONLY = pytest.mark.skipif(DEVICE != "cuda", reason="GPU only: the interpreter's bf16 arithmetic is wrong")
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=GPU_ONLY)]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+pytestmark = pytest.mark.usefixtures("garbage_buffers")  # every kernel buffer starts as garbage
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -95,7 +96,7 @@ def test_transition_variation(dtype, direction, batch, tokens, dim):
     ([0, 36, 136, 200], 3, 64, 4),  # three segments, none aligned to the kernels' 64-token blocks
     ([0, 577], 1, 128, 1),
 ])
-def test_attention_received_rotary(garbage_buffers, dtype, bounds, heads, head_dim, unit):
+def test_attention_received_rotary(dtype, bounds, heads, head_dim, unit):
     from vlm_prune.kernels.attention_received import attention_received_rotary, attention_received_rotary_ref
 
     torch.manual_seed(bounds[-1])

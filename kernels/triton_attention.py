@@ -141,6 +141,14 @@ def _received_combine_kernel(part_ptr, cu_ptr, out_ptr, T, H, n_cu, UNIT: tl.con
     tl.store(out_ptr + m, acc / UNIT, mask=m_ok)
 
 
+def pipeline_options(dtype: torch.dtype) -> dict:
+    """Launch options of the two passes. Each pipeline stage holds a key tile and its four fp32
+    cos/sin tiles (~64 KB at 64 x 64 in 16-bit, ~96 KB in fp32), so the default three stages
+    would need 160-256 KB of shared memory (over the 227 KB of an H100 in fp32, over the
+    99 KB of an RTX card in any dtype): two stages in 16-bit (72-96 KB), one in fp32 (64 KB)."""
+    return dict(num_stages=1 if dtype == torch.float32 else 2, num_warps=4)
+
+
 def attention_received_rotary(query: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                               scale: float, cu_seqlens: torch.Tensor, unit: int = 1) -> torch.Tensor:
     """See `attention_received.attention_received_rotary_ref`: query, keys [T, H, Dh] before
@@ -162,7 +170,8 @@ def attention_received_rotary(query: torch.Tensor, keys: torch.Tensor, cos: torc
     block = 64
     common = (total, half, cu_seqlens.numel(), float(scale), query.stride(0), query.stride(1), keys.stride(0),
               keys.stride(1), cos.stride(0))
-    meta = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_HALF=block_half, BLOCK_S=block_s, IEEE=ieee)
+    meta = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_HALF=block_half, BLOCK_S=block_s, IEEE=ieee,
+                **pipeline_options(query.dtype))
     _received_row_stats_kernel[(heads, triton.cdiv(total, block))](
         query, keys, cos, sin, cu_seqlens, row_max, row_sum, *common, **meta)
     _received_columns_kernel[(heads, triton.cdiv(total, block))](

@@ -23,6 +23,6 @@ export PYTHONPATH="$SITE" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton, transformers, vlm_prune; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__, '| vlm_prune from', vlm_prune.__file__)"
 } 2>&1 | tee "$OUT/env.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernel_compaction.py 2>&1 | tee "$OUT/kernel_tests.txt" | tail -25
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernel_compaction.py -k "not compiles" 2>&1 | tee "$OUT/kernel_tests.txt" | tail -25
 timeout 330 python3 -m vlm_prune.kernels.bench --repeats "${REPEATS:-50}" --json "$OUT/kernel_bench.json" \
   --profile "$OUT/profiles.txt" 2>&1 | tee "$OUT/kernel_bench.txt"

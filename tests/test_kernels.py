@@ -5,6 +5,8 @@ interpreter's bf16 arithmetic is wrong)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -144,6 +146,24 @@ def test_triton_backend_end_to_end(family, method):
         handle.remove()
     assert results["torch"][0] == results["triton"][0]
     torch.testing.assert_close(results["torch"][1], results["triton"][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_gpus_within_their_shared_memory():
+    """The interpreter never meets the compiler: compile each kernel, as the launchers configure
+    it, to sm_90 and sm_86 machine code (Triton's own LLVM and ptxas, no GPU needed) and check
+    its shared memory against each architecture's per-block limit."""
+    import subprocess
+    import sys
+
+    from vlm_prune.kernels.compile_check import configurations
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "vlm_prune.kernels.compile_check", "--arch", "90", "86"],
+                            env=env, capture_output=True, text=True, timeout=1200)
+    report = result.stdout[-6000:] + result.stderr[-3000:]
+    assert result.returncode == 0, report
+    assert result.stdout.count("\nok   ") + result.stdout.startswith("ok   ") == 2 * len(configurations()), report
 
 
 @pytest.mark.slow

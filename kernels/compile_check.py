@@ -74,6 +74,25 @@ def configurations() -> list[tuple[str, object, dict, dict, dict]]:
     return cases
 
 
+def _registers(compiled) -> str:
+    """", N registers, S bytes spilled" per thread, from cuobjdump (shipped with Triton) when present."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool) or "cubin" not in compiled.asm:
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return f", {found[1]} registers, {found[2]} bytes of stack (spills)" if found else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 86], choices=sorted(SHARED_LIMIT),
@@ -101,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             fits = shared <= SHARED_LIMIT[arch]
             failures += not fits
             print(f"{'ok  ' if fits else 'FAIL'} sm_{arch} {label}: {shared / 1024:.1f} KB shared"
-                  + ("" if fits else f" > {SHARED_LIMIT[arch] / 1024:.0f} KB limit"))
+                  + ("" if fits else f" > {SHARED_LIMIT[arch] / 1024:.0f} KB limit") + _registers(compiled))
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 

@@ -142,11 +142,13 @@ def _received_combine_kernel(part_ptr, cu_ptr, out_ptr, T, H, n_cu, UNIT: tl.con
 
 
 def pipeline_options(dtype: torch.dtype) -> dict:
-    """Launch options of the two passes. Each pipeline stage holds a key tile and its four fp32
-    cos/sin tiles (~64 KB at 64 x 64 in 16-bit, ~96 KB in fp32), so the default three stages
-    would need 160-256 KB of shared memory (over the 227 KB of an H100 in fp32, over the
-    99 KB of an RTX card in any dtype): two stages in 16-bit (72-96 KB), one in fp32 (64 KB)."""
-    return dict(num_stages=1 if dtype == torch.float32 else 2, num_warps=4)
+    """Launch options of the two passes (measured with `compile_check`). Each pipeline stage holds
+    a key tile and its four fp32 cos/sin tiles (~64 KB at 64 x 64 in 16-bit, ~96 KB in fp32), so
+    the default three stages would need 160-256 KB of shared memory (over the 227 KB of an H100
+    in fp32, over the 99 KB of an RTX card in any dtype): two stages in 16-bit, one in fp32. At
+    4 warps the tiles spilled registers (up to 728 bytes of stack per thread in bf16); 8 warps
+    hold them (bf16: none or 8 bytes)."""
+    return dict(num_stages=1 if dtype == torch.float32 else 2, num_warps=8)
 
 
 def attention_received_rotary(query: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -62,10 +62,16 @@ class LLMStagePatch(PatchBase):
         self.first = self.stages[0].after_layer  # 0-based index of the first layer that sees fewer tokens
         self.layer_lengths: list[int] = []
         self.phase = "off"
+        self._sliced: tuple[tuple, dict[str, Any]] | None = None  # see _per_stage
+        self._visual: tuple[torch.Tensor, torch.Tensor] | None = None  # see _visual_columns
         self.prompt: PromptContext | None = None
         self.stage_index: list[torch.Tensor] = []  # per stage: [B, L_s] kept prompt columns, -1 = pad
 
     # -- install / remove -------------------------------------------------------------------
+
+    def remove(self) -> None:
+        super().remove()
+        self._sliced = self._visual = None
 
     def install(self) -> None:
         inner = self.model.model
@@ -88,6 +94,7 @@ class LLMStagePatch(PatchBase):
     def _outer_hook(self, module, args, kwargs):
         kw = bind_to_kwargs(self._forward, args, kwargs)
         past = cache_length(get_cache(kw))
+        self._sliced = self._visual = None  # per-stage slices of the previous forward
         if past > 0:
             self.phase = "decode" if self.stage_index else "off"
             self._decode_start = past  # layer 0 holds every token: past = L + generated so far
@@ -159,7 +166,7 @@ class LLMStagePatch(PatchBase):
         """[B, L_new] original columns kept at stage s (left-padded with -1)."""
         prompt, index = self.prompt, self._index
         valid = index >= 0
-        visual = _gather(prompt.is_image, index, False)
+        visual = self._visual_columns()
         image_id = _gather(prompt.image_id, index, -1)
         signals = {"transition": self._ttv}
         if self._attention is not None:
@@ -204,23 +211,52 @@ class LLMStagePatch(PatchBase):
         """Mask, position embeddings and position ids of the full sequence, sliced to the
         tokens this layer sees (prefill and no-cache replay)."""
         index = self._index
-        new = dict(kwargs)
         cos, sin = kwargs["position_embeddings"]
-        new["position_embeddings"] = (_gather_emb(cos, index), _gather_emb(sin, index))
-        if kwargs.get("position_ids") is not None:
-            new["position_ids"] = _gather_ids(kwargs["position_ids"], index)
-        new["attention_mask"] = self._slice_mask(kwargs.get("attention_mask"), index, index)
-        return new
+        positions = kwargs.get("position_ids")
+
+        def sliced():
+            out = {"position_embeddings": (_gather_emb(cos, index), _gather_emb(sin, index)),
+                   "attention_mask": self._slice_mask(kwargs.get("attention_mask"), index, index)}
+            if positions is not None:
+                out["position_ids"] = _gather_ids(positions, index)
+            return out
+
+        return {**kwargs, **self._per_stage((index, cos, sin, positions, kwargs.get("attention_mask")), sliced)}
 
     def _decode_kwargs(self, kwargs: dict[str, Any], s: int) -> dict[str, Any]:
         """Decode: this layer's cache holds stage s's prompt columns + every generated token."""
         n_new = kwargs["position_embeddings"][0].shape[-2]
         total = self._decode_start + n_new
-        keys = _extend(self.stage_index[s], total, self.prompt.length)
-        queries = torch.arange(self._decode_start, total, device=keys.device).expand(keys.shape[0], n_new)
-        new = dict(kwargs)
-        new["attention_mask"] = self._slice_mask(kwargs.get("attention_mask"), queries, keys, query_offset=self._decode_start)
-        return new
+        mask = kwargs.get("attention_mask")
+
+        def sliced():
+            keys = _extend(self.stage_index[s], total, self.prompt.length)
+            queries = torch.arange(self._decode_start, total, device=keys.device).expand(keys.shape[0], n_new)
+            return {"attention_mask": self._slice_mask(mask, queries, keys, query_offset=self._decode_start)}
+
+        return {**kwargs, **self._per_stage((self.stage_index[s], mask, self._decode_start, total), sliced)}
+
+    def _visual_columns(self) -> torch.Tensor:
+        """[B, L'] bool: which columns the current layers see are visual tokens (computed once
+        per stage: every transition hook of the stage asks)."""
+        if self._visual is None or self._visual[0] is not self._index:
+            self._visual = (self._index, _gather(self.prompt.is_image, self._index, False))
+        return self._visual[1]
+
+    def _per_stage(self, sources: tuple, compute) -> dict[str, Any]:
+        """`compute()`, or its result for the previous layer when that layer had the same
+        `sources` (the same tensors, by identity, and the same ints): every layer of a stage gets
+        the model's one mask and position embeddings and the stage's one index, so they are
+        sliced once per stage, not once per layer -- on a GPU host each slice is several launches
+        and a device read. The cache holds its sources, so no identity can be recycled while it
+        is alive; it is dropped at the next prefill."""
+        cached = self._sliced
+        if cached is not None and len(cached[0]) == len(sources) and all(
+                a is b or (isinstance(a, int) and a == b) for a, b in zip(cached[0], sources)):
+            return cached[1]
+        result = compute()
+        self._sliced = (sources, result)
+        return result
 
     def _slice_mask(self, mask, queries: torch.Tensor, keys: torch.Tensor, query_offset: int = 0):
         """The layer's 4D mask for query and key columns given as original indices (-1 = pad).
@@ -261,8 +297,7 @@ class LLMStagePatch(PatchBase):
             start = clock(self.model)
             t_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             t_out = output[0] if isinstance(output, tuple) else output
-            visual = _gather(self.prompt.is_image, self._index, False)
-            self._ttv = self._ttv + transition_variation(t_in, t_out, visual, self.config.options["direction"],
+            self._ttv = self._ttv + transition_variation(t_in, t_out, self._visual_columns(), self.config.options["direction"],
                                                          self.config.backend)
             self._select_s += clock(self.model) - start
 

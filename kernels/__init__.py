@@ -1,6 +1,7 @@
 """Hot-path ops of vlm_prune: a reference PyTorch implementation of each (the CPU path and the
 test oracle) beside a fused Triton kernel where it pays, behind one dispatch point
-(`dispatch.use_triton`; PruneConfig.backend = "auto" | "torch" | "triton")."""
+(`dispatch.fused_or_reference`; PruneConfig.backend = "auto" | "torch" | "triton").
+`compile_check` compiles every kernel for GPUs on a machine without one."""
 
 from .attention_received import attention_received
 from .cls_attention import cls_attention_scores, cls_attention_scores_ref

@@ -111,12 +111,12 @@ def compact_prompt(is_image: torch.Tensor, kept_visual: torch.Tensor, features: 
     def fused():
         from . import triton_compaction
 
-        index, dropped_before, total_dropped, keep, embeds, positions, mask = triton_compaction.compact_prompt(
+        index, dropped_before, total_dropped, keep, embeds, out_positions, out_mask = triton_compaction.compact_prompt(
             *args, table=table, **kwargs)
         same = len(set(row_lengths)) <= 1  # no re-padded slots: the index is its own safe index
         comp = Compaction(index, dropped_before, total_dropped, is_image.shape[1], tuple(row_lengths),
                           _safe_index=index if same else None)
-        return CompactedPrompt(embeds, positions, mask, comp, keep)
+        return CompactedPrompt(embeds, out_positions, out_mask, comp, keep)
 
     def reference():
         return compact_prompt_ref(*args, embedding, **kwargs)

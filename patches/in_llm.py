@@ -249,7 +249,7 @@ class LLMStagePatch(PatchBase):
         the model's one mask and position embeddings and the stage's one index, so they are
         sliced once per stage, not once per layer -- on a GPU host each slice is several launches
         and a device read. The cache holds its sources, so no identity can be recycled while it
-        is alive; it is dropped at the next prefill."""
+        is alive; it is dropped at the next forward."""
         cached = self._sliced
         if cached is not None and len(cached[0]) == len(sources) and all(
                 a is b or (isinstance(a, int) and a == b) for a, b in zip(cached[0], sources)):
@@ -297,8 +297,8 @@ class LLMStagePatch(PatchBase):
             start = clock(self.model)
             t_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             t_out = output[0] if isinstance(output, tuple) else output
-            self._ttv = self._ttv + transition_variation(t_in, t_out, self._visual_columns(), self.config.options["direction"],
-                                                         self.config.backend)
+            self._ttv = self._ttv + transition_variation(
+                t_in, t_out, self._visual_columns(), self.config.options["direction"], self.config.backend)
             self._select_s += clock(self.model) - start
 
         return hook

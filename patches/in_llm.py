@@ -157,7 +157,8 @@ class LLMStagePatch(PatchBase):
                 self._finish_prefill(new_index)
         else:
             new_index = _extend(self.stage_index[s], self._length, self.prompt.length)
-        slots = _slots_of(self._index, new_index)
+        # the sequence's columns: the prompt's at prefill, prompt + generated in a replay
+        slots = _slots_of(self._index, new_index, self._length if self.phase == "replay" else self.prompt.length)
         self._index = new_index
         self._ttv = _gather(self._ttv, slots, 0.0)
         return _gather(hidden, slots, 0.0)
@@ -191,7 +192,36 @@ class LLMStagePatch(PatchBase):
         return torch.where(slot >= shift, kept.gather(1, src), -1)
 
     def _finish_prefill(self, final_index: torch.Tensor) -> None:
-        prompt = self.prompt
+        # stats and kept_indices read the device: made when first asked for, not mid-prefill
+        self._outcome = (self.prompt, final_index)
+        self.timings = {"select_s": self._select_s}
+
+    @property
+    def stats(self) -> list[dict[str, int]]:
+        """Per row of the last prefill: visual tokens and how many the last stage kept."""
+        self._settle()
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: list[dict[str, int]]) -> None:
+        self._stats, self._outcome = value, None
+
+    @property
+    def kept_indices(self) -> list[torch.Tensor]:
+        """Per image of the last prefill: the indices of its tokens the last stage kept."""
+        self._settle()
+        return self._kept_indices
+
+    @kept_indices.setter
+    def kept_indices(self, value: list[torch.Tensor]) -> None:
+        self._kept_indices, self._outcome = value, None
+
+    def _settle(self) -> None:
+        """Turns the last prefill's final index into stats and kept indices (device reads)."""
+        outcome = getattr(self, "_outcome", None)
+        if outcome is None:
+            return
+        prompt, final_index = outcome
         kept = torch.zeros_like(prompt.is_image)
         rows = torch.arange(final_index.shape[0], device=final_index.device)[:, None].expand_as(final_index)
         valid = final_index >= 0
@@ -201,11 +231,8 @@ class LLMStagePatch(PatchBase):
             {"visual_tokens": int(n), "kept": int(k)}
             for n, k in zip(prompt.is_image.sum(1).tolist(), kept.sum(1).tolist())
         ]
-        self.kept_indices = []
-        for image in range(len(prompt.image_sizes)):
-            in_image = prompt.image_id == image
-            self.kept_indices.append(kept[in_image].nonzero().flatten())
-        self.timings = {"select_s": self._select_s}
+        self.kept_indices = [kept[prompt.image_id == image].nonzero().flatten()
+                             for image in range(len(prompt.image_sizes))]
 
     def _layer_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Mask, position embeddings and position ids of the full sequence, sliced to the
@@ -380,12 +407,16 @@ def _gather_ids(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.expand(index.shape[0], x.shape[-1]).gather(1, index.clamp(min=0))
 
 
-def _slots_of(current: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
-    """Slot in `current` of each original column in `wanted` (-1 stays -1)."""
-    lookup = torch.full((current.shape[0], int(current.max()) + 2), -1, dtype=torch.long, device=current.device)
-    rows = torch.arange(current.shape[0], device=current.device)[:, None].expand_as(current)
-    valid = current >= 0
-    lookup[rows[valid], current[valid]] = torch.arange(current.shape[1], device=current.device).expand_as(current)[valid]
+def _slots_of(current: torch.Tensor, wanted: torch.Tensor, length: int) -> torch.Tensor:
+    """Slot in `current` of each original column in `wanted` (-1 stays -1); columns are < `length`.
+
+    A scatter into a [B, length + 1] lookup whose last column takes the -1 slots: no boolean
+    indexing, so no device read (this runs inside the language model's prefill).
+    """
+    batch, width = current.shape
+    lookup = torch.full((batch, length + 1), -1, dtype=torch.long, device=current.device)
+    slots = torch.arange(width, device=current.device).expand(batch, width)
+    lookup.scatter_(1, torch.where(current >= 0, current, length), slots)
     return torch.where(wanted >= 0, lookup.gather(1, wanted.clamp(min=0)), -1)
 
 

@@ -47,6 +47,8 @@ class PromptContext:
     instruction: torch.Tensor  # [B, L] bool: the text after each row's last image
     last: torch.Tensor  # [B] int64: the row's last real prompt token
     mask2d: torch.Tensor | None  # [B, L] the caller's attention mask
+    images_per_row: list[int]  # host copies (read once, before the decoder runs) ...
+    instruction_per_row: list[int]  # ... so the stages never wait for the device
 
 
 class LLMStagePatch(PatchBase):
@@ -120,6 +122,11 @@ class LLMStagePatch(PatchBase):
         self._ttv = torch.zeros(is_image.shape, dtype=torch.float32, device=is_image.device)
         self._attention: torch.Tensor | None = None
         self._index = torch.arange(is_image.shape[1], device=is_image.device).expand_as(is_image)
+        # on the host, kept current through the stages: tokens of each image still present,
+        # columns of each row (so the stages need no device read to size their outputs)
+        self._present = list(self.prompt.image_sizes)
+        self._row_len = [is_image.shape[1]] * is_image.shape[0]
+        self.stage_padded, self._padded_now = [], False
         return None
 
     # -- decoder layers ------------------------------------------------------------------------
@@ -157,6 +164,7 @@ class LLMStagePatch(PatchBase):
                 self._finish_prefill(new_index)
         else:
             new_index = _extend(self.stage_index[s], self._length, self.prompt.length)
+        self._padded_now = self.stage_padded[s]
         # the sequence's columns: the prompt's at prefill, prompt + generated in a replay
         slots = _slots_of(self._index, new_index, self._length if self.phase == "replay" else self.prompt.length)
         self._index = new_index
@@ -173,23 +181,23 @@ class LLMStagePatch(PatchBase):
         if self._attention is not None:
             signals["attention"] = self._attention
         scores = self.method.score(signals, visual, self.config.options)
-        chosen = torch.zeros_like(visual)
-        for image, n_tokens in enumerate(self.prompt.image_sizes):
-            k = stage_budget(self.stages[s].keep, self.config.keep, n_tokens)
-            rows, cols = (image_id == image).nonzero(as_tuple=True)
-            if len(cols) == 0:
-                continue
-            order = torch.sort(scores[rows, cols].float(), descending=True, stable=True).indices[:k]
-            chosen[rows[order], cols[order]] = True
+        budgets = [stage_budget(self.stages[s].keep, self.config.keep, n) for n in prompt.image_sizes]
+        chosen = _top_per_image(scores, image_id, budgets)
         keep = valid & (~visual | chosen)
-        kept_per_row = keep.sum(1)
-        width = int(kept_per_row.max())
+        # each row's length after the stage, on the host: minus the tokens its images drop
+        kept = [min(k, n) for k, n in zip(budgets, self._present)]
+        dropped = iter(n - k for n, k in zip(self._present, kept))
+        row_len = [length - sum(next(dropped) for _ in range(n_images))
+                   for length, n_images in zip(self._row_len, prompt.images_per_row)]
+        self._present, self._row_len = kept, row_len
+        self.stage_padded.append(len(set(row_len)) > 1)
+        width = max(row_len)
         ranks = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
-        kept = index.gather(1, ranks)
-        slot = torch.arange(width, device=index.device).expand_as(kept)
-        shift = width - kept_per_row[:, None]
+        columns = index.gather(1, ranks)
+        slot = torch.arange(width, device=index.device).expand_as(columns)
+        shift = width - keep.sum(1)[:, None]
         src = (slot - shift).clamp(min=0)
-        return torch.where(slot >= shift, kept.gather(1, src), -1)
+        return torch.where(slot >= shift, columns.gather(1, src), -1)
 
     def _finish_prefill(self, final_index: torch.Tensor) -> None:
         # stats and kept_indices read the device: made when first asked for, not mid-prefill
@@ -243,7 +251,8 @@ class LLMStagePatch(PatchBase):
 
         def sliced():
             out = {"position_embeddings": (_gather_emb(cos, index), _gather_emb(sin, index)),
-                   "attention_mask": self._slice_mask(kwargs.get("attention_mask"), index, index)}
+                   "attention_mask": self._slice_mask(kwargs.get("attention_mask"), index, index,
+                                                      padded=self._padded_now)}
             if positions is not None:
                 out["position_ids"] = _gather_ids(positions, index)
             return out
@@ -259,7 +268,8 @@ class LLMStagePatch(PatchBase):
         def sliced():
             keys = _extend(self.stage_index[s], total, self.prompt.length)
             queries = torch.arange(self._decode_start, total, device=keys.device).expand(keys.shape[0], n_new)
-            return {"attention_mask": self._slice_mask(mask, queries, keys, query_offset=self._decode_start)}
+            return {"attention_mask": self._slice_mask(mask, queries, keys, query_offset=self._decode_start,
+                                                       padded=self.stage_padded[s], queries_padded=False)}
 
         return {**kwargs, **self._per_stage((self.stage_index[s], mask, self._decode_start, total), sliced)}
 
@@ -285,14 +295,17 @@ class LLMStagePatch(PatchBase):
         self._sliced = (sources, result)
         return result
 
-    def _slice_mask(self, mask, queries: torch.Tensor, keys: torch.Tensor, query_offset: int = 0):
+    def _slice_mask(self, mask, queries: torch.Tensor, keys: torch.Tensor, query_offset: int = 0,
+                    padded: bool = True, queries_padded: bool | None = None):
         """The layer's 4D mask for query and key columns given as original indices (-1 = pad).
 
         mask: the model's mask over the full sequence ([B, 1, Q, K] bool or additive float), or
         None (causal, no padding). A padding slot attends only to itself, so no row is empty.
+        padded / queries_padded: whether the keys / queries hold -1 slots, known on the host
+        (queries_padded None: as the keys).
         """
         pad_q, pad_k = queries < 0, keys < 0
-        if mask is None and not bool(pad_k.any()):
+        if mask is None and not padded:
             return None
         q_cols, k_cols = queries.clamp(min=0), keys.clamp(min=0)
         if mask is None:
@@ -304,7 +317,7 @@ class LLMStagePatch(PatchBase):
             allowed = full.gather(1, rows[:, :, None].expand(-1, -1, full.shape[-1]))
             allowed = allowed.gather(2, k_cols[:, None, :].expand(-1, allowed.shape[1], -1))
         allowed = allowed & ~pad_k[:, None, :]
-        if bool(pad_q.any()):
+        if padded if queries_padded is None else queries_padded:
             eye = torch.eye(allowed.shape[1], allowed.shape[2], dtype=torch.bool, device=allowed.device)
             allowed = torch.where(pad_q[:, :, None], eye, allowed)
         allowed = allowed[:, None]
@@ -353,7 +366,7 @@ class LLMStagePatch(PatchBase):
             row_slots, row_valid = last_slot[:, None], torch.ones(batch, 1, dtype=torch.bool, device=index.device)
         else:
             instruction = _gather(prompt.instruction, index, False)
-            width = max(1, int(instruction.sum(1).max()))
+            width = max(1, max(prompt.instruction_per_row))  # instruction tokens are never dropped
             order = torch.sort((~instruction).to(torch.int8), dim=1, stable=True).indices[:, :width]
             row_slots, row_valid = order, instruction.gather(1, order)
         rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb
@@ -384,7 +397,33 @@ def _prompt_context(is_image: torch.Tensor, mask2d: torch.Tensor | None) -> Prom
     real = mask2d.bool() if mask2d is not None else torch.ones_like(is_image)
     instruction = (positions > last_image[:, None]) & real & (last_image[:, None] >= 0)
     last = torch.where(real, positions, -1).max(1).values
-    return PromptContext(length, is_image, image_id, image_sizes, instruction, last, mask2d)
+    images_per_row, instruction_per_row = torch.stack([per_row, instruction.sum(1)]).tolist()
+    return PromptContext(length, is_image, image_id, image_sizes, instruction, last, mask2d, images_per_row,
+                         instruction_per_row)
+
+
+def _top_per_image(scores: torch.Tensor, image_id: torch.Tensor, budgets: list[int]) -> torch.Tensor:
+    """[B, L'] bool: the budgets[i] highest-scoring tokens of each image i (all of them if it has
+    fewer), ties to the earlier token in row-major order. scores: [B, L'];
+    image_id: [B, L'] int64, -1 where not an image token.
+
+    All images at once and without a device read: tokens sorted by score, then (stably) by
+    image, give each token its rank inside its image."""
+    n = scores.numel()
+    flat_image = image_id.flatten()
+    by_score = torch.sort(scores.float().flatten(), descending=True, stable=True).indices
+    order = by_score[torch.sort(flat_image[by_score], stable=True).indices]
+    group = flat_image[order] + 1  # 0: not an image token
+    sizes = torch.zeros(len(budgets) + 1, dtype=torch.long, device=scores.device)
+    sizes.scatter_add_(0, group, torch.ones_like(group))
+    rank = torch.arange(n, device=scores.device) - (torch.cumsum(sizes, 0) - sizes)[group]
+    if len(set(budgets)) <= 1:
+        take = (rank < (budgets[0] if budgets else 0)) & (group > 0)
+    else:  # one small host-to-device copy when images keep different counts
+        limit = torch.tensor([0, *budgets], device=scores.device)
+        take = rank < limit[group]
+    chosen = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    return chosen.index_put_((order,), take).view_as(image_id)
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor, pad_value) -> torch.Tensor:

@@ -305,6 +305,7 @@ class LLMStagePatch(PatchBase):
         (queries_padded None: as the keys).
         """
         pad_q, pad_k = queries < 0, keys < 0
+        queries_padded = padded if queries_padded is None else queries_padded
         if mask is None and not padded:
             return None
         q_cols, k_cols = queries.clamp(min=0), keys.clamp(min=0)
@@ -317,7 +318,7 @@ class LLMStagePatch(PatchBase):
             allowed = full.gather(1, rows[:, :, None].expand(-1, -1, full.shape[-1]))
             allowed = allowed.gather(2, k_cols[:, None, :].expand(-1, allowed.shape[1], -1))
         allowed = allowed & ~pad_k[:, None, :]
-        if padded if queries_padded is None else queries_padded:
+        if queries_padded:
             eye = torch.eye(allowed.shape[1], allowed.shape[2], dtype=torch.bool, device=allowed.device)
             allowed = torch.where(pad_q[:, :, None], eye, allowed)
         allowed = allowed[:, None]

@@ -33,7 +33,7 @@ from vlm_prune.methods.transition import stage_budget
 from vlm_prune.registry import get_method
 from vlm_prune.timing import clock
 
-from .base import PatchBase
+from .base import PatchBase, _per_row
 
 
 @dataclass
@@ -47,7 +47,7 @@ class PromptContext:
     instruction: torch.Tensor  # [B, L] bool: the text after each row's last image
     last: torch.Tensor  # [B] int64: the row's last real prompt token
     mask2d: torch.Tensor | None  # [B, L] the caller's attention mask
-    images_per_row: list[int]  # host copies (read once, before the decoder runs) ...
+    visual_per_row: list[int]  # host copies (read before the decoder runs) ...
     instruction_per_row: list[int]  # ... so the stages never wait for the device
 
 
@@ -117,7 +117,7 @@ class LLMStagePatch(PatchBase):
             self.kept_indices, self.timings = [], {}
             return None
         self.phase = "prefill"
-        self.prompt = _prompt_context(is_image, kw.get("attention_mask"))
+        self.prompt = _prompt_context(is_image, kw.get("attention_mask"), counts)
         self._select_s = 0.0
         self._ttv = torch.zeros(is_image.shape, dtype=torch.float32, device=is_image.device)
         self._attention: torch.Tensor | None = None
@@ -186,9 +186,8 @@ class LLMStagePatch(PatchBase):
         keep = valid & (~visual | chosen)
         # each row's length after the stage, on the host: minus the tokens its images drop
         kept = [min(k, n) for k, n in zip(budgets, self._present)]
-        dropped = iter(n - k for n, k in zip(self._present, kept))
-        row_len = [length - sum(next(dropped) for _ in range(n_images))
-                   for length, n_images in zip(self._row_len, prompt.images_per_row)]
+        dropped = _per_row(prompt.visual_per_row, prompt.image_sizes, [n - k for n, k in zip(self._present, kept)])
+        row_len = [length - n for length, n in zip(self._row_len, dropped)]
         self._present, self._row_len = kept, row_len
         self.stage_padded.append(len(set(row_len)) > 1)
         width = max(row_len)
@@ -386,7 +385,7 @@ class LLMStagePatch(PatchBase):
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _prompt_context(is_image: torch.Tensor, mask2d: torch.Tensor | None) -> PromptContext:
+def _prompt_context(is_image: torch.Tensor, mask2d: torch.Tensor | None, visual_per_row: list[int]) -> PromptContext:
     batch, length = is_image.shape
     starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
     per_row = starts.sum(1)
@@ -398,9 +397,8 @@ def _prompt_context(is_image: torch.Tensor, mask2d: torch.Tensor | None) -> Prom
     real = mask2d.bool() if mask2d is not None else torch.ones_like(is_image)
     instruction = (positions > last_image[:, None]) & real & (last_image[:, None] >= 0)
     last = torch.where(real, positions, -1).max(1).values
-    images_per_row, instruction_per_row = torch.stack([per_row, instruction.sum(1)]).tolist()
-    return PromptContext(length, is_image, image_id, image_sizes, instruction, last, mask2d, images_per_row,
-                         instruction_per_row)
+    return PromptContext(length, is_image, image_id, image_sizes, instruction, last, mask2d, visual_per_row,
+                         instruction.sum(1).tolist())
 
 
 def _top_per_image(scores: torch.Tensor, image_id: torch.Tensor, budgets: list[int]) -> torch.Tensor:

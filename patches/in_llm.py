@@ -225,7 +225,7 @@ class LLMStagePatch(PatchBase):
 
     def _settle(self) -> None:
         """Turns the last prefill's final index into stats and kept indices (device reads)."""
-        outcome = getattr(self, "_outcome", None)
+        outcome = self._outcome  # set (None) by the stats / kept_indices setters from __init__ on
         if outcome is None:
             return
         prompt, final_index = outcome

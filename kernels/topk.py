@@ -23,25 +23,27 @@ def top_k_in_order_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order.sort(dim=-1).values
 
 
+def _fused_top_k(features: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import triton_kernels
+
+    return triton_kernels.compact_gather(features, triton_kernels.topk_slots(scores, k), k)
+
+
 def top_k_in_order(scores: torch.Tensor, k: int, backend: str | None = None) -> torch.Tensor:
     if k >= scores.shape[-1]:
         return top_k_in_order_ref(scores, k)
-    no_features = scores.new_empty(scores.shape[0], scores.shape[1], 0)
-    return select_top_k(no_features, scores, k, backend)[1]
+    return fused_or_reference(
+        "top_k", scores, lambda: _fused_top_k(scores.new_empty(*scores.shape, 0), scores, k)[1],
+        lambda: top_k_in_order_ref(scores, k), backend)
 
 
 def select_top_k(features: torch.Tensor, scores: torch.Tensor, k: int,
                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """features [I, N, D], scores [I, N] -> (kept features [I, k, D], indices [I, k])."""
-    def fused():
-        from . import triton_kernels
-
-        return triton_kernels.compact_gather(features, triton_kernels.topk_slots(scores, k), k)
-
     def reference():
         index = top_k_in_order_ref(scores, k)
         return features.gather(1, index.unsqueeze(-1).expand(-1, -1, features.shape[-1])), index
 
     if k >= scores.shape[-1]:
         return reference()
-    return fused_or_reference("top_k", scores, fused, reference, backend)
+    return fused_or_reference("top_k", scores, lambda: _fused_top_k(features, scores, k), reference, backend)

@@ -9,6 +9,8 @@ rotary and dispatches to the fused Triton kernels (`triton_attention`) or to the
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .dispatch import fused_or_reference
@@ -45,21 +47,29 @@ def rotate_half_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     return (x32 * cos[:, None].float() + rotated * sin[:, None].float()).to(x.dtype)
 
 
+def _rotate_both(query: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    return rotate_half_rotary(query, cos, sin), rotate_half_rotary(keys, cos, sin)
+
+
 def attention_received_rotary_ref(query: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                                  scale: float, cu_seqlens: torch.Tensor, unit: int = 1) -> torch.Tensor:
-    """query, keys: [T, H, Dh] before rotary; cos, sin: [T, Dh]; cu_seqlens: [S + 1].
+                                  scale: float, cu_seqlens: torch.Tensor, unit: int = 1,
+                                  rotary: Callable = _rotate_both) -> torch.Tensor:
+    """query, keys: [T, H, Dh] before rotary; cos, sin: [T, Dh]; cu_seqlens: [S + 1];
+    rotary(query, keys, cos, sin) -> the rotated pair (default: `rotate_half_rotary`; a patch
+    passes the model's own function).
 
     Returns [T / unit] float32: `attention_received` of the rotated query and keys, averaged over
     each run of `unit` consecutive tokens (the merger's units)."""
-    received = attention_received(rotate_half_rotary(query, cos, sin).transpose(0, 1),
-                                  rotate_half_rotary(keys, cos, sin).transpose(0, 1), scale, cu_seqlens)
+    q_rot, k_rot = rotary(query, keys, cos, sin)
+    received = attention_received(q_rot.transpose(0, 1), k_rot.transpose(0, 1), scale, cu_seqlens)
     return received.view(-1, unit).mean(1)
 
 
 def attention_received_rotary(query: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                              scale: float, cu_seqlens: torch.Tensor, unit: int = 1,
+                              scale: float, cu_seqlens: torch.Tensor, unit: int = 1, rotary: Callable = _rotate_both,
                               backend: str | None = None) -> torch.Tensor:
-    """See `attention_received_rotary_ref`."""
+    """See `attention_received_rotary_ref`. The fused kernels apply rotate-half rotary themselves
+    (`rotate_half_rotary`, which is what `rotary` must compute)."""
     args = (query, keys, cos, sin, scale, cu_seqlens, unit)
 
     def fused():
@@ -68,4 +78,4 @@ def attention_received_rotary(query: torch.Tensor, keys: torch.Tensor, cos: torc
         return triton_attention.attention_received_rotary(*args)
 
     return fused_or_reference("attention_received_rotary", query, fused,
-                              lambda: attention_received_rotary_ref(*args), backend)
+                              lambda: attention_received_rotary_ref(*args, rotary=rotary), backend)

@@ -29,9 +29,7 @@ from typing import Any
 import torch
 
 from vlm_prune.compat import vision_window_index
-from vlm_prune.kernels import attention_received
 from vlm_prune.kernels.attention_received import attention_received_rotary
-from vlm_prune.kernels.dispatch import use_triton
 from vlm_prune.timing import clock
 
 from .base import ImageTokens, Region, VisionStagePatch
@@ -168,21 +166,13 @@ class Qwen2VLPatch(VisionStagePatch):
         window_index = None
         if self.windowed:  # blocks ran on window-permuted units
             window_index = vision_window_index(self.visual, grid_seen["grid_thw"]).to(qkv.device)
-
-        def per_merged_token(values: torch.Tensor) -> torch.Tensor:
-            return merge_unit_mean(values, self.merge_unit, window_index)
-
         if "keys" in self.method.needs:  # VisionZip's key similarity: the block's keys, pre-rotary
-            result["keys"] = per_merged_token(k.reshape(total, -1))
+            result["keys"] = merge_unit_mean(k.reshape(total, -1), self.merge_unit, window_index)
         if "cls_attention" in self.method.needs:
             cos, sin = seen["position_embeddings"]
-            if use_triton(q, self.config.backend):  # rotary, scores and unit means fused
-                received = attention_received_rotary(q, k, cos, sin, attn.scaling, seen["cu_seqlens"], self.merge_unit,
-                                                     backend=self.config.backend)
-                result["cls_attention"] = to_raster(received, window_index)
-            else:  # the model's own rotary, then the reference
-                q_rot, k_rot = rotary(q, k, cos, sin)
-                received = attention_received(q_rot.transpose(0, 1), k_rot.transpose(0, 1), attn.scaling,
-                                              seen["cu_seqlens"])
-                result["cls_attention"] = per_merged_token(received)
+            # fused (rotary, scores, unit means) on the Triton backend; the reference uses the
+            # model's own rotary
+            received = attention_received_rotary(q, k, cos, sin, attn.scaling, seen["cu_seqlens"], self.merge_unit,
+                                                 rotary=rotary, backend=self.config.backend)
+            result["cls_attention"] = to_raster(received, window_index)
         self._signal_s += clock(self.model) - start

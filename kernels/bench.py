@@ -26,12 +26,14 @@ import torch
 SIZES = {"llava-1.5": 576, "llava-next": 2880, "qwen2-vl": 16384}
 
 
-def _timer(device: str, repeats: int):
-    def measure(fn) -> float:
-        for _ in range(2):
+def _sampler(device: str):
+    """sample(fn, n, warmup) -> n timings of fn in ms (CUDA events on a GPU: host launch cost
+    included, as a user sees it)."""
+    def sample(fn, n: int, warmup: int = 2) -> list[float]:
+        for _ in range(warmup):
             fn()
         samples = []
-        for _ in range(repeats):
+        for _ in range(n):
             if device == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -43,9 +45,14 @@ def _timer(device: str, repeats: int):
                 t0 = time.perf_counter()
                 fn()
                 samples.append(1000 * (time.perf_counter() - t0))
-        return statistics.median(samples)
+        return samples
 
-    return measure
+    return sample
+
+
+def _timer(device: str, repeats: int):
+    sample = _sampler(device)
+    return lambda fn: statistics.median(sample(fn, repeats))
 
 
 def _graph_timer(repeats: int, calls: int = 20):
@@ -148,8 +155,10 @@ def kernel_rows(device: str, repeats: int, sizes: dict[str, int], dtype: torch.d
                 for key, fn in (("reference_graph_ms", ref), ("triton_graph_ms", fused)):
                     try:
                         row[key] = measure_graph(fn)
-                    except Exception as exc:
-                        print(f"[bench] {name} / {op} / {key} (CUDA graph): {exc!r}", file=sys.stderr)
+                    except Exception as exc:  # e.g. a reference that copies to the host
+                        first = str(exc).splitlines()[0] if str(exc) else ""
+                        print(f"[bench] {name} / {op}: {key} not measured, the call cannot be captured in a "
+                              f"CUDA graph ({type(exc).__name__}: {first})", file=sys.stderr)
                 if row["reference_graph_ms"] and row["triton_graph_ms"]:
                     row["graph_speedup"] = row["reference_graph_ms"] / row["triton_graph_ms"]
             rows.append(row)
@@ -224,19 +233,28 @@ def _language_model_inputs(model, prefill) -> dict:
     return {k: v for k, v in seen.items() if k not in ("cache", "past_key_values")}
 
 
-def overhead_rows(device: str, repeats: int, dtype: torch.dtype, smoke: bool, keep: float = 0.25) -> list[dict]:
-    """Per 7B shape, batch and backend, the pruning overhead two ways, each against the prefill
-    of the full-depth model (the LLM's measured per-layer cost times the real depth):
+def overhead_rows(device: str, repeats: int, dtype: torch.dtype, smoke: bool, keep: float = 0.25,
+                  rounds: int = 4) -> list[dict]:
+    """Per 7B shape, batch and backend, the pruning overhead, each against the prefill of the
+    full-depth model (the LLM's measured per-layer cost times the real depth):
 
     - select_ms: scoring + selection + compaction on device-synchronised clocks (the handle's
       timings with VLM_PRUNE_SYNC_TIMINGS=1): exact, but every reading drains the pipeline;
-    - e2e_overhead_ms: from undisturbed prefills -- (pruned prefill - vision tower alone - language
-      model alone on the pruned inputs) minus the same glue of the unpruned prefill. What a user
-      pays, device reads and host launches included, and what overlaps with the tower is free.
+    - select_host_ms: the same stretch on the host clock of an undisturbed prefill: the host time
+      the pruning takes (all of it, where nothing in it waits for the device);
+    - glue: an undisturbed prefill minus the vision tower alone minus the language model alone
+      (on that prefill's inputs): the rest of the prefill -- embedding, the model's own merging of
+      image features, and in the pruned prefill the pruning. e2e_overhead_ms is the pruned glue
+      minus the unpruned glue (negative where the pruned path skips more of the model's merging
+      than the pruning costs).
+
+    A host-bound prefill drifts with the host's speed, so every variant is measured in `rounds`
+    interleaved rounds (each reported number is a median over all of them).
     """
     import vlm_prune
 
-    measure = _timer(device, repeats)
+    sample = _sampler(device)
+    per_round = max(2, repeats // rounds)
     rows = []
     for name, shape in (SMOKE_SHAPES if smoke else SHAPES_7B).items():
         try:
@@ -258,61 +276,113 @@ def overhead_rows(device: str, repeats: int, dtype: torch.dtype, smoke: bool, ke
                     with torch.inference_mode():
                         hidden = model.model.language_model(**kw).last_hidden_state
                         model.lm_head(hidden[:, -1:])
-                return measure(run)
+                return run
 
             def vision_alone():
                 with torch.inference_mode():
                     model.model.get_image_features(**image_kw)
 
-            with _sync_timings(False):
-                unpruned_ms = measure(prefill)
-                vision_alone_ms = measure(vision_alone)
-                lm_unpruned_ms = language_model_alone(_language_model_inputs(model, prefill))
+            got: dict = {}
+            stats: dict = {}
+            failed: set = set()
+
+            def add(key, samples):
+                got.setdefault(key, []).extend(samples)
+
+            lm_unpruned = language_model_alone(_language_model_inputs(model, prefill))
+            for _ in range(rounds):
+                with _sync_timings(False):
+                    add("prefill", sample(prefill, per_round, warmup=1))
+                    add("vision", sample(vision_alone, per_round, warmup=1))
+                    add("lm", sample(lm_unpruned, per_round, warmup=1))
+                for backend in ("torch", "triton"):
+                    if backend in failed:
+                        continue
+                    try:
+                        with vlm_prune.pruned(model, "cls_attention", keep, backend=backend) as handle:
+                            timings = []
+
+                            def pruned_prefill():
+                                prefill()
+                                timings.append(handle.timings)
+
+                            for sync in (True, False):
+                                with _sync_timings(sync):
+                                    add((backend, sync), sample(pruned_prefill, per_round, warmup=1))
+                                add((backend, sync, "vision"), [t["vision_s"] * 1000 for t in timings[-per_round:]])
+                                add((backend, sync, "select"), [t["select_s"] * 1000 for t in timings[-per_round:]])
+                                add((backend, sync, "positions"),
+                                    [t.get("positions_s", 0.0) * 1000 for t in timings[-per_round:]])
+                            with _sync_timings(False):
+                                lm_pruned = language_model_alone(_language_model_inputs(model, prefill))
+                                add((backend, "lm"), sample(lm_pruned, per_round, warmup=1))
+                            stats[backend] = handle.stats[0]
+                    except Exception as exc:
+                        failed.add(backend)
+                        print(f"[bench] {name} / batch {batch} / {backend}: {exc!r}", file=sys.stderr)
+            med = {key: statistics.median(values) for key, values in got.items()}
+            unpruned_ms, vision_alone_ms, lm_unpruned_ms = med["prefill"], med["vision"], med["lm"]
             glue_unpruned = unpruned_ms - vision_alone_ms - lm_unpruned_ms
             for backend in ("torch", "triton"):
-                try:
-                    handle = vlm_prune.patch(model, "cls_attention", keep, backend=backend)
-                    timings = []
-
-                    def pruned_prefill():
-                        prefill()
-                        timings.append(handle.timings)
-
-                    with _sync_timings(True):
-                        pruned_ms = measure(pruned_prefill)
-                    with _sync_timings(False):
-                        pruned_e2e_ms = measure(prefill)
-                        lm_pruned_ms = language_model_alone(_language_model_inputs(model, prefill))
-                    stats = handle.stats[0]
-                    handle.remove()
-                except Exception as exc:
-                    vlm_prune.unpatch(model)
-                    print(f"[bench] {name} / batch {batch} / {backend}: {exc!r}", file=sys.stderr)
+                if backend in failed:
                     continue
-                vision_ms = 1000 * statistics.median(t["vision_s"] for t in timings)
-                select_ms = 1000 * statistics.median(t["select_s"] for t in timings)
+                vision_ms, select_ms = med[backend, True, "vision"], med[backend, True, "select"]
+                pruned_ms, pruned_e2e_ms, lm_pruned_ms = med[backend, True], med[backend, False], med[backend, "lm"]
                 layer_full = (unpruned_ms - vision_ms) / n_layers
                 layer_pruned = (pruned_ms - vision_ms - select_ms) / n_layers
                 full_unpruned = vision_ms + shape["depth"] * layer_full
                 full_pruned = vision_ms + shape["depth"] * layer_pruned + select_ms
                 glue_pruned = pruned_e2e_ms - vision_alone_ms - lm_pruned_ms
-                e2e_overhead = glue_pruned - glue_unpruned
                 full_pruned_e2e = vision_alone_ms + shape["depth"] / n_layers * lm_pruned_ms + glue_pruned
+                full_unpruned_e2e = vision_alone_ms + shape["depth"] / n_layers * lm_unpruned_ms + glue_unpruned
                 rows.append(dict(
-                    model=name, batch=batch, backend=backend, tokens=f"{stats['visual_tokens']}->{stats['kept']}",
-                    measured_layers=n_layers, depth=shape["depth"], vision_ms=vision_ms, select_ms=select_ms,
+                    model=name, batch=batch, backend=backend,
+                    tokens=f"{stats[backend]['visual_tokens']}->{stats[backend]['kept']}",
+                    measured_layers=n_layers, depth=shape["depth"], samples=len(got[backend, True]),
+                    vision_ms=vision_ms, select_ms=select_ms, select_host_ms=med[backend, False, "select"],
+                    positions_host_ms=med[backend, False, "positions"],
                     measured_unpruned_ms=unpruned_ms, measured_pruned_ms=pruned_ms,
                     prefill_unpruned_ms=full_unpruned, prefill_pruned_ms=full_pruned,
                     speedup=full_unpruned / full_pruned, overhead_pct=100 * select_ms / full_pruned,
                     overhead_of_unpruned_pct=100 * select_ms / full_unpruned,
                     vision_alone_ms=vision_alone_ms, lm_unpruned_ms=lm_unpruned_ms, lm_pruned_ms=lm_pruned_ms,
-                    pruned_e2e_ms=pruned_e2e_ms, e2e_overhead_ms=e2e_overhead,
-                    e2e_overhead_pct=100 * e2e_overhead / full_pruned_e2e,
+                    pruned_e2e_ms=pruned_e2e_ms, glue_unpruned_ms=glue_unpruned, glue_pruned_ms=glue_pruned,
+                    e2e_overhead_ms=glue_pruned - glue_unpruned,
+                    e2e_overhead_pct=100 * (glue_pruned - glue_unpruned) / full_pruned_e2e,
+                    select_host_pct=100 * med[backend, False, "select"] / full_pruned_e2e,
+                    prefill_unpruned_e2e_ms=full_unpruned_e2e, prefill_pruned_e2e_ms=full_pruned_e2e,
+                    speedup_e2e=full_unpruned_e2e / full_pruned_e2e,
                 ))
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _python_profile(model, inputs: dict, backend: str, calls: int = 20) -> str:
+    """cProfile of `calls` undisturbed pruned prefills, restricted to vlm_prune's own code and
+    Triton's launcher: where the pruning's host time goes, line by line of Python."""
+    import cProfile
+    import io
+    import pstats
+
+    import vlm_prune
+
+    profiler = cProfile.Profile()
+    with vlm_prune.pruned(model, "cls_attention", 0.25, backend=backend), torch.inference_mode(), \
+            _sync_timings(False):
+        model(**inputs, logits_to_keep=1)
+        profiler.enable()
+        for _ in range(calls):
+            model(**inputs, logits_to_keep=1)
+        profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    out.write(f"---- Python profile, {calls} prefills, backend={backend}: by own time\n")
+    stats.sort_stats("tottime").print_stats(r"vlm_prune|patches|kernels|triton", 30)
+    out.write("---- by cumulative time\n")
+    stats.sort_stats("cumtime").print_stats(r"vlm_prune|patches|kernels|triton", 30)
+    return out.getvalue() + "\n"
 
 
 def profile_selection(device: str, dtype: torch.dtype, path: str, smoke: bool) -> None:
@@ -338,6 +408,7 @@ def profile_selection(device: str, dtype: torch.dtype, path: str, smoke: bool) -
                     f.write(f"==== {name}, backend={backend}\n")
                     f.write(table.table(sort_by=sort, row_limit=40) + "\n\n")
                     f.write(table.table(sort_by="cpu_time_total", row_limit=40) + "\n\n")
+                    f.write(_python_profile(model, inputs, backend))
             del model
         except Exception as exc:
             print(f"[bench] profile {name}: {exc!r}", file=sys.stderr)
@@ -384,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['speedup']:.2f}x | {fmt(r['reference_graph_ms'], '.4f')} | {fmt(r['triton_graph_ms'], '.4f')} | "
               f"{fmt(r['graph_speedup'], '.2f')}x | {r['relative_error']:.1e} |")
     sys.stdout.flush()
-    overhead = overhead_rows(device, max(3, repeats // 2), dtype, args.smoke)
+    overhead = overhead_rows(device, max(4, repeats // 2), dtype, args.smoke, rounds=1 if args.smoke else 4)
     save(kernels=kernels, overhead=overhead)
     print("\nPruning overhead, cls_attention keep 0.25, 640x480 image: LLM per-layer cost measured on the "
           "first layers and scaled to the real depth; device-synchronised timings\n")
@@ -396,14 +467,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['select_ms']:.3f} | {r['measured_unpruned_ms']:.2f} -> {r['measured_pruned_ms']:.2f} | "
               f"{r['prefill_unpruned_ms']:.2f} -> {r['prefill_pruned_ms']:.2f} | {r['speedup']:.2f}x | "
               f"{r['overhead_pct']:.2f}% |")
-    print("\nThe same overhead from undisturbed prefills (no synchronising clocks): (pruned prefill - vision tower "
-          "alone - language model alone on the pruned inputs) - the same glue of the unpruned prefill\n")
+    print("\nThe same from undisturbed prefills (no synchronising clocks). Glue: prefill - vision tower alone - "
+          "language model alone on that prefill's inputs; host: the pruning's own stretch on the host clock "
+          "(it includes the model's own position ids -- Qwen's M-RoPE index -- which the unpruned forward "
+          "computes too)\n")
     print("| model | batch | backend | vision alone ms | LLM alone unpruned -> pruned ms | prefill unpruned -> "
-          "pruned ms | overhead ms | overhead (share of full-depth pruned prefill) |\n|---|---|---|---|---|---|---|---|")
+          "pruned ms | glue unpruned -> pruned ms | full depth unpruned -> pruned ms | pruning on the host ms "
+          "(share) | of which position ids ms |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in overhead:
         print(f"| {r['model']} | {r['batch']} | {r['backend']} | {r['vision_alone_ms']:.2f} | "
               f"{r['lm_unpruned_ms']:.2f} -> {r['lm_pruned_ms']:.2f} | {r['measured_unpruned_ms']:.2f} -> "
-              f"{r['pruned_e2e_ms']:.2f} | {r['e2e_overhead_ms']:.3f} | {r['e2e_overhead_pct']:.2f}% |")
+              f"{r['pruned_e2e_ms']:.2f} | {r['glue_unpruned_ms']:.2f} -> {r['glue_pruned_ms']:.2f} | "
+              f"{r['prefill_unpruned_e2e_ms']:.2f} -> {r['prefill_pruned_e2e_ms']:.2f} | "
+              f"{r['select_host_ms']:.3f} ({r['select_host_pct']:.2f}%) | {r['positions_host_ms']:.3f} |")
     if args.profile:
         profile_selection(device, dtype, args.profile, args.smoke)
     return 0

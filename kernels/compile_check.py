@@ -24,6 +24,7 @@ def configurations() -> list[tuple[str, object, dict, dict, dict]]:
     """(label, kernel, pointer/scalar argument types, constexprs, launch options) per case;
     arguments not named are int32 scalars."""
     import torch
+    import triton
 
     from . import triton_attention as ta
     from . import triton_compaction as tc
@@ -60,14 +61,20 @@ def configurations() -> list[tuple[str, object, dict, dict, dict]]:
                       tc._compact_rows_kernel,
                       dict(idx_ptr="*i64", frow_ptr="*i32", ids_ptr="*i64", text_ptr="*bf16", feat_ptr=features,
                            out_ptr="*bf16"), dict(FROM_TABLE=table, BLOCK_W=16, BLOCK_D=256), {}))
-    for dtype, torch_dtype, half in (("bf16", torch.bfloat16, 64), ("fp16", torch.float16, 32),
-                                     ("fp32", torch.float32, 64)):
-        types = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", cs_ptr="*fp32", sn_ptr="*fp32", cu_ptr="*i32",
-                     max_ptr="*fp32", sum_ptr="*fp32", part_ptr="*fp32", scale="fp32")
-        meta = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_HALF=half, BLOCK_S=16, IEEE=dtype == "fp32")
-        for label, kernel in (("row stats", ta._received_row_stats_kernel), ("columns", ta._received_columns_kernel)):
-            cases.append((f"attention received {label}, {dtype}, head dim {2 * half}", kernel, types, meta,
-                          ta.pipeline_options(torch_dtype)))
+    for dtype, head_dim in (("bf16", 80), ("fp16", 64), ("fp32", 80), ("bf16", 128)):
+        chunk_a, chunk_b = ta.head_dim_chunks(head_dim)
+        meta = dict(BLOCK_M=64, BLOCK_N=64, DA=chunk_a, DB=max(chunk_b, 16), HAS_B=chunk_b > 0, BLOCK_S=16,
+                    IEEE=dtype == "fp32")
+        for label, kernel, types in (
+                ("row stats", ta._received_row_stats_kernel, dict(rot_ptr=f"*{dtype}", cu_ptr="*i32", lse_ptr="*fp32")),
+                ("columns", ta._received_columns_kernel,
+                 dict(rot_ptr=f"*{dtype}", cu_ptr="*i32", lse_ptr="*fp32", part_ptr="*fp32"))):
+            cases.append((f"attention received {label}, {dtype}, head dim {head_dim}", kernel,
+                          dict(types, qk_scale="fp32"), meta,
+                          ta.pipeline_options(torch.float32 if dtype == "fp32" else torch.bfloat16)))
+        cases.append((f"rotary, {dtype}, head dim {head_dim}", ta._rotate_kernel,
+                      dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", cs_ptr="*fp32", sn_ptr="*fp32", out_ptr=f"*{dtype}"),
+                      dict(BLOCK_T=32, BLOCK_HALF=max(16, triton.next_power_of_2(head_dim // 2))), {}))
     cases.append(("attention received combine", ta._received_combine_kernel,
                   dict(part_ptr="*fp32", cu_ptr="*i32", out_ptr="*fp32"), dict(UNIT=4, BLOCK=128, BLOCK_H=16, BLOCK_S=16),
                   {}))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import os
 import warnings
@@ -27,6 +28,7 @@ _failed: set[str] = set()  # kernels that failed under "auto": their references 
 T = TypeVar("T")
 
 
+@functools.cache  # find_spec walks sys.path: not on every dispatch
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -1,19 +1,22 @@
 """Fused attention received (the kernels behind `attention_received.attention_received_rotary`;
 imported only when Triton is used): rotary, q . K^T, the row softmax and the column means in
-three launches, with no T x T map in memory and no device read.
+four launches, with no T x T map in memory and no device read.
 
-`_received_row_stats_kernel`, program (head, query block): rotates the query and key tiles
-(Qwen's vision rotary: x * cos + rotate_half(x) * sin, in fp32, cast back to the input dtype as
-the model does) and keeps each query row's running softmax max and sum over its segment's keys.
+`_rotate_kernel`, program (head, token block): Qwen's vision rotary on the query and the keys
+(x * cos + rotate_half(x) * sin, in fp32, cast back to the input dtype as the model does), written
+once as [2, H, T, Dh], so the quadratic passes below load plain tiles (rotating inside them
+re-read four fp32 cos/sin tiles per key tile: 5x the bytes of the keys, and ~40x slower).
+`_received_row_stats_kernel`, program (head, query block): each query row's log-sum-exp (base 2)
+over its segment's keys, by the online softmax.
 `_received_columns_kernel`, program (head, key block): recomputes the logits against every query
-of the keys' segment and sums the normalised probabilities down each column.
+of the keys' segment and sums the probabilities exp2(s - lse) down each column.
 `_received_combine_kernel`, program (block of merged tokens): mean over heads, over the
 segment's query rows and over the merger's unit of `UNIT` consecutive tokens.
 
 Segments (attention is block-diagonal: one per image or frame) come as cu_seqlens; each row
 finds its bounds by comparing with all of them, so a block that straddles two segments is
-simply masked -- no host copy of the bounds, no launch per segment. The head dim is handled as
-two halves (what rotate_half pairs up), each padded to a power of two for tl.dot.
+simply masked -- no host copy of the bounds, no launch per segment. tl.dot needs power-of-two
+widths, so the head dim is read as two chunks (80 = 64 + 16): nothing is padded beyond 16.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import triton
 import triton.language as tl
 
 from . import buffers
+from .grid import cdiv, next_power_of_2
+
+LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -36,91 +42,105 @@ def _segment_bounds(cu_ptr, n_cu, t, T, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _rotated_halves(x_ptr, cs_ptr, sn_ptr, t, t_ok, h, stride_xt, stride_xh, stride_ct, HALF,
-                    BLOCK_HALF: tl.constexpr):
-    """Rows t of head h rotated: (first half, second half), each [len(t), BLOCK_HALF], in x's dtype."""
+def _rotate_kernel(q_ptr, k_ptr, cs_ptr, sn_ptr, out_ptr, T, H, HALF, stride_qt, stride_qh, stride_kt, stride_kh,
+                   stride_ct, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """out [2, H, T, 2 * HALF] in the input dtype: rotated query (0) and keys (1)."""
+    h = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_HALF)
-    m = t_ok[:, None] & (d < HALF)[None, :]
-    row = x_ptr + t[:, None].to(tl.int64) * stride_xt + h * stride_xh
-    x1 = tl.load(row + d[None, :], mask=m, other=0.0)
-    x2 = tl.load(row + HALF + d[None, :], mask=m, other=0.0)
+    m = (t < T)[:, None] & (d < HALF)[None, :]
     trig = t[:, None].to(tl.int64) * stride_ct + d[None, :]
     c1 = tl.load(cs_ptr + trig, mask=m, other=0.0).to(tl.float32)
     c2 = tl.load(cs_ptr + trig + HALF, mask=m, other=0.0).to(tl.float32)
     s1 = tl.load(sn_ptr + trig, mask=m, other=0.0).to(tl.float32)
     s2 = tl.load(sn_ptr + trig + HALF, mask=m, other=0.0).to(tl.float32)
+    dst = out_ptr + (h * T + t[:, None]).to(tl.int64) * (2 * HALF) + d[None, :]
+    _rotate_rows(q_ptr + h * stride_qh, t, d, m, stride_qt, c1, c2, s1, s2, dst, HALF)
+    _rotate_rows(k_ptr + h * stride_kh, t, d, m, stride_kt, c1, c2, s1, s2, dst + H * T * (2 * HALF), HALF)
+
+
+@triton.jit
+def _rotate_rows(src_ptr, t, d, m, stride_t, c1, c2, s1, s2, dst, HALF):
+    row = src_ptr + t[:, None].to(tl.int64) * stride_t
+    x1 = tl.load(row + d[None, :], mask=m, other=0.0)
+    x2 = tl.load(row + HALF + d[None, :], mask=m, other=0.0)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
-    return (a * c1 - b * s1).to(x1.dtype), (b * c2 + a * s2).to(x1.dtype)
+    tl.store(dst, (a * c1 - b * s1).to(x1.dtype), mask=m)
+    tl.store(dst + HALF, (b * c2 + a * s2).to(x1.dtype), mask=m)
 
 
 @triton.jit
-def _program_tile(x_ptr, cs_ptr, sn_ptr, cu_ptr, t, h, T, n_cu, stride_xt, stride_xh, stride_ct, HALF,
-                  BLOCK_HALF: tl.constexpr, BLOCK_S: tl.constexpr):
-    """A program's own tokens t (queries in the row pass, keys in the column pass): (in range,
-    segment start, segment end, rotated halves, and the [start, end) of the other side to visit)."""
-    ok = t < T
-    lo, hi = _segment_bounds(cu_ptr, n_cu, t, T, BLOCK_S)
-    x1, x2 = _rotated_halves(x_ptr, cs_ptr, sn_ptr, t, ok, h, stride_xt, stride_xh, stride_ct, HALF, BLOCK_HALF)
-    return ok, lo, hi, x1, x2, tl.min(tl.where(ok, lo, T), axis=0), tl.max(tl.where(ok, hi, 0), axis=0)
+def _tile(x_ptr, t, t_ok, Dh, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr):
+    """Rows t of one head's [T, Dh] rotated matrix as its two chunks [len(t), DA], [len(t), DB]."""
+    row = x_ptr + t[:, None].to(tl.int64) * Dh
+    da = tl.arange(0, DA)
+    a = tl.load(row + da[None, :], mask=t_ok[:, None] & (da < Dh)[None, :], other=0.0)
+    b = a
+    if HAS_B:
+        db = DA + tl.arange(0, DB)
+        b = tl.load(row + db[None, :], mask=t_ok[:, None] & (db < Dh)[None, :], other=0.0)
+    return a, b
 
 
 @triton.jit
-def _logits(q1, q2, k1, k2, scale, IEEE: tl.constexpr):
-    """[M, N] float32: q . k^T * scale from the rotated halves."""
+def _logits2(qa, qb, ka, kb, qk_scale, HAS_B: tl.constexpr, IEEE: tl.constexpr):
+    """[M, N] float32: q . k^T * scale * log2(e) (the exponent base 2 uses)."""
     if IEEE:  # float32 inputs: full precision, not tf32
-        s = tl.dot(q1, tl.trans(k1), input_precision="ieee") + tl.dot(q2, tl.trans(k2), input_precision="ieee")
+        s = tl.dot(qa, tl.trans(ka), input_precision="ieee")
+        if HAS_B:
+            s += tl.dot(qb, tl.trans(kb), input_precision="ieee")
     else:
-        s = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
-    return s * scale
+        s = tl.dot(qa, tl.trans(ka))
+        if HAS_B:
+            s += tl.dot(qb, tl.trans(kb))
+    return s * qk_scale
 
 
 @triton.jit
-def _received_row_stats_kernel(q_ptr, k_ptr, cs_ptr, sn_ptr, cu_ptr, max_ptr, sum_ptr, T, HALF, n_cu, scale,
-                               stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                               BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
+def _received_row_stats_kernel(rot_ptr, cu_ptr, lse_ptr, T, H, Dh, n_cu, qk_scale,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                               HAS_B: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
     h = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_ok, lo, hi, q1, q2, k_lo, k_hi = _program_tile(q_ptr, cs_ptr, sn_ptr, cu_ptr, rows, h, T, n_cu, stride_qt,
-                                                     stride_qh, stride_ct, HALF, BLOCK_HALF, BLOCK_S)
+    r_ok = rows < T
+    lo, hi = _segment_bounds(cu_ptr, n_cu, rows, T, BLOCK_S)
+    q_base = rot_ptr + h.to(tl.int64) * T * Dh
+    k_base = rot_ptr + (H + h).to(tl.int64) * T * Dh
+    qa, qb = _tile(q_base, rows, r_ok, Dh, DA, DB, HAS_B)
     row_max = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for n0 in range(k_lo, k_hi, BLOCK_N):
+    for n0 in range(tl.min(tl.where(r_ok, lo, T), axis=0), tl.max(tl.where(r_ok, hi, 0), axis=0), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        c_ok = cols < k_hi
-        k1, k2 = _rotated_halves(k_ptr, cs_ptr, sn_ptr, cols, c_ok, h, stride_kt, stride_kh, stride_ct, HALF,
-                                 BLOCK_HALF)
-        same = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]) & c_ok[None, :]
-        s = tl.where(same, _logits(q1, q2, k1, k2, scale, IEEE), -float("inf"))
+        ka, kb = _tile(k_base, cols, cols < T, Dh, DA, DB, HAS_B)
+        same = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+        s = tl.where(same, _logits2(qa, qb, ka, kb, qk_scale, HAS_B, IEEE), -float("inf"))
         new_max = tl.maximum(row_max, tl.max(s, axis=1))
-        safe = tl.where(new_max == -float("inf"), 0.0, new_max)
-        row_sum = row_sum * tl.exp(row_max - safe) + tl.sum(tl.exp(s - safe[:, None]), axis=1)
+        safe = tl.where(new_max == -float("inf"), 0.0, new_max)  # a row none of whose keys is in this tile
+        row_sum = row_sum * tl.exp2(row_max - safe) + tl.sum(tl.exp2(s - safe[:, None]), axis=1)
         row_max = new_max
-    tl.store(max_ptr + h * T + rows, row_max, mask=r_ok)
-    tl.store(sum_ptr + h * T + rows, row_sum, mask=r_ok)
+    tl.store(lse_ptr + h * T + rows, row_max + tl.log2(row_sum), mask=r_ok)
 
 
 @triton.jit
-def _received_columns_kernel(q_ptr, k_ptr, cs_ptr, sn_ptr, cu_ptr, max_ptr, sum_ptr, part_ptr, T, HALF, n_cu,
-                             scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                             BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
+def _received_columns_kernel(rot_ptr, cu_ptr, lse_ptr, part_ptr, T, H, Dh, n_cu, qk_scale,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                             HAS_B: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
     h = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_ok, lo, hi, k1, k2, q_lo, q_hi = _program_tile(k_ptr, cs_ptr, sn_ptr, cu_ptr, cols, h, T, n_cu, stride_kt,
-                                                     stride_kh, stride_ct, HALF, BLOCK_HALF, BLOCK_S)
+    c_ok = cols < T
+    lo, hi = _segment_bounds(cu_ptr, n_cu, cols, T, BLOCK_S)
+    q_base = rot_ptr + h.to(tl.int64) * T * Dh
+    k_base = rot_ptr + (H + h).to(tl.int64) * T * Dh
+    ka, kb = _tile(k_base, cols, c_ok, Dh, DA, DB, HAS_B)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for m0 in range(q_lo, q_hi, BLOCK_M):
+    for m0 in range(tl.min(tl.where(c_ok, lo, T), axis=0), tl.max(tl.where(c_ok, hi, 0), axis=0), BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        r_ok = rows < q_hi
-        q1, q2 = _rotated_halves(q_ptr, cs_ptr, sn_ptr, rows, r_ok, h, stride_qt, stride_qh, stride_ct, HALF,
-                                 BLOCK_HALF)
-        row_max = tl.load(max_ptr + h * T + rows, mask=r_ok, other=0.0)
-        row_sum = tl.load(sum_ptr + h * T + rows, mask=r_ok, other=1.0)
+        r_ok = rows < T
+        qa, qb = _tile(q_base, rows, r_ok, Dh, DA, DB, HAS_B)
+        lse = tl.load(lse_ptr + h * T + rows, mask=r_ok, other=float("inf"))
         same = (rows[:, None] >= lo[None, :]) & (rows[:, None] < hi[None, :]) & r_ok[:, None]
-        s = _logits(q1, q2, k1, k2, scale, IEEE)
-        p = tl.where(same, tl.exp(s - row_max[:, None]) / row_sum[:, None], 0.0)
-        acc += tl.sum(p, axis=0)
+        p = tl.exp2(_logits2(qa, qb, ka, kb, qk_scale, HAS_B, IEEE) - lse[:, None])
+        acc += tl.sum(tl.where(same, p, 0.0), axis=0)
     tl.store(part_ptr + h * T + cols, acc, mask=c_ok)
 
 
@@ -142,13 +162,17 @@ def _received_combine_kernel(part_ptr, cu_ptr, out_ptr, T, H, n_cu, UNIT: tl.con
 
 
 def pipeline_options(dtype: torch.dtype) -> dict:
-    """Launch options of the two passes (measured with `compile_check`). Each pipeline stage holds
-    a key tile and its four fp32 cos/sin tiles (~64 KB at 64 x 64 in 16-bit, ~96 KB in fp32), so
-    the default three stages would need 160-256 KB of shared memory (over the 227 KB of an H100
-    in fp32, over the 99 KB of an RTX card in any dtype): two stages in 16-bit, one in fp32. At
-    4 warps the tiles spilled registers (up to 728 bytes of stack per thread in bf16); 8 warps
-    hold them (bf16: none or 8 bytes)."""
-    return dict(num_stages=1 if dtype == torch.float32 else 2, num_warps=8)
+    """Launch options of the two quadratic passes (checked with `compile_check`): 16-bit tiles fit
+    4 warps without spilling; fp32's full-precision dots spill kilobytes per thread there."""
+    return dict(num_warps=8) if dtype == torch.float32 else {}
+
+
+def head_dim_chunks(head_dim: int) -> tuple[int, int]:
+    """(DA, DB): the power-of-two chunks tl.dot reads a head dim in (DB = 0: one chunk); each at
+    least 16, tl.dot's smallest width."""
+    first = max(16, 1 << (head_dim.bit_length() - 1))
+    rest = head_dim - first
+    return first, (max(16, next_power_of_2(rest)) if rest > 0 else 0)
 
 
 def attention_received_rotary(query: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -163,24 +187,26 @@ def attention_received_rotary(query: torch.Tensor, keys: torch.Tensor, cos: torc
     cos, sin = cos.contiguous(), sin.contiguous()
     cu_seqlens = cu_seqlens.contiguous()
     device = query.device
-    row_max, row_sum, part = (buffers.empty(heads, total, dtype=torch.float32, device=device) for _ in range(3))
+    rotated = buffers.empty(2, heads, total, head_dim, dtype=query.dtype, device=device)
+    lse, part = (buffers.empty(heads, total, dtype=torch.float32, device=device) for _ in range(2))
     out = buffers.empty(total // unit, dtype=torch.float32, device=device)
     half = head_dim // 2
-    block_half = max(16, triton.next_power_of_2(half))
-    block_s = max(16, triton.next_power_of_2(cu_seqlens.numel()))
-    ieee = query.dtype == torch.float32
+    _rotate_kernel[(heads, cdiv(total, 32))](
+        query, keys, cos, sin, rotated, total, heads, half, query.stride(0), query.stride(1), keys.stride(0),
+        keys.stride(1), cos.stride(0), BLOCK_T=32, BLOCK_HALF=max(16, next_power_of_2(half)))
+    chunk_a, chunk_b = head_dim_chunks(head_dim)
+    block_s = max(16, next_power_of_2(cu_seqlens.numel()))
     block = 64
-    common = (total, half, cu_seqlens.numel(), float(scale), query.stride(0), query.stride(1), keys.stride(0),
-              keys.stride(1), cos.stride(0))
-    meta = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_HALF=block_half, BLOCK_S=block_s, IEEE=ieee,
+    common = (total, heads, head_dim, cu_seqlens.numel(), float(scale) * LOG2E)
+    meta = dict(BLOCK_M=block, BLOCK_N=block, DA=chunk_a, DB=max(chunk_b, 16), HAS_B=chunk_b > 0,
+                BLOCK_S=block_s, IEEE=query.dtype == torch.float32,
                 **pipeline_options(query.dtype))
-    _received_row_stats_kernel[(heads, triton.cdiv(total, block))](
-        query, keys, cos, sin, cu_seqlens, row_max, row_sum, *common, **meta)
-    _received_columns_kernel[(heads, triton.cdiv(total, block))](
-        query, keys, cos, sin, cu_seqlens, row_max, row_sum, part, *common, **meta)
+    grid = (heads, cdiv(total, block))
+    _received_row_stats_kernel[grid](rotated, cu_seqlens, lse, *common, **meta)
+    _received_columns_kernel[grid](rotated, cu_seqlens, lse, part, *common, **meta)
     merged = max(1, total // unit)
     combine = 128
-    _received_combine_kernel[(triton.cdiv(merged, combine),)](
+    _received_combine_kernel[(cdiv(merged, combine),)](
         part, cu_seqlens, out, total, heads, cu_seqlens.numel(), UNIT=unit, BLOCK=combine,
-        BLOCK_H=triton.next_power_of_2(heads), BLOCK_S=block_s)
+        BLOCK_H=next_power_of_2(heads), BLOCK_S=block_s)
     return out

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from . import buffers
+from .grid import cdiv, next_power_of_2
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,7 @@ def cls_attention_scores(query: torch.Tensor, keys: torch.Tensor, scale: float) 
     batch, heads, length, head_dim = keys.shape
     query, keys = _rows_contiguous(query), _rows_contiguous(keys)
     block_t = 64
-    n_blocks = triton.cdiv(length, block_t)
+    n_blocks = cdiv(length, block_t)
     logits = buffers.empty(batch * heads, length, dtype=torch.float32, device=keys.device)
     pmax = buffers.empty(batch * heads, n_blocks, dtype=torch.float32, device=keys.device)
     psum = buffers.empty(*pmax.shape, dtype=torch.float32, device=pmax.device)
@@ -101,11 +102,11 @@ def cls_attention_scores(query: torch.Tensor, keys: torch.Tensor, scale: float) 
     _cls_logits_kernel[(batch * heads, n_blocks)](
         query, keys, logits, pmax, psum, length, head_dim, heads, n_blocks, float(scale),
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_T=block_t, BLOCK_D=next_power_of_2(head_dim),
     )
-    block_h, block_nb = triton.next_power_of_2(heads), triton.next_power_of_2(n_blocks)
+    block_h, block_nb = next_power_of_2(heads), next_power_of_2(n_blocks)
     combine_t = max(16, min(256, 4096 // block_h))  # a [heads, keys] tile of at most 4096 values
-    _cls_combine_kernel[(batch, triton.cdiv(length, combine_t))](
+    _cls_combine_kernel[(batch, cdiv(length, combine_t))](
         logits, pmax, psum, out, length, heads, n_blocks, out.stride(0),
         BLOCK_T=combine_t, BLOCK_H=block_h, BLOCK_NB=block_nb, num_warps=4 if block_h * block_nb <= 4096 else 8,
     )
@@ -160,7 +161,7 @@ def topk_slots(scores: torch.Tensor, k: int | torch.Tensor, out: torch.Tensor | 
     per_row = isinstance(k, torch.Tensor)
     # one k for all rows goes in as a scalar argument: no host-to-device copy per call
     k_rows = k.to(device=scores.device, dtype=torch.int32).contiguous() if per_row else scores
-    block = triton.next_power_of_2(length)
+    block = next_power_of_2(length)
     _topk_slots_kernel[(rows,)](scores, k_rows, 0 if per_row else int(k), out, length, scores.stride(0), out.stride(0),
                                 PER_ROW_K=per_row, BLOCK_N=block,
                                 num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16)
@@ -201,9 +202,9 @@ def compact_gather(features: torch.Tensor, slots: torch.Tensor, width: int,
         index = buffers.empty(batch, width, dtype=torch.int64, device=features.device)
     if out is None:
         out = buffers.empty(batch, width, dim, dtype=features.dtype, device=features.device)
-    block_n, block_d = 32, min(128, triton.next_power_of_2(max(dim, 1)))
+    block_n, block_d = 32, min(128, next_power_of_2(max(dim, 1)))
     # dim 0 (indices only, `top_k_in_order`): one feature block still writes the indices
-    grid = (batch, triton.cdiv(length, block_n), max(1, triton.cdiv(dim, block_d)))
+    grid = (batch, cdiv(length, block_n), max(1, cdiv(dim, block_d)))
     _compact_gather_kernel[grid](features, slots, index, out, length, dim, features.stride(0), features.stride(1),
                                  slots.stride(0), index.stride(0), out.stride(0), out.stride(1),
                                  BLOCK_N=block_n, BLOCK_D=block_d)
@@ -274,15 +275,15 @@ def transition_variation(t_in: torch.Tensor, t_out: torch.Tensor, visual: torch.
     visual = visual.to(torch.int8).contiguous()
     result = buffers.empty(batch, 2 * length, dtype=torch.float32, device=t_in.device) if scratch is None else scratch
     block_l = 16
-    n_blocks = triton.cdiv(length, block_l)
+    n_blocks = cdiv(length, block_l)
     pmax = buffers.empty(batch, n_blocks, dtype=torch.float32, device=t_in.device)
     psum = buffers.empty(*pmax.shape, dtype=torch.float32, device=pmax.device)
     _ttv_change_kernel[(batch, n_blocks)](
         t_in, t_out, visual, result, pmax, psum, length, dim, n_blocks, t_in.stride(0), t_in.stride(1),
         t_out.stride(0), t_out.stride(1), visual.stride(0), result.stride(0),
-        SIGNED=direction != "abs", BLOCK_L=block_l, BLOCK_D=min(256, triton.next_power_of_2(dim)))
+        SIGNED=direction != "abs", BLOCK_L=block_l, BLOCK_D=min(256, next_power_of_2(dim)))
     weight_l = 1024
-    _ttv_weight_kernel[(batch, triton.cdiv(length, weight_l))](
+    _ttv_weight_kernel[(batch, cdiv(length, weight_l))](
         visual, result, pmax, psum, length, n_blocks, visual.stride(0), result.stride(0),
-        BLOCK_L=weight_l, BLOCK_NB=triton.next_power_of_2(n_blocks))
+        BLOCK_L=weight_l, BLOCK_NB=next_power_of_2(n_blocks))
     return result[:, :length]

@@ -115,6 +115,13 @@ class PatchBase:
         self._wrapped: list[tuple[Any, str, Any]] = []  # (object, attribute, our wrapper)
         self._in_generate = False
         self._prefilled_in_generate = False
+        # read once: a transformers config attribute costs microseconds, and the prefill path is
+        # host-bound on a GPU
+        self._image_token_id = getattr(model.config, "image_token_id", None)
+        text_config = getattr(model.config, "text_config", model.config)
+        self._text_layers = getattr(text_config, "num_hidden_layers", 0)
+        self._pad_id = next((int(c.pad_token_id) for c in (text_config, model.config)
+                             if getattr(c, "pad_token_id", None) is not None), 0)
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -153,7 +160,7 @@ class PatchBase:
 
     def image_token_mask(self, kw: dict[str, Any]) -> torch.Tensor:
         """[B, L] bool: the image placeholders, from input_ids or by comparing embeddings."""
-        token_id = self.model.config.image_token_id
+        token_id = self._image_token_id
         if kw.get("input_ids") is not None:
             return kw["input_ids"] == token_id
         embed = self.model.model.get_input_embeddings()
@@ -252,6 +259,10 @@ class VisionStagePatch(PatchBase):
         """The module that maps token ids [B, L] to embeddings [B, L, D]."""
         return self.target_module().get_input_embeddings()
 
+    def prepare(self, kw: dict[str, Any]) -> None:
+        """Called before the vision tower: read the small host-side facts the selection needs
+        (grid sizes, say) now, while reading the device waits for nothing."""
+
     def base_positions(self, kw: dict[str, Any], length: int) -> torch.Tensor:
         """Position ids [..., B, L] the unpruned model would use for the whole sequence."""
         given = kw.get("position_ids")
@@ -268,11 +279,7 @@ class VisionStagePatch(PatchBase):
     @property
     def pad_token_id(self) -> int:
         """The id that fills re-padded slots (masked, so any valid id would do)."""
-        for config in (getattr(self.model.config, "text_config", None), self.model.config):
-            pad = getattr(config, "pad_token_id", None)
-            if pad is not None:
-                return int(pad)
-        return 0
+        return self._pad_id
 
     # -- install / remove -----------------------------------------------------------------
 
@@ -356,9 +363,16 @@ class VisionStagePatch(PatchBase):
         if not self._has_image_inputs(kw) or not any(counts):
             self.stats = [{"visual_tokens": int(n), "kept": int(n)} for n in counts]
             self.kept_indices, self.timings = [], {}
-            self.layer_lengths = [is_image.shape[1]] * self.model.config.text_config.num_hidden_layers
+            self.layer_lengths = [is_image.shape[1]] * self._text_layers
             return None
         self._signal_s = 0.0
+        # before the tower: what reads the device here (Qwen's M-RoPE index) then waits for
+        # nothing, and everything after the tower is queued without a single device read
+        given = kw.get("position_ids")
+        positions_start = clock(self.model)
+        base = None if given is None and self.sequential_positions else self.base_positions(kw, is_image.shape[1])
+        positions_s = clock(self.model) - positions_start
+        self.prepare(kw)
         vision_start = clock(self.model)
         images = self._images(kw)
         vision_s = clock(self.model) - vision_start
@@ -380,22 +394,21 @@ class VisionStagePatch(PatchBase):
         need_mask = mask is not None or len(set(row_len)) > 1 or (
             self.positions == "original" and any(n != is_image.shape[1] for n in row_len))
         features = kept_features[0] if len(kept_features) == 1 else torch.cat(kept_features)
-        given = kw.get("position_ids")
         out = compact_prompt(
             is_image, kept_slots[0] if len(kept_slots) == 1 else torch.cat(kept_slots), features, row_len,
             left_padded, self.embedding(), kw.get("input_ids"), kw.get("inputs_embeds"),
             self.pad_token_id,
-            None if given is None and self.sequential_positions else self.base_positions(kw, is_image.shape[1]),
-            self.positions == "renumber", mask, need_mask, backend=self.config.backend)
+            base, self.positions == "renumber", mask, need_mask, backend=self.config.backend)
         self.state = PromptState(out.compaction, out.keep, features, out.mask)
         new_kw = self._inputs(kw, out.embeds, out.positions, out.mask, out.compaction)
         self._kept_slots = kept_slots  # turned into indices only when asked for (a device read each)
-        n_layers = self.model.config.text_config.num_hidden_layers
+        n_layers = self._text_layers
         self.layer_lengths = [new_kw["inputs_embeds"].shape[1]] * n_layers
         self.stats = [{"visual_tokens": int(n), "kept": int(k)} for n, k in zip(counts, row_kept)]
         total = clock(self.model) - start
         # the scoring hooks run inside the tower's forward: their time belongs to selection
-        self.timings = {"vision_s": vision_s - self._signal_s, "select_s": total - vision_s + self._signal_s}
+        self.timings = {"vision_s": vision_s - self._signal_s, "select_s": total - vision_s + self._signal_s,
+                        "positions_s": positions_s}
         return new_kw
 
     def _add_question(self, kw: dict[str, Any], is_image: torch.Tensor, images: list[ImageTokens]) -> None:

@@ -30,6 +30,8 @@ class LlavaPatch(VisionStagePatch):
     def check_model(self) -> None:
         inner = self.model.model
         self.vision_layers = self._encoder_layers(inner.vision_tower)
+        vision = self.model.config.vision_config
+        self._side = vision.image_size // vision.patch_size  # patches per side of the tower's grid
         self.has_cls = hasattr(getattr(inner.vision_tower, "embeddings", None), "class_embedding") or hasattr(
             getattr(getattr(inner.vision_tower, "vision_model", None), "embeddings", None), "class_embedding"
         )
@@ -42,6 +44,7 @@ class LlavaPatch(VisionStagePatch):
                     "[CLS] signals (e.g. 'pool', 'random')"
                 )
             self.score_layers = self._resolve_layers(self.config.options.get("layers"))
+        self._score_attention = [self.vision_layers[i].self_attn for i in self.score_layers]
 
     # -- layers ----------------------------------------------------------------------------
 
@@ -106,7 +109,7 @@ class LlavaPatch(VisionStagePatch):
         full = self._strategy(call) == "full"
         # With "full", a CLIP tower's [CLS] feature is the first token: kept, not in the grid.
         n_prefix = 1 if (full and self.has_cls) else 0
-        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        side = self._side
         # Tower-level signals cover every token the tower saw ([CLS] first); keep what the LLM gets.
         per_token = {name: (value if full else value[:, 1:]) for name, value in signals.items()
                      if name in ("cls_attention", "keys")}
@@ -138,8 +141,7 @@ class LlavaPatch(VisionStagePatch):
         result: dict[str, torch.Tensor] = {}
         captured: dict[Any, dict[str, torch.Tensor]] = {}
         handles = []
-        for layer_idx in self.score_layers:
-            attn = self.vision_layers[layer_idx].self_attn
+        for layer_idx, attn in zip(self.score_layers, self._score_attention):
             slot = captured.setdefault(layer_idx, {})
             # q: only the [CLS] row is kept; k: all keys. Both are the layer's own projections.
             handles.append(attn.q_proj.register_forward_hook(_store(slot, "q", first_row=True)))
@@ -159,8 +161,7 @@ class LlavaPatch(VisionStagePatch):
             return
         start = clock(self.model)
         total = None
-        for layer_idx in self.score_layers:
-            attn = self.vision_layers[layer_idx].self_attn
+        for layer_idx, attn in zip(self.score_layers, self._score_attention):
             q, k = captured[layer_idx]["q"], captured[layer_idx]["k"]
             heads, head_dim = attn.num_heads, attn.head_dim
             query = q.view(q.shape[0], heads, head_dim)

@@ -59,6 +59,8 @@ class Qwen2VLPatch(VisionStagePatch):
     sequence_kwargs = ("mm_token_type_ids",)
 
     def check_model(self) -> None:
+        # image_grid_thw as read by prepare(), that tensor, and Qwen2.5's window permutation of it
+        self._grids_of, self._grids, self._window_index = None, [], None
         self.visual = self.model.model.visual
         self.merge_unit = self.visual.spatial_merge_size**2
         self.windowed = hasattr(self.visual, "fullatt_block_indexes")  # Qwen2.5-VL
@@ -68,6 +70,13 @@ class Qwen2VLPatch(VisionStagePatch):
 
     def encode(self, kw: dict[str, Any]) -> Any:
         return self.model.model.get_image_features(kw["pixel_values"], kw.get("image_grid_thw"), return_dict=True)
+
+    def prepare(self, kw: dict[str, Any]) -> None:
+        grid_thw = kw.get("image_grid_thw")
+        if grid_thw is not None:
+            self._grids_of, self._grids = grid_thw, grid_thw.tolist()
+            if self.windowed and self.method.needs & {"cls_attention", "keys"}:
+                self._window_index = vision_window_index(self.visual, grid_thw).to(grid_thw.device)
 
     # -- positions ----------------------------------------------------------------------------
 
@@ -105,7 +114,7 @@ class Qwen2VLPatch(VisionStagePatch):
             raise ValueError("Qwen-VL image features came without image_grid_thw; pass pixel_values and image_grid_thw")
         features = list(output.pooler_output)
         merge = self.visual.spatial_merge_size
-        grids = grid_thw.tolist()  # one device read
+        grids = self._grids if self._grids_of is grid_thw else grid_thw.tolist()
         sizes = [int(t * h * w) // self.merge_unit for t, h, w in grids]
         per_image = {name: signals[name].split(sizes) for name in ("cls_attention", "keys") if name in signals}
         images = []
@@ -165,7 +174,9 @@ class Qwen2VLPatch(VisionStagePatch):
         rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
         window_index = None
         if self.windowed:  # blocks ran on window-permuted units
-            window_index = vision_window_index(self.visual, grid_seen["grid_thw"]).to(qkv.device)
+            grid_thw = grid_seen["grid_thw"]
+            window_index = (self._window_index if grid_thw is self._grids_of
+                            else vision_window_index(self.visual, grid_thw)).to(qkv.device)
         if "keys" in self.method.needs:  # VisionZip's key similarity: the block's keys, pre-rotary
             result["keys"] = merge_unit_mean(k.reshape(total, -1), self.merge_unit, window_index)
         if "cls_attention" in self.method.needs:

@@ -97,6 +97,7 @@ def test_transition_variation(dtype, direction, batch, tokens, dim):
     ([0, 63], 2, 80, 1),
     ([0, 36, 136, 200], 3, 64, 4),  # three segments, none aligned to the kernels' 64-token blocks
     ([0, 577], 1, 128, 1),
+    ([0, 20, 40], 4, 8, 4),  # a head dim under tl.dot's smallest width (the tiny test models')
 ])
 def test_attention_received_rotary(dtype, bounds, heads, head_dim, unit):
     from vlm_prune.kernels.attention_received import attention_received_rotary, attention_received_rotary_ref

@@ -19,7 +19,9 @@ class PruneHandle:
     config: the validated PruneConfig.
     stats:  per sample of the last prefill, {"visual_tokens": n_in, "kept": n_kept}.
     kept_indices: per image of the last prefill, which visual tokens were passed on.
-    timings: of the last prefill, {"vision_s": vision tower, "select_s": scoring + compaction}
+    timings: of the last prefill, {"vision_s": vision tower, "select_s": scoring + compaction,
+        "positions_s": of select_s, the model's own position ids (Qwen's M-RoPE index, which the
+        unpruned forward computes too)}
         (host clock; on CUDA set VLM_PRUNE_SYNC_TIMINGS=1 for exact figures, see vlm_prune.timing).
     """
 

@@ -92,6 +92,8 @@ def check_keep(keep: Any) -> int | float:
 def split_budget(total: int, sizes: list[int]) -> list[int]:
     """Splits `total` kept tokens over regions of `sizes` tokens, proportionally (largest
     remainder; ties go to the earlier region). Each share is at most its region's size."""
+    if len(sizes) == 1:  # the common case (one region per image), without the sort
+        return [min(max(total, 0), sizes[0])]
     whole = sum(sizes)
     if whole == 0:
         return [0] * len(sizes)

@@ -379,9 +379,9 @@ def _python_profile(model, inputs: dict, backend: str, calls: int = 20) -> str:
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
     out.write(f"---- Python profile, {calls} prefills, backend={backend}: by own time\n")
-    stats.sort_stats("tottime").print_stats(r"vlm_prune|patches|kernels|triton", 30)
+    stats.sort_stats("tottime").print_stats(r"main/(vlm_prune|patches|kernels)/|triton/runtime/jit", 30)
     out.write("---- by cumulative time\n")
-    stats.sort_stats("cumtime").print_stats(r"vlm_prune|patches|kernels|triton", 30)
+    stats.sort_stats("cumtime").print_stats(r"main/(vlm_prune|patches|kernels)/|triton/runtime/jit", 30)
     return out.getvalue() + "\n"
 
 

@@ -368,11 +368,11 @@ class VisionStagePatch(PatchBase):
         self._signal_s = 0.0
         # before the tower: what reads the device here (Qwen's M-RoPE index) then waits for
         # nothing, and everything after the tower is queued without a single device read
+        self.prepare(kw)
         given = kw.get("position_ids")
         positions_start = clock(self.model)
         base = None if given is None and self.sequential_positions else self.base_positions(kw, is_image.shape[1])
         positions_s = clock(self.model) - positions_start
-        self.prepare(kw)
         vision_start = clock(self.model)
         images = self._images(kw)
         vision_s = clock(self.model) - vision_start

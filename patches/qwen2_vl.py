@@ -8,7 +8,9 @@ Positions: M-RoPE gives each visual token (t, h, w) positions and text after an 
 from max(h, w) of the image. Kept tokens keep their 3D positions and text keeps its positions
 too, exactly as in the unpruned model (positions="original", the only policy here: a grid
 coordinate has nothing to renumber); decode steps continue from the unpruned model's numbering
-(its rope_deltas), so the pruned cache lines up.
+(its rope_deltas), so the pruned cache lines up. The positions of image prompts come from
+`mrope.image_rope_index` (vectorised, no device read; checked against the model's own
+`get_rope_index` on the first prompt), those of prompts with videos from the model's.
 
 [CLS]-free score for `cls_attention` (Qwen has no [CLS] token): the attention each patch
 receives in the last vision block, averaged over heads and query rows of its image (VisPruner's
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -33,6 +36,7 @@ from vlm_prune.kernels.attention_received import attention_received_rotary
 from vlm_prune.timing import clock
 
 from .base import ImageTokens, Region, VisionStagePatch
+from .mrope import image_rope_index
 
 
 def merge_unit_mean(values: torch.Tensor, unit: int, window_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,6 +65,7 @@ class Qwen2VLPatch(VisionStagePatch):
     def check_model(self) -> None:
         # image_grid_thw as read by prepare(), that tensor, and Qwen2.5's window permutation of it
         self._grids_of, self._grids, self._window_index = None, [], None
+        self._fast_rope: bool | None = None  # image_rope_index checked against the model's (None: not yet)
         self.visual = self.model.model.visual
         self.merge_unit = self.visual.spatial_merge_size**2
         self.windowed = hasattr(self.visual, "fullatt_block_indexes")  # Qwen2.5-VL
@@ -91,7 +96,28 @@ class Qwen2VLPatch(VisionStagePatch):
         inner = self.model.model
         accepted = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts", "attention_mask")
         extra = {k: kw[k] for k in accepted if kw.get(k) is not None}
-        positions, deltas = inner.get_rope_index(kw["input_ids"], mm_token_type_ids=kw["mm_token_type_ids"], **extra)
+
+        def models_own():
+            return inner.get_rope_index(kw["input_ids"], mm_token_type_ids=kw["mm_token_type_ids"], **extra)
+
+        grid_thw = kw.get("image_grid_thw")
+        if self._fast_rope is not False and kw.get("video_grid_thw") is None and grid_thw is not None \
+                and grid_thw is self._grids_of:
+            mask = kw.get("attention_mask")
+            positions, deltas = image_rope_index(kw["mm_token_type_ids"], mask, self._grids,
+                                                 self.visual.spatial_merge_size)
+            if self._fast_rope is None:  # first prompt: the same numbering as this transformers release?
+                expected, expected_deltas = models_own()
+                valid = mask.bool() if mask is not None else slice(None)
+                self._fast_rope = bool(torch.equal(positions[:, valid], expected[:, valid])
+                                       and torch.equal(deltas, expected_deltas.to(deltas)))
+                if not self._fast_rope:
+                    warnings.warn("vlm_prune: this transformers release numbers Qwen's M-RoPE positions differently "
+                                  "from vlm_prune's vectorised index; using the model's get_rope_index",
+                                  RuntimeWarning, stacklevel=2)
+                    positions, deltas = expected, expected_deltas
+        else:
+            positions, deltas = models_own()
         inner.rope_deltas = deltas  # what the unpruned forward would have stored
         return positions
 

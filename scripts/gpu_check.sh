@@ -24,13 +24,16 @@ export PYTHONPATH="$SITE" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
   python3 -c "import torch, triton, transformers, vlm_prune; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__, '| vlm_prune from', vlm_prune.__file__)"
 } 2>&1 | tee "$OUT/env.txt"
 # three shards at once: compiling the kernels is CPU work, and the device has cores to spare
-start=$(date +%s)
-shard() { local name=$1; shift; timeout 200 python3 -m pytest -q -p no:cacheprovider "$@" > "$OUT/kernel_tests_$name.txt" 2>&1; }
-shard a tests/test_kernels.py -k "(transition or compact_gather or topk) and not compiles and not end_to_end" &
-shard b tests/test_kernels.py -k "(cls_attention_row or attention_received or end_to_end or bench) and not compiles" &
-shard c tests/test_kernel_compaction.py &
-wait
-tail -n 4 "$OUT"/kernel_tests_*.txt
-echo "kernel tests: $(( $(date +%s) - start )) s"
+# (KERNEL_TESTS=0: the bench only, for a rerun after host-side changes)
+if [ "${KERNEL_TESTS:-1}" != 0 ]; then
+  start=$(date +%s)
+  shard() { local name=$1; shift; timeout 200 python3 -m pytest -q -p no:cacheprovider "$@" > "$OUT/kernel_tests_$name.txt" 2>&1; }
+  shard a tests/test_kernels.py -k "(transition or compact_gather or topk) and not compiles and not end_to_end" &
+  shard b tests/test_kernels.py -k "(cls_attention_row or attention_received or end_to_end or bench) and not compiles" &
+  shard c tests/test_kernel_compaction.py &
+  wait
+  tail -n 4 "$OUT"/kernel_tests_*.txt
+  echo "kernel tests: $(( $(date +%s) - start )) s"
+fi
 timeout 330 python3 -m vlm_prune.kernels.bench --repeats "${REPEATS:-50}" --json "$OUT/kernel_bench.json" \
   --profile "$OUT/profiles.txt" 2>&1 | tee "$OUT/kernel_bench.txt"

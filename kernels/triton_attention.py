@@ -118,7 +118,8 @@ def _received_row_stats_kernel(rot_ptr, cu_ptr, lse_ptr, T, H, Dh, n_cu, qk_scal
         safe = tl.where(new_max == -float("inf"), 0.0, new_max)  # a row none of whose keys is in this tile
         row_sum = row_sum * tl.exp2(row_max - safe) + tl.sum(tl.exp2(s - safe[:, None]), axis=1)
         row_max = new_max
-    tl.store(lse_ptr + h * T + rows, row_max + tl.log2(row_sum), mask=r_ok)
+    # rows past T have no keys (sum 0); they are not stored, but keep log2 finite
+    tl.store(lse_ptr + h * T + rows, row_max + tl.log2(tl.maximum(row_sum, 1e-30)), mask=r_ok)
 
 
 @triton.jit

@@ -1,11 +1,11 @@
-"""Qwen2-VL / Qwen2.5-VL M-RoPE position ids for prompts with images, without a Python loop over tokens.
+"""Qwen2-VL / Qwen2.5-VL M-RoPE position ids of image prompts, with no Python loop over tokens.
 
 transformers' `get_rope_index` walks each row in Python (groupby over every token, `.item()`
 per image, a boolean scatter per row): about 1 ms per prompt on a GPU host, more than the whole
-selection. This computes the same numbering for image-only prompts in a few vectorised NumPy steps on the
-host, from one copy of the token types and mask and the image grid sizes the patch already
-holds (a GPU host pays 20-40 µs per tensor op at these sizes, so ~45 small device ops would
-cost as much as the loop they replace):
+selection. This computes the same numbering for image-only prompts in a few vectorised NumPy
+steps on the host, from one copy of the token types and mask and the image grid sizes the patch
+already holds (a GPU host pays 20-40 µs per tiny tensor op, so the ~45 device ops of the same
+algorithm in torch cost as much as the loop they would replace):
 
 - text tokens: one position per token, the same on all three axes, counting on from the last
   position used;
@@ -52,7 +52,8 @@ def image_rope_index(token_types: torch.Tensor, mask: torch.Tensor | None, grids
     start = np.cumsum(advance, axis=1) - advance  # the position before each token's own advance
     seen = np.cumsum(image, axis=1) - 1
     offset = np.where(image, seen - np.maximum.accumulate(np.where(starts, seen, -1), axis=1), 0)
-    positions = np.stack([start + offset // (height * width), start + (offset // width) % height, start + offset % width])
+    positions = np.stack([start + offset // (height * width), start + (offset // width) % height,
+                          start + offset % width])
     positions = np.where(valid, positions, pad_value)
     deltas = np.where(valid, positions, -1).max(axis=(0, 2)) + 1 - valid.sum(1)
     # one host-to-device copy for both

@@ -97,19 +97,30 @@ def _logits2(qa, qb, ka, kb, qk_scale, HAS_B: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _own_block(rot_ptr, cu_ptr, T, H, Dh, n_cu, OWN: tl.constexpr, BLOCK: tl.constexpr, DA: tl.constexpr,
+               DB: tl.constexpr, HAS_B: tl.constexpr, BLOCK_S: tl.constexpr):
+    """A program's own tokens: queries (OWN=0, the row pass) or keys (OWN=1, the column pass) of
+    head program_id(0), block program_id(1). Returns (head, tokens, in range, segment start,
+    segment end, their two chunks, the other side's [T, Dh] matrix of this head, and the [start,
+    end) of its rows to visit)."""
+    h = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = t < T
+    lo, hi = _segment_bounds(cu_ptr, n_cu, t, T, BLOCK_S)
+    a, b = _tile(rot_ptr + (OWN * H + h).to(tl.int64) * T * Dh, t, ok, Dh, DA, DB, HAS_B)
+    other = rot_ptr + ((1 - OWN) * H + h).to(tl.int64) * T * Dh
+    return h, t, ok, lo, hi, a, b, other, tl.min(tl.where(ok, lo, T), axis=0), tl.max(tl.where(ok, hi, 0), axis=0)
+
+
+@triton.jit
 def _received_row_stats_kernel(rot_ptr, cu_ptr, lse_ptr, T, H, Dh, n_cu, qk_scale,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                                HAS_B: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
-    h = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_ok = rows < T
-    lo, hi = _segment_bounds(cu_ptr, n_cu, rows, T, BLOCK_S)
-    q_base = rot_ptr + h.to(tl.int64) * T * Dh
-    k_base = rot_ptr + (H + h).to(tl.int64) * T * Dh
-    qa, qb = _tile(q_base, rows, r_ok, Dh, DA, DB, HAS_B)
+    h, rows, r_ok, lo, hi, qa, qb, k_base, n_start, n_end = _own_block(rot_ptr, cu_ptr, T, H, Dh, n_cu, 0, BLOCK_M,
+                                                                       DA, DB, HAS_B, BLOCK_S)
     row_max = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for n0 in range(tl.min(tl.where(r_ok, lo, T), axis=0), tl.max(tl.where(r_ok, hi, 0), axis=0), BLOCK_N):
+    for n0 in range(n_start, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         ka, kb = _tile(k_base, cols, cols < T, Dh, DA, DB, HAS_B)
         same = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
@@ -126,15 +137,10 @@ def _received_row_stats_kernel(rot_ptr, cu_ptr, lse_ptr, T, H, Dh, n_cu, qk_scal
 def _received_columns_kernel(rot_ptr, cu_ptr, lse_ptr, part_ptr, T, H, Dh, n_cu, qk_scale,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                              HAS_B: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
-    h = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_ok = cols < T
-    lo, hi = _segment_bounds(cu_ptr, n_cu, cols, T, BLOCK_S)
-    q_base = rot_ptr + h.to(tl.int64) * T * Dh
-    k_base = rot_ptr + (H + h).to(tl.int64) * T * Dh
-    ka, kb = _tile(k_base, cols, c_ok, Dh, DA, DB, HAS_B)
+    h, cols, c_ok, lo, hi, ka, kb, q_base, m_start, m_end = _own_block(rot_ptr, cu_ptr, T, H, Dh, n_cu, 1, BLOCK_N,
+                                                                       DA, DB, HAS_B, BLOCK_S)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for m0 in range(tl.min(tl.where(c_ok, lo, T), axis=0), tl.max(tl.where(c_ok, hi, 0), axis=0), BLOCK_M):
+    for m0 in range(m_start, m_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         r_ok = rows < T
         qa, qb = _tile(q_base, rows, r_ok, Dh, DA, DB, HAS_B)

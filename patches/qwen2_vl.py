@@ -83,6 +83,10 @@ class Qwen2VLPatch(VisionStagePatch):
             if self.windowed and self.method.needs & {"cls_attention", "keys"}:
                 self._window_index = vision_window_index(self.visual, grid_thw).to(grid_thw.device)
 
+    def _grid_list(self, grid_thw: torch.Tensor) -> list[list[int]]:
+        """image_grid_thw on the host: as prepare() read it before the tower, else read now."""
+        return self._grids if grid_thw is self._grids_of else grid_thw.tolist()
+
     # -- positions ----------------------------------------------------------------------------
 
     def base_positions(self, kw: dict[str, Any], length: int) -> torch.Tensor:
@@ -101,10 +105,9 @@ class Qwen2VLPatch(VisionStagePatch):
             return inner.get_rope_index(kw["input_ids"], mm_token_type_ids=kw["mm_token_type_ids"], **extra)
 
         grid_thw = kw.get("image_grid_thw")
-        if self._fast_rope is not False and kw.get("video_grid_thw") is None and grid_thw is not None \
-                and grid_thw is self._grids_of:
+        if self._fast_rope is not False and kw.get("video_grid_thw") is None and grid_thw is not None:
             mask = kw.get("attention_mask")
-            positions, deltas = image_rope_index(kw["mm_token_type_ids"], mask, self._grids,
+            positions, deltas = image_rope_index(kw["mm_token_type_ids"], mask, self._grid_list(grid_thw),
                                                  self.visual.spatial_merge_size)
             if self._fast_rope is None:  # first prompt: the same numbering as this transformers release?
                 expected, expected_deltas = models_own()
@@ -140,7 +143,7 @@ class Qwen2VLPatch(VisionStagePatch):
             raise ValueError("Qwen-VL image features came without image_grid_thw; pass pixel_values and image_grid_thw")
         features = list(output.pooler_output)
         merge = self.visual.spatial_merge_size
-        grids = self._grids if self._grids_of is grid_thw else grid_thw.tolist()
+        grids = self._grid_list(grid_thw)
         sizes = [int(t * h * w) // self.merge_unit for t, h, w in grids]
         per_image = {name: signals[name].split(sizes) for name in ("cls_attention", "keys") if name in signals}
         images = []

@@ -7,10 +7,10 @@ from .attention_received import attention_received
 from .cls_attention import cls_attention_scores, cls_attention_scores_ref
 from .dispatch import use_backend
 from .llm_signals import attention_from_rows, transition_variation, transition_variation_ref
-from .topk import select_top_k, top_k_in_order, top_k_in_order_ref
+from .topk import Selection, select_top_k, top_k_in_order, top_k_in_order_ref, top_k_selection
 
 __all__ = [
     "attention_from_rows", "attention_received", "cls_attention_scores", "cls_attention_scores_ref",
-    "select_top_k", "top_k_in_order", "top_k_in_order_ref", "transition_variation",
+    "Selection", "select_top_k", "top_k_in_order", "top_k_in_order_ref", "top_k_selection", "transition_variation",
     "transition_variation_ref", "use_backend",
 ]

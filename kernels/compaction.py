@@ -64,15 +64,19 @@ def compact_prompt_ref(is_image: torch.Tensor, kept_visual: torch.Tensor, featur
                        row_lengths: list[int], left_padded: bool, embedding: Callable[[torch.Tensor], torch.Tensor],
                        input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                        pad_id: int = 0, positions: torch.Tensor | None = None, renumber: bool = True,
-                       mask: torch.Tensor | None = None, want_mask: bool = False) -> CompactedPrompt:
+                       mask: torch.Tensor | None = None, want_mask: bool = False,
+                       features_per_placeholder: bool = False) -> CompactedPrompt:
     """is_image: [B, L] bool, the image placeholders; kept_visual: [S] bool, per placeholder in
-    row-major order whether its token stays; features: [K, D] the kept tokens in that order;
+    row-major order whether its token stays; features: [K, D] the kept tokens in that order
+    (with `features_per_placeholder`: [S, D], a row per placeholder, the kept ones taken);
     row_lengths: each row's length after compaction (host ints); left_padded: re-pad short rows
     on the left; input_ids [B, L] (embedded with `embedding`) or inputs_embeds [B, L, D];
     positions: [..., B, L] or None for 0..L-1; renumber: subtract the tokens dropped before each
     column; mask: [B, L] or None (all ones), compacted only when `want_mask`.
     """
     batch, length = is_image.shape
+    if features_per_placeholder:
+        features = features[kept_visual.to(features.device)]
     keep = torch.ones_like(is_image)
     keep[is_image] = kept_visual.to(is_image.device)
     comp = Compaction.from_keep_mask(keep, left_padded=left_padded, kept_per_row=row_lengths)
@@ -98,14 +102,14 @@ def compact_prompt(is_image: torch.Tensor, kept_visual: torch.Tensor, features: 
                    input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                    pad_id: int = 0, positions: torch.Tensor | None = None, renumber: bool = True,
                    mask: torch.Tensor | None = None, want_mask: bool = False,
-                   backend: str | None = None) -> CompactedPrompt:
+                   features_per_placeholder: bool = False, backend: str | None = None) -> CompactedPrompt:
     """See `compact_prompt_ref`. The fused kernels run when the backend routes to Triton and the
     text is embedded by a plain `nn.Embedding` (or comes as inputs_embeds)."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("compact_prompt needs exactly one of input_ids and inputs_embeds")
     args = (is_image, kept_visual, features, row_lengths, left_padded)
     kwargs = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, pad_id=pad_id, positions=positions,
-                  renumber=renumber, mask=mask, want_mask=want_mask)
+                  renumber=renumber, mask=mask, want_mask=want_mask, features_per_placeholder=features_per_placeholder)
     table = embedding_table(embedding) if input_ids is not None else None
 
     def fused():

@@ -46,6 +46,11 @@ def use_backend(name: str):
         _backend.reset(token)
 
 
+def current_backend() -> str:
+    """The backend set by the innermost `use_backend` ("auto" outside any)."""
+    return _backend.get()
+
+
 def use_triton(tensor: torch.Tensor, backend: str | None = None) -> bool:
     """True when `backend` (default: the one set by `use_backend`) routes an op on `tensor`
     to its Triton kernel."""

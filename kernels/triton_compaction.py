@@ -23,33 +23,35 @@ from .grid import cdiv, next_power_of_2
 
 @triton.jit
 def _scan_chunk(img_ptr, kv_ptr, c, L, n_img):
-    """Columns c of one row: (in range, placeholder, kept placeholder, kept). `n_img` placeholders
-    of the batch come before this chunk (it indexes the per-placeholder keep flags)."""
+    """Columns c of one row: (in range, placeholder, kept placeholder, kept, placeholder rank).
+    `n_img` placeholders of the batch come before this chunk (it indexes the per-placeholder
+    keep flags)."""
     ok = c < L
     img = (tl.load(img_ptr + c, mask=ok, other=0) != 0) & ok
     rank = n_img + tl.cumsum(img.to(tl.int32), axis=0) - 1
     kept_img = (tl.load(kv_ptr + rank, mask=img, other=0) != 0) & img
-    return ok, img, kept_img, ok & (kept_img | ~img)
+    return ok, img, kept_img, ok & (kept_img | ~img), rank
 
 
 @triton.jit
 def _compact_index_kernel(img_ptr, kv_ptr, pos_ptr, mask_ptr, keep_ptr, idx_ptr, drop_ptr, total_ptr, frow_ptr,
                           pos_out_ptr, mask_out_ptr, B, L, W, stride_ib, stride_pp, stride_pb, stride_mb,
                           P: tl.constexpr, HAS_POS: tl.constexpr, RENUMBER: tl.constexpr, HAS_MASK: tl.constexpr,
-                          WANT_MASK: tl.constexpr, LEFT_PAD: tl.constexpr, BLOCK: tl.constexpr):
+                          WANT_MASK: tl.constexpr, LEFT_PAD: tl.constexpr, FEATURE_PER_PLACEHOLDER: tl.constexpr,
+                          BLOCK: tl.constexpr):
     b = tl.program_id(0)
     ar = tl.arange(0, BLOCK)
     n_img = 0  # placeholders before the current chunk, batch-wide
     n_feat = 0  # kept placeholders before it: the feature row of the next kept one
     for r in range(0, b):
         for c0 in range(0, L, BLOCK):
-            _, img, kept_img, _ = _scan_chunk(img_ptr + r * stride_ib, kv_ptr, c0 + ar, L, n_img)
+            _, img, kept_img, _, _ = _scan_chunk(img_ptr + r * stride_ib, kv_ptr, c0 + ar, L, n_img)
             n_img += tl.sum(img.to(tl.int32), axis=0)
             n_feat += tl.sum(kept_img.to(tl.int32), axis=0)
     kept = 0
     seen = n_img
     for c0 in range(0, L, BLOCK):
-        _, img, _, keep = _scan_chunk(img_ptr + b * stride_ib, kv_ptr, c0 + ar, L, seen)
+        _, img, _, keep, _ = _scan_chunk(img_ptr + b * stride_ib, kv_ptr, c0 + ar, L, seen)
         seen += tl.sum(img.to(tl.int32), axis=0)
         kept += tl.sum(keep.to(tl.int32), axis=0)
     if LEFT_PAD:  # short rows padded on the left: their kept tokens end at the last slot
@@ -61,10 +63,13 @@ def _compact_index_kernel(img_ptr, kv_ptr, pos_ptr, mask_ptr, keep_ptr, idx_ptr,
     out_row = b * W
     for c0 in range(0, L, BLOCK):
         c = c0 + ar
-        ok, img, kept_img, keep = _scan_chunk(img_ptr + b * stride_ib, kv_ptr, c, L, n_img)
+        ok, img, kept_img, keep, rank = _scan_chunk(img_ptr + b * stride_ib, kv_ptr, c, L, n_img)
         slot = out_row + shift + n_keep + tl.cumsum(keep.to(tl.int32), axis=0) - 1
         dropped = (n_drop + tl.cumsum((ok & ~keep).to(tl.int32), axis=0)).to(tl.int64)
-        frow = n_feat + tl.cumsum(kept_img.to(tl.int32), axis=0) - 1
+        if FEATURE_PER_PLACEHOLDER:
+            frow = rank
+        else:
+            frow = n_feat + tl.cumsum(kept_img.to(tl.int32), axis=0) - 1
         tl.store(keep_ptr + b * L + c, keep.to(tl.int8), mask=ok)
         tl.store(idx_ptr + slot, c.to(tl.int64), mask=keep)
         tl.store(drop_ptr + slot, dropped, mask=keep)
@@ -141,7 +146,7 @@ def _bytes(x: torch.Tensor) -> torch.Tensor:
 
 
 def compact_prompt(is_image, kept_visual, features, row_lengths, left_padded, *, table, input_ids, inputs_embeds,
-                   pad_id, positions, renumber, mask, want_mask):
+                   pad_id, positions, renumber, mask, want_mask, features_per_placeholder):
     """The fused `compaction.compact_prompt_ref` (same arguments; `table` [V, D] embeds
     input_ids). Returns (index, dropped_before, total_dropped, keep, embeds, positions, mask)."""
     batch, length = is_image.shape
@@ -170,7 +175,8 @@ def compact_prompt(is_image, kept_visual, features, row_lengths, left_padded, *,
         _bytes(mask_out) if mask_out is not None else index, batch, length, width, img.stride(0),
         planes.stride(0) if positions is not None else 0, planes.stride(1) if positions is not None else 0,
         mask_in.stride(0), P=planes.shape[0] if positions is not None else 1, HAS_POS=positions is not None,
-        RENUMBER=renumber, HAS_MASK=mask is not None, WANT_MASK=want_mask, LEFT_PAD=left_padded, BLOCK=block)
+        RENUMBER=renumber, HAS_MASK=mask is not None, WANT_MASK=want_mask, LEFT_PAD=left_padded,
+        FEATURE_PER_PLACEHOLDER=features_per_placeholder, BLOCK=block)
     text = table if table is not None else inputs_embeds
     text = text if text.stride(-1) == 1 else text.contiguous()
     dim = text.shape[-1]

@@ -96,8 +96,17 @@ class PromptState:
 
     compaction: Compaction
     keep: torch.Tensor  # [B, L] bool, prompt columns kept
-    features: torch.Tensor  # [K_total, D] visual tokens passed on, in placeholder order
+    reduced: "ReducedImages"  # the visual tokens passed on
     prompt_mask: torch.Tensor | None  # [B, L'] compacted mask, None when none is needed
+    _features: torch.Tensor | None = None
+
+    @property
+    def features(self) -> torch.Tensor:
+        """[K_total, D] the visual tokens passed on, in placeholder order (made when first read:
+        a prefill that copied them from the tower's output never needs them)."""
+        if self._features is None:
+            self._features = _cat(self.reduced.features)
+        return self._features
 
 
 class PatchBase:
@@ -384,8 +393,8 @@ class VisionStagePatch(PatchBase):
                 f"{sum(counts)} image placeholder tokens in the prompt but the images give "
                 f"{n_slots} visual tokens; was the prompt built by the model's processor?"
             )
-        kept_slots, kept_features = self._reduce(images)
-        row_kept = _per_row(counts, [img.features.shape[0] for img in images], [f.shape[0] for f in kept_features])
+        reduced = self._reduce(images)
+        row_kept = _per_row(counts, [img.features.shape[0] for img in images], reduced.counts)
         row_len = [is_image.shape[1] - n + k for n, k in zip(counts, row_kept)]
         mask = kw.get("attention_mask")
         # the padding side matters only when rows end up with different lengths
@@ -393,15 +402,17 @@ class VisionStagePatch(PatchBase):
         # an explicit mask is needed for re-padded rows, and for kept original positions with gaps
         need_mask = mask is not None or len(set(row_len)) > 1 or (
             self.positions == "original" and any(n != is_image.shape[1] for n in row_len))
-        features = kept_features[0] if len(kept_features) == 1 else torch.cat(kept_features)
+        if reduced.source is not None:  # the kept rows are copied straight from the tower's output
+            features, kept_visual = reduced.source, reduced.source_keep
+        else:
+            features, kept_visual = _cat(reduced.features), _cat(reduced.kept)
         out = compact_prompt(
-            is_image, kept_slots[0] if len(kept_slots) == 1 else torch.cat(kept_slots), features, row_len,
-            left_padded, self.embedding(), kw.get("input_ids"), kw.get("inputs_embeds"),
-            self.pad_token_id,
-            base, self.positions == "renumber", mask, need_mask, backend=self.config.backend)
-        self.state = PromptState(out.compaction, out.keep, features, out.mask)
+            is_image, kept_visual, features, row_len, left_padded, self.embedding(), kw.get("input_ids"),
+            kw.get("inputs_embeds"), self.pad_token_id, base, self.positions == "renumber", mask, need_mask,
+            features_per_placeholder=reduced.source is not None, backend=self.config.backend)
+        self.state = PromptState(out.compaction, out.keep, reduced, out.mask)
         new_kw = self._inputs(kw, out.embeds, out.positions, out.mask, out.compaction)
-        self._kept_slots = kept_slots  # turned into indices only when asked for (a device read each)
+        self._kept_slots = reduced.kept  # turned into indices only when asked for (a device read each)
         n_layers = self._text_layers
         self.layer_lengths = [new_kw["inputs_embeds"].shape[1]] * n_layers
         self.stats = [{"visual_tokens": int(n), "kept": int(k)} for n, k in zip(counts, row_kept)]
@@ -429,8 +440,8 @@ class VisionStagePatch(PatchBase):
             image.context["question"] = question[rows[start]]
             start += image.features.shape[0]
 
-    def _reduce(self, images: list[ImageTokens]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return reduce_images(self.method, self.config, images, self.budget, self.project)
+    def _reduce(self, images: list[ImageTokens]) -> "ReducedImages":
+        return reduce_image_tokens(self.method, self.config, images, self.budget, self.project)
 
     def _apply(self, kw: dict[str, Any], state: PromptState, is_image: torch.Tensor) -> dict[str, Any]:
         """The language model's inputs for the whole sequence (prompt + tokens generated so far)."""
@@ -505,17 +516,51 @@ def region_budgets(config: PruneConfig, image: ImageTokens, budget: str = "per_i
     return split_budget(config.budget_for(sum(sizes)), sizes)
 
 
+@dataclass
+class ReducedImages:
+    """What the method passed on of each image (the result of `reduce_image_tokens`).
+
+    kept:   per image [N_i] bool, the tokens passed on (or standing for merged ones).
+    counts: per image, how many tokens are passed on (host ints).
+    source, source_keep: set when every image's tokens are one plain top-k selection made by
+            the fused kernels: [S, D] all images' tokens in placeholder order and [S] bool, so
+            the compaction copies kept rows from where they are (`features` is then gathered
+            only if something reads it).
+    """
+
+    kept: list[torch.Tensor]
+    counts: list[int]
+    _features: list[torch.Tensor | None]
+    selection: Any = None  # the batched `Selection` behind source / source_keep
+    source: torch.Tensor | None = None
+    source_keep: torch.Tensor | None = None
+
+    @property
+    def features(self) -> list[torch.Tensor]:
+        """Per image [K_i, D], the tokens passed on."""
+        if self.selection is not None and self._features[0] is None:
+            self._features = list(self.selection.features.unbind(0))
+        return self._features
+
+
 def reduce_images(method, config: PruneConfig, images: list[ImageTokens], budget: str = "per_image",
                   project=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(kept, features) of `reduce_image_tokens`: per image [N] bool and [K, D]."""
+    reduced = reduce_image_tokens(method, config, images, budget, project)
+    return reduced.kept, reduced.features
+
+
+def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], budget: str = "per_image",
+                        project=None) -> ReducedImages:
     """Runs a vision-stage method on every region of every image, batching regions of equal
     grid and budget. Shared by the transformers patches and the vLLM plugin.
 
     project: maps pre-projection tokens to the LLM space (methods that prefer them), or None.
-    Returns per image: [N] bool slots passed on, and [K, D] the tokens passed on.
 
     An image that is one region over all its tokens (LLaVA-1.5, Qwen images) takes a short
     path -- slices instead of index copies, the method's output used as is: on a GPU host every
-    op is a launch, and this runs in every prefill.
+    op is a launch, and this runs in every prefill. When all images are such and the method
+    returns a fused top-k selection for all of them at once, nothing is gathered here.
     """
     budgets = [region_budgets(config, img, budget) for img in images]
     whole = [len(img.regions) == 1 and img.regions[0].covers(img.features.shape[0]) for img in images]
@@ -552,6 +597,14 @@ def reduce_images(method, config: PruneConfig, images: list[ImageTokens], budget
                 signals[name] = torch.stack([images[i].context[name] for i, _ in members])
         with use_backend(config.backend):
             red = method.reduce(feats, grid, k, signals, config.options)
+        selection = red.selection
+        if (selection is not None and selection.slots is not None and not pre_projection and all(whole)
+                and len(members) == len(images) and selection.source is feats):
+            # every image whole, one fused top-k over all of them, in image order (groups are
+            # made in that order): the compaction reads the kept rows from `feats`
+            keep = selection.keep
+            return ReducedImages(list(keep.unbind(0)), [k] * len(images), [None] * len(images), selection,
+                                 feats.reshape(-1, feats.shape[-1]), keep.reshape(-1))
         if check_order:
             rows = [red.index] if isinstance(red.index, torch.Tensor) else red.index  # lists: counts vary per image
             increasing += [(r[..., 1:] > r[..., :-1]).all() for r in rows if r.shape[-1] > 1]
@@ -569,7 +622,12 @@ def reduce_images(method, config: PruneConfig, images: list[ImageTokens], budget
             kept[i][slots] = True
     if increasing and not bool(torch.stack(increasing).all()):
         raise RuntimeError(f"method {config.method!r} returned unsorted or repeated token indices")
-    return kept, [out if w else out[k] for out, k, w in zip(outputs, kept, whole)]
+    features = [out if w else out[k] for out, k, w in zip(outputs, kept, whole)]
+    return ReducedImages(kept, [f.shape[0] for f in features], features)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _stack(parts: list[tuple[torch.Tensor, Region]]) -> torch.Tensor:

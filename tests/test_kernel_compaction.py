@@ -118,6 +118,26 @@ def test_compact_prompt_from_inputs_embeds(dtype):
         assert_same(compact_prompt(*args, backend="triton", **kw), compact_prompt_ref(*args, **kw))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("batch, length", [(1, 63), (3, 577)])
+def test_compact_prompt_reads_kept_rows_from_a_row_per_placeholder(dtype, batch, length):
+    """features_per_placeholder: [S, D] holds every placeholder's token and the kept ones are
+    copied from there -- the same result as handing over only the kept rows."""
+    dim = 48
+    ids, is_image, kept = make_prompt(batch, length, seed=5)
+    embedding = torch.nn.Embedding(VOCAB, dim).to(DEVICE, dtype)
+    source = torch.randn(int(is_image.sum()), dim, device=DEVICE).to(dtype)
+    for left_padded in (True, False):
+        args = (row_lengths(is_image, kept), left_padded, embedding)
+        kw = dict(input_ids=ids, pad_id=3, want_mask=True)
+        with torch.no_grad():
+            expected = compact_prompt_ref(is_image, kept, source[kept], *args, **kw)
+            for backend in ("triton", "torch"):
+                got = compact_prompt(is_image, kept, source, *args, features_per_placeholder=True,
+                                     backend=backend, **kw)
+                assert_same(got, expected)
+
+
 def test_compact_prompt_falls_back_for_an_embedding_it_cannot_read():
     """An embedding module that is not a plain lookup table takes the reference path."""
     class Scaled(torch.nn.Embedding):
@@ -145,6 +165,28 @@ def test_top_k_in_order_on_the_triton_backend(tokens):
     scores = torch.randn(3, tokens, device=DEVICE)
     for k in (1, tokens // 3, tokens - 1):
         assert torch.equal(top_k_in_order(scores, k, backend="triton"), top_k_in_order_ref(scores, k))
+
+
+@pytest.mark.parametrize("tokens, dim", [(63, 16), (577, 80)])
+def test_top_k_selection_gathers_only_when_read(tokens, dim):
+    """The fused selection (slots) and the reference one (index) agree on keep, index and
+    features; the fused one launches its gather only when features or index are read."""
+    from vlm_prune.kernels import top_k_selection
+
+    features = torch.randn(3, tokens, dim, device=DEVICE)
+    scores = torch.randn(3, tokens, device=DEVICE)
+    scores[1, 5:40] = scores[1, 4]  # ties go to the lower index
+    for k in (1, tokens // 4, tokens - 1):
+        fused = top_k_selection(features, scores, k, backend="triton")
+        reference = top_k_selection(features, scores, k, backend="torch")
+        assert fused.slots is not None and reference.slots is None
+        assert fused._features is None and fused._index is None  # nothing gathered yet
+        assert torch.equal(fused.keep, reference.keep)
+        assert fused.keep.sum(1).tolist() == [k] * 3
+        assert torch.equal(fused.index, reference.index)
+        assert torch.equal(fused.index, top_k_in_order_ref(scores, k))
+        assert torch.equal(fused.features, reference.features)
+        assert torch.equal(fused.features, features[torch.arange(3)[:, None], reference.index])
 
 
 def test_auto_backend_falls_back_to_the_reference_when_a_kernel_fails(monkeypatch):

@@ -150,6 +150,32 @@ def test_triton_backend_end_to_end(family, method):
 
 
 @pytest.mark.slow
+def test_triton_backend_copies_kept_tokens_straight_from_the_tower():
+    """A batch of whole images under one fused top-k: the compaction reads the kept rows from
+    the tower's output (no gather first) and the result is the reference's, in the prefill and
+    in generate(use_cache=False), whose later steps replay the prompt's reduction."""
+    from .conftest import llava_inputs
+
+    model, processor = tiny.llava(seed=0)
+    inputs = llava_inputs(processor, ["USER: <image>\nWhat is it? ASSISTANT:", "USER: <image>\nAnd this? ASSISTANT:"],
+                          [(140, 100), (90, 120)]).to(DEVICE)
+    results = {}
+    for backend in ("torch", "triton"):
+        handle = vlm_prune.patch(model, "cls_attention", 9, backend=backend)
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            reduced = handle._patch.state.reduced
+            assert (reduced.source is not None) == (backend == "triton")
+            assert reduced.counts == [9, 9]
+            tokens = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, use_cache=False)
+        results[backend] = ([i.tolist() for i in handle.kept_indices], logits, tokens)
+        handle.remove()
+    assert results["torch"][0] == results["triton"][0]
+    torch.testing.assert_close(results["torch"][1], results["triton"][1], rtol=1e-4, atol=1e-5)
+    assert torch.equal(results["torch"][2], results["triton"][2])
+
+
+@pytest.mark.slow
 def test_every_kernel_compiles_for_gpus_within_their_shared_memory():
     """The interpreter never meets the compiler: compile each kernel, as the launchers configure
     it, to sm_90 and sm_86 machine code (Triton's own LLVM and ptxas, no GPU needed) and check

@@ -6,7 +6,6 @@ the signals a method declares in `needs` and hands them over as tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -21,7 +20,6 @@ from ..config import COMMON_OPTIONS, Option
 SIGNALS = ("cls_attention", "keys", "question")
 
 
-@dataclass
 class Reduction:
     """The visual tokens that go on to the LLM, for a group of images of equal token count.
 
@@ -30,10 +28,29 @@ class Reduction:
               token stands for (its own index when kept; a representative when merged).
               Position ids under positions="original" come from here.
     Methods whose count varies per image give lists of [K_i, D] / [K_i] instead.
+
+    `Reduction.of(selection)` wraps a top-k that keeps tokens unchanged
+    (`vlm_prune.kernels.top_k_selection`): features and index are then gathered only when
+    read, and the prefill engine copies the kept tokens straight into the LLM's input.
     """
 
-    features: torch.Tensor
-    index: torch.Tensor
+    def __init__(self, features, index):
+        self._features, self._index = features, index
+        self.selection = None
+
+    @classmethod
+    def of(cls, selection) -> "Reduction":
+        reduction = cls(None, None)
+        reduction.selection = selection
+        return reduction
+
+    @property
+    def features(self):
+        return self.selection.features if self.selection is not None else self._features
+
+    @property
+    def index(self):
+        return self.selection.index if self.selection is not None else self._index
 
 
 class Method:

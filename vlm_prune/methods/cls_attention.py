@@ -31,7 +31,6 @@ class ClsAttention(VisionMethod):
     }
 
     def reduce(self, features, grid, k, signals, options) -> Reduction:
-        from vlm_prune.kernels import select_top_k
+        from vlm_prune.kernels import top_k_selection
 
-        picked, index = select_top_k(features, signals["cls_attention"], k)  # fused on the Triton backend
-        return Reduction(features=picked, index=index)
+        return Reduction.of(top_k_selection(features, signals["cls_attention"], k))  # fused on the Triton backend

@@ -156,7 +156,7 @@ def topk_slots(scores: torch.Tensor, k: int | torch.Tensor, out: torch.Tensor | 
     raster order, -1 for the dropped ones (the input of `compact_gather`). `out` ([R, N] int32)
     may be scratch."""
     rows, length = scores.shape
-    scores = scores.contiguous()
+    scores = _rows_contiguous(scores)
     out = buffers.empty(rows, length, dtype=torch.int32, device=scores.device) if out is None else out
     per_row = isinstance(k, torch.Tensor)
     # one k for all rows goes in as a scalar argument: no host-to-device copy per call

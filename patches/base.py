@@ -631,9 +631,29 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _stack(parts: list[tuple[torch.Tensor, Region]]) -> torch.Tensor:
-    """[M, n, ...]: each tensor's rows of its region (a view when a single region spans them)."""
+    """[M, n, ...]: each tensor's rows of its region. A view, not a copy, when a single region
+    spans them or when they are equally spaced slices of one tensor (a batch's images, which
+    the families hand over as rows of the tower's [I, N, D] output)."""
     taken = [x[r.start:r.start + r.size] if r.start is not None else x[r.slots] for x, r in parts]
-    return taken[0].unsqueeze(0) if len(taken) == 1 else torch.stack(taken)
+    if len(taken) == 1:
+        return taken[0].unsqueeze(0)
+    view = _as_batch_view(taken)
+    return view if view is not None else torch.stack(taken)
+
+
+def _as_batch_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """torch.stack(tensors) as a view of their common storage, or None when they are not
+    equally spaced in it with equal shapes and strides."""
+    first = tensors[0]
+    base = first.untyped_storage().data_ptr()
+    step_bytes = tensors[1].data_ptr() - first.data_ptr()
+    if step_bytes <= 0 or step_bytes % first.element_size():
+        return None
+    for i, t in enumerate(tensors):
+        if (t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype
+                or t.untyped_storage().data_ptr() != base or t.data_ptr() != first.data_ptr() + i * step_bytes):
+            return None
+    return first.as_strided((len(tensors), *first.shape), (step_bytes // first.element_size(), *first.stride()))
 
 
 def _per_row(row_tokens: list[int], image_tokens: list[int], image_values: list[int]) -> list[int]:

@@ -174,7 +174,7 @@ def test_top_k_selection_gathers_only_when_read(tokens, dim):
     from vlm_prune.kernels import top_k_selection
 
     features = torch.randn(3, tokens, dim, device=DEVICE)
-    scores = torch.randn(3, tokens, device=DEVICE)
+    scores = torch.randn(3, tokens + 1, device=DEVICE)[:, 1:]  # rows past a [CLS] column: strided
     scores[1, 5:40] = scores[1, 4]  # ties go to the lower index
     for k in (1, tokens // 4, tokens - 1):
         fused = top_k_selection(features, scores, k, backend="triton")

@@ -118,3 +118,23 @@ def test_reduce_images_rejects_unsorted_indices_and_checks_every_group():
     for bad in [(2, 2), (3, 3)]:
         with pytest.raises(RuntimeError, match="unsorted or repeated"):
             reduce_images(Reversed(bad_grid=bad), config, images)
+
+
+def test_images_of_one_batch_are_stacked_as_a_view():
+    """The engine batches images whose tokens are equally spaced rows of one tensor (a tower's
+    [I, N, D] output, also past a [CLS] column) as a view of it; anything else is copied."""
+    from vlm_prune.patches.base import Region, _stack
+
+    tower = torch.randn(4, 10, 3)
+    whole = Region.span(0, 9, (3, 3))
+    for rows in (tower[:, 1:], tower[:, :9], tower[:, 1:, 0]):
+        parts = [(rows[i], whole) for i in range(4)]
+        stacked = _stack(parts)
+        assert torch.equal(stacked, torch.stack([rows[i] for i in range(4)]))
+        assert stacked.untyped_storage().data_ptr() == tower.untyped_storage().data_ptr()
+    for images in ([tower[0, 1:], tower[2, 1:], tower[1, 1:]],  # out of order
+                   [tower[0, 1:], torch.randn(9, 3)],  # different storage
+                   [tower[0, 1:], tower[1, :9], tower[2, 1:]]):  # unequal spacing
+        stacked = _stack([(x, whole) for x in images])
+        assert torch.equal(stacked, torch.stack(images))
+        assert stacked.untyped_storage().data_ptr() != tower.untyped_storage().data_ptr()

@@ -96,7 +96,7 @@ class PromptState:
 
     compaction: Compaction
     keep: torch.Tensor  # [B, L] bool, prompt columns kept
-    reduced: "ReducedImages"  # the visual tokens passed on
+    reduced: "ReducedImages | None"  # the visual tokens passed on; None once no replay can follow
     prompt_mask: torch.Tensor | None  # [B, L'] compacted mask, None when none is needed
     _features: torch.Tensor | None = None
 
@@ -410,7 +410,9 @@ class VisionStagePatch(PatchBase):
             is_image, kept_visual, features, row_len, left_padded, self.embedding(), kw.get("input_ids"),
             kw.get("inputs_embeds"), self.pad_token_id, base, self.positions == "renumber", mask, need_mask,
             features_per_placeholder=reduced.source is not None, backend=self.config.backend)
-        self.state = PromptState(out.compaction, out.keep, reduced, out.mask)
+        # the kept tokens are read again only by the replays of generate(use_cache=False); held
+        # until then, since with the tower's output as their source that is a large tensor
+        self.state = PromptState(out.compaction, out.keep, reduced if self._in_generate else None, out.mask)
         new_kw = self._inputs(kw, out.embeds, out.positions, out.mask, out.compaction)
         self._kept_slots = reduced.kept  # turned into indices only when asked for (a device read each)
         n_layers = self._text_layers
@@ -481,6 +483,7 @@ class VisionStagePatch(PatchBase):
     def _decode(self, kw: dict[str, Any], past: int) -> dict[str, Any]:
         """A decode step after a pruned prefill: new tokens only, the cache holds the pruned prompt."""
         comp = self.state.compaction
+        self.state.reduced = None  # a cached decode: no replay of the prompt follows
         n_new = self._seq_len(kw)
         generated = past - comp.index.shape[1]  # tokens after the prompt already in the cache
         full_len = comp.prompt_len + generated + n_new

@@ -150,12 +150,22 @@ def test_triton_backend_end_to_end(family, method):
 
 
 @pytest.mark.slow
-def test_triton_backend_copies_kept_tokens_straight_from_the_tower():
+def test_triton_backend_copies_kept_tokens_straight_from_the_tower(monkeypatch):
     """A batch of whole images under one fused top-k: the compaction reads the kept rows from
     the tower's output (no gather first) and the result is the reference's, in the prefill and
-    in generate(use_cache=False), whose later steps replay the prompt's reduction."""
+    in generate(use_cache=False), whose later steps replay the prompt's reduction. The tower's
+    output is not held after a prefill that no replay can follow."""
+    from vlm_prune.patches import base
+
     from .conftest import llava_inputs
 
+    compact_prompt, per_placeholder = base.compact_prompt, []
+
+    def recording(*args, **kwargs):
+        per_placeholder.append(kwargs["features_per_placeholder"])
+        return compact_prompt(*args, **kwargs)
+
+    monkeypatch.setattr(base, "compact_prompt", recording)
     model, processor = tiny.llava(seed=0)
     inputs = llava_inputs(processor, ["USER: <image>\nWhat is it? ASSISTANT:", "USER: <image>\nAnd this? ASSISTANT:"],
                           [(140, 100), (90, 120)]).to(DEVICE)
@@ -164,10 +174,15 @@ def test_triton_backend_copies_kept_tokens_straight_from_the_tower():
         handle = vlm_prune.patch(model, "cls_attention", 9, backend=backend)
         with torch.no_grad():
             logits = model(**inputs).logits
-            reduced = handle._patch.state.reduced
-            assert (reduced.source is not None) == (backend == "triton")
-            assert reduced.counts == [9, 9]
+            assert handle._patch.state.reduced is None
+            assert per_placeholder.pop() == (backend == "triton")
             tokens = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, use_cache=False)
+            assert handle._patch.state.reduced.counts == [9, 9]
+            cached = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+            assert handle._patch.state.reduced is None  # released at the first cached decode step
+        assert per_placeholder == [backend == "triton"] * 2  # one prefill per generate()
+        per_placeholder.clear()
+        assert torch.equal(tokens, cached)
         results[backend] = ([i.tolist() for i in handle.kept_indices], logits, tokens)
         handle.remove()
     assert results["torch"][0] == results["triton"][0]

@@ -290,6 +290,7 @@ def overhead_rows(device: str, repeats: int, dtype: torch.dtype, smoke: bool, ke
                 got.setdefault(key, []).extend(samples)
 
             lm_unpruned = language_model_alone(_language_model_inputs(model, prefill))
+            calls = {"unpruned": _host_calls(prefill)}
             for _ in range(rounds):
                 with _sync_timings(False):
                     add("prefill", sample(prefill, per_round, warmup=1))
@@ -317,6 +318,7 @@ def overhead_rows(device: str, repeats: int, dtype: torch.dtype, smoke: bool, ke
                                 lm_pruned = language_model_alone(_language_model_inputs(model, prefill))
                                 add((backend, "lm"), sample(lm_pruned, per_round, warmup=1))
                             stats[backend] = handle.stats[0]
+                            calls[backend] = _host_calls(prefill)
                     except Exception as exc:
                         failed.add(backend)
                         print(f"[bench] {name} / batch {batch} / {backend}: {exc!r}", file=sys.stderr)
@@ -352,11 +354,23 @@ def overhead_rows(device: str, repeats: int, dtype: torch.dtype, smoke: bool, ke
                     select_host_pct=100 * med[backend, False, "select"] / full_pruned_e2e,
                     prefill_unpruned_e2e_ms=full_unpruned_e2e, prefill_pruned_e2e_ms=full_pruned_e2e,
                     speedup_e2e=full_unpruned_e2e / full_pruned_e2e,
+                    host_ops_unpruned=calls["unpruned"].ops, host_ops=calls[backend].ops,
+                    launches=calls[backend].launches, reads_unpruned=calls["unpruned"].reads,
+                    reads=calls[backend].reads,
                 ))
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _host_calls(prefill):
+    """PyTorch ops, Triton launches and device reads of one prefill (`host_calls`)."""
+    from .host_calls import count_host_calls
+
+    with count_host_calls() as calls:
+        prefill()
+    return calls
 
 
 def _python_profile(model, inputs: dict, backend: str, calls: int = 20) -> str:
@@ -480,6 +494,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['pruned_e2e_ms']:.2f} | {r['glue_unpruned_ms']:.2f} -> {r['glue_pruned_ms']:.2f} | "
               f"{r['prefill_unpruned_e2e_ms']:.2f} -> {r['prefill_pruned_e2e_ms']:.2f} | "
               f"{r['select_host_ms']:.3f} ({r['select_host_pct']:.2f}%) | {r['positions_host_ms']:.3f} |")
+    print("\nHost calls of one prefill (counted, not timed): PyTorch ops that are not views, Triton launches, "
+          "device reads\n")
+    print("| model | batch | backend | ops unpruned -> pruned | Triton launches | device reads unpruned -> pruned |"
+          "\n|---|---|---|---|---|---|")
+    for r in overhead:
+        print(f"| {r['model']} | {r['batch']} | {r['backend']} | {r['host_ops_unpruned']} -> {r['host_ops']} | "
+              f"{r['launches']} | {r['reads_unpruned']} -> {r['reads']} |")
     if args.profile:
         profile_selection(device, dtype, args.profile, args.smoke)
     return 0

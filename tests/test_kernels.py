@@ -190,6 +190,41 @@ def test_triton_backend_copies_kept_tokens_straight_from_the_tower(monkeypatch):
     assert torch.equal(results["torch"][2], results["triton"][2])
 
 
+@pytest.mark.parametrize("family, batch, launches, extra_ops", [
+    ("llava", 1, 5, 4), ("llava", 2, 5, 4),  # [CLS] row (2), top-k slots, compaction (2); no gather
+    ("qwen2_vl", 1, 7, 0),  # + rotary and two attention-received passes instead of the [CLS] row
+])
+def test_pruning_adds_few_host_calls(family, batch, launches, extra_ops):
+    """A GPU prefill at these sizes is host-bound, so what the pruning costs is the host calls it
+    adds: counted here as on a GPU (`count_host_calls`). With the Triton backend a pruned
+    prefill launches a fixed number of kernels, whatever the batch, adds at most `extra_ops`
+    PyTorch ops to the unpruned prefill's and reads the device no more often."""
+    from vlm_prune.kernels.host_calls import count_host_calls
+
+    from .conftest import llava_inputs
+    from .test_families import QUESTIONS, SIZES, make_inputs
+
+    if family == "llava":
+        model, processor = tiny.llava(seed=0)
+        inputs = llava_inputs(processor, ["USER: <image>\nWhat is it? ASSISTANT:"] * batch,
+                              [(140, 100), (90, 120)][:batch])
+    else:
+        model, processor = tiny.qwen2_vl(version="2")
+        inputs = make_inputs(processor, family, SIZES[:batch], QUESTIONS[:batch])
+    with torch.no_grad():
+        model(**inputs)
+        with count_host_calls() as unpruned:
+            model(**inputs)
+        with vlm_prune.pruned(model, "cls_attention", 9, backend="triton"):
+            model(**inputs)
+            with count_host_calls() as pruned:
+                model(**inputs)
+    assert unpruned.launches == 0 and unpruned.ops > 100
+    assert pruned.launches == launches
+    assert pruned.ops <= unpruned.ops + extra_ops, (pruned.op_names, unpruned.op_names)
+    assert pruned.reads <= unpruned.reads
+
+
 @pytest.mark.slow
 def test_every_kernel_compiles_for_gpus_within_their_shared_memory():
     """The interpreter never meets the compiler: compile each kernel, as the launchers configure

@@ -12,7 +12,8 @@ and a test can pin them.
 ops: ATen ops that are not views (each a kernel launch or an allocation on a GPU); launches:
 Triton kernel launches (the ops the interpreter runs inside one are not counted); reads: calls
 that wait for the device to hand a value to the host (`.item()`, `bool(t)`, `.tolist()`,
-`nonzero`, boolean-mask indexing, copies to the CPU).
+`nonzero`, boolean-mask indexing, copies to the CPU). On a CPU every tensor counts as device
+memory, so host-side index arithmetic belongs in NumPy or Python lists, as on a GPU.
 """
 
 from __future__ import annotations
@@ -53,9 +54,16 @@ class _OpCounter(TorchDispatchMode):
             if name not in _VIEWS:
                 self.calls.ops += 1
                 self.calls.op_names[name] = self.calls.op_names.get(name, 0) + 1
-            if name in _READS or _copies_to_host(name, args, kwargs):
+            if name in _READS or _copies_to_host(name, args, kwargs) or _indexes_by_mask(name, args):
                 self.calls.reads += 1
         return func(*args, **kwargs)
+
+
+def _indexes_by_mask(name: str, args) -> bool:
+    """Indexing by a boolean mask: its output size is the mask's count, read from the device."""
+    if name not in ("index", "index_put", "index_put_") or len(args) < 2 or not isinstance(args[1], (list, tuple)):
+        return False
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
 
 
 def _copies_to_host(name: str, args, kwargs) -> bool:

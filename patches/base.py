@@ -272,6 +272,10 @@ class VisionStagePatch(PatchBase):
         """Called before the vision tower: read the small host-side facts the selection needs
         (grid sizes, say) now, while reading the device waits for nothing."""
 
+    def before_tower(self, call: dict[str, Any]) -> None:
+        """Called with the image encoder's arguments just before it runs (in the prefill or in
+        generate()'s own call): the place for host-side layout work that reads small inputs."""
+
     def base_positions(self, kw: dict[str, Any], length: int) -> torch.Tensor:
         """Position ids [..., B, L] the unpruned model would use for the whole sequence."""
         given = kw.get("position_ids")
@@ -309,10 +313,11 @@ class VisionStagePatch(PatchBase):
         signature = inspect.signature(original)
 
         def encoder(*args, **kwargs):
-            with self.capture_signals() as signals:
-                out = original(*args, **kwargs)
             call = signature.bind_partial(*args, **kwargs).arguments
             call.update(call.pop("kwargs", {}))
+            self.before_tower(call)
+            with self.capture_signals() as signals:
+                out = original(*args, **kwargs)
             self._last_encoded = (out, self.describe_images(out, call, signals))
             return out
 
@@ -569,6 +574,9 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
     whole = [len(img.regions) == 1 and img.regions[0].covers(img.features.shape[0]) for img in images]
     outputs: list[torch.Tensor | None] = [None if w else img.features.clone() for img, w in zip(images, whole)]
     kept: list[torch.Tensor | None] = [None] * len(images)
+    # tokens passed on per image, counted on the host as they are decided: the partly reduced
+    # images are then compacted without a device read
+    counts = [0 if w else img.features.shape[0] for img, w in zip(images, whole)]
     groups: dict[tuple, list[tuple[int, Region]]] = {}
     for i, img in enumerate(images):
         n = img.features.shape[0]
@@ -577,6 +585,7 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
         for region, k in zip(img.regions, budgets[i]):
             if not whole[i]:
                 kept[i][region.slots] = False
+                counts[i] -= region.size
             if k > 0:
                 groups.setdefault((region.grid, k), []).append((i, region))
             elif whole[i]:  # nothing of this image goes on
@@ -613,6 +622,7 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
             increasing += [(r[..., 1:] > r[..., :-1]).all() for r in rows if r.shape[-1] > 1]
         for j, (i, region) in enumerate(members):
             index, reduced = red.index[j], red.features[j]
+            counts[i] += index.shape[0]
             if pre_projection:
                 reduced = project(reduced)
             if whole[i]:
@@ -625,8 +635,9 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
             kept[i][slots] = True
     if increasing and not bool(torch.stack(increasing).all()):
         raise RuntimeError(f"method {config.method!r} returned unsorted or repeated token indices")
-    features = [out if w else out[k] for out, k, w in zip(outputs, kept, whole)]
-    return ReducedImages(kept, [f.shape[0] for f in features], features)
+    features = [out if w else out.index_select(0, torch.nonzero_static(k, size=n).flatten())
+                for out, k, w, n in zip(outputs, kept, whole, counts)]
+    return ReducedImages(kept, counts, features)
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:

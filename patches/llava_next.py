@@ -2,9 +2,10 @@
 
 Each image is a base view plus a grid of crops; transformers' `pack_image_features` puts the base
 image's tokens first, then the crops merged into one grid, unpadded to the image's aspect ratio,
-with an `image_newline` token closing every row. The scores and the crop layout go through that
-same function (packed as extra channels), so they line up with the features whatever the
-unpadding removed. `image_newline` tokens are always kept.
+with an `image_newline` token closing every row. Each crop token's number goes through that same
+function (before the tower, on the host: `_PackedLayout`), so the per-crop scores line up with
+the features whatever the unpadding removed, and nothing after the tower reads the device.
+`image_newline` tokens are always kept.
 
 Regions a method reduces: the base image (side x side) and either the whole unpadded crop grid
 (budget="per_image", the default: `keep` counts the image's tokens, split between base and grid
@@ -16,18 +17,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from .base import ImageTokens, Region
 from .llava import LlavaPatch
-
-_CROP, _ROW, _COL = range(3)  # packed channels, then the signals
 
 
 class LlavaNextPatch(LlavaPatch):
     def check_model(self) -> None:
         super().check_model()
         strategy = self.model.config.vision_feature_select_strategy
+        self._layout_of = None  # the image_sizes the cached layout was made for
         if strategy != "default":
             raise ValueError(
                 f"LLaVA-NeXT with vision_feature_select_strategy={strategy!r} is not supported; "
@@ -43,75 +44,106 @@ class LlavaNextPatch(LlavaPatch):
             return_dict=True,
         )
 
-    def _crops_per_image(self, image_sizes) -> list[int]:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    def before_tower(self, call: dict[str, Any]) -> None:
+        if call.get("image_sizes") is not None:
+            self._layout(call["image_sizes"], call["pixel_values"].device)
 
-        config = self.model.config
-        return [
-            image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
-            for size in image_sizes
-        ]
+    def _layout(self, image_sizes, device) -> "_PackedLayout":
+        """The packing of the images of `image_sizes`, made once per call (before the tower, from
+        the encoder wrapper) -- from the sizes alone, on the host, so nothing after the tower
+        reads the device."""
+        if self._layout_of is not image_sizes:
+            self._layout_cache = _PackedLayout.of(self.model, image_sizes, self.budget, device)
+            self._layout_of = image_sizes
+        return self._layout_cache
 
     def describe_images(self, output, call, signals) -> list[ImageTokens]:
         image_sizes = call.get("image_sizes")
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT image features came without image_sizes; pass pixel_values and image_sizes")
         features = list(output.pooler_output)
-        crops = self._crops_per_image(image_sizes)
-        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
-        # Per-crop signals, [CLS] dropped ("default" strategy), become extra packed channels.
-        extra = {}
+        layout = self._layout(image_sizes, features[0].device)
+        # per-crop signals ([CLS] dropped: "default" strategy), in packed order
+        per_crop = {}
         if "cls_attention" in signals:
-            extra["cls_attention"] = signals["cls_attention"][:, 1:, None]
+            per_crop["cls_attention"] = signals["cls_attention"][:, 1:]
         if "keys" in signals:
-            extra["keys"] = signals["keys"][:, 1:]
+            per_crop["keys"] = signals["keys"][:, 1:]
         if "pre_projection" in signals:
-            extra["pre_projection"] = signals["pre_projection"]
-        widths = {name: value.shape[-1] for name, value in extra.items()}
-        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-        layout = []
-        starts = [0]
-        for n_crops in crops:
-            starts.append(starts[-1] + n_crops)
-        for i, n_crops in enumerate(crops):
-            ch = [torch.arange(n_crops, dtype=torch.float32)[:, None, None].expand(-1, side * side, 1),
-                  rows.flatten().float()[None, :, None].expand(n_crops, -1, 1),
-                  cols.flatten().float()[None, :, None].expand(n_crops, -1, 1)]
-            ch += [value[starts[i]:starts[i + 1]].float().cpu() for value in extra.values()]
-            layout.append(torch.cat(ch, dim=-1))
-        newline = torch.zeros(layout[0].shape[-1])
-        newline[[_CROP, _ROW, _COL]] = -1.0
-        packed, _ = self.model.model.pack_image_features(
-            layout, image_sizes, vision_feature_select_strategy="default", image_newline=newline
-        )
+            per_crop["pre_projection"] = signals["pre_projection"]
+        packed = {name: layout.pack(value) for name, value in per_crop.items()}
         images = []
-        for i, (feats, channels) in enumerate(zip(features, packed)):
-            if channels.shape[0] != feats.shape[0]:
-                raise ValueError(f"image {i}: {feats.shape[0]} features but the packed layout has {channels.shape[0]} tokens")
-            channels = channels.to(feats.device)
-            image_signals, offset = {}, 3
-            for name, width in widths.items():
-                value = channels[:, offset:offset + width]
-                image_signals[name] = value[:, 0] if name == "cls_attention" else value.to(feats.dtype)
-                offset += width
-            images.append(ImageTokens(feats, self._regions(channels, side), image_signals))
+        for i, (feats, regions) in enumerate(zip(features, layout.regions)):
+            if layout.lengths[i] != feats.shape[0]:
+                raise ValueError(f"image {i}: {feats.shape[0]} features but the packed layout has {layout.lengths[i]} tokens")
+            image_signals = {name: value[i] if name == "cls_attention" else value[i].to(feats.dtype)
+                             for name, value in packed.items()}
+            images.append(ImageTokens(feats, regions, image_signals))
         return images
 
-    def _regions(self, channels: torch.Tensor, side: int) -> list[Region]:
-        """The base image, then the crop grid (per_image) or each crop's part of it (per_crop)."""
-        crop = channels[:, _CROP].round().long()
-        regions = [Region((crop == 0).nonzero().flatten(), (side, side))]
-        grid_slots = (crop >= 1).nonzero().flatten()
-        if len(grid_slots) == 0:
-            return regions
-        if self.budget == "per_image":
-            newline_slots = (crop < 0).nonzero().flatten()
-            width = int(newline_slots[newline_slots > grid_slots[0]][0] - grid_slots[0])
-            regions.append(Region(grid_slots, (len(grid_slots) // width, width)))
-            return regions
-        for c in crop[grid_slots].unique().tolist():
-            slots = (crop == c).nonzero().flatten()
-            height = len(channels[slots, _ROW].unique())
-            width = len(channels[slots, _COL].unique())
-            regions.append(Region(slots, (height, width)))
+
+class _PackedLayout:
+    """Where each of an image's packed tokens comes from, and the regions a method reduces.
+
+    Built by sending each crop's token numbers (crop * side^2 + token) through the model's own
+    `pack_image_features` on the host, with -1 as the image_newline; so it lines up with the
+    features whatever the unpadding removed.
+    source:  [sum N_i] int64 on the device: per packed token of all images, its row in the
+             images' per-crop tokens flattened, or the row after the last for an image_newline.
+    lengths: packed tokens per image; regions: per image, the base image, then the crop grid
+             (budget "per_image") or each crop's part of it ("per_crop").
+    """
+
+    def __init__(self, source: torch.Tensor, lengths: list[int], regions: list[list[Region]]):
+        self.source, self.lengths, self.regions = source, lengths, regions
+
+    @classmethod
+    def of(cls, model, image_sizes, budget: str, device) -> "_PackedLayout":
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = model.config
+        sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(s) for s in image_sizes]
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        per_crop = side * side
+        crops = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+                 for size in sizes]
+        numbers = [torch.arange(n * per_crop, dtype=torch.float64).view(n, per_crop, 1) for n in crops]
+        # host lists as sizes: the model's function reads them without a tensor conversion
+        packed, _ = model.model.pack_image_features(numbers, sizes, vision_feature_select_strategy="default",
+                                                    image_newline=torch.full((1,), -1.0, dtype=torch.float64))
+        sources, regions, first_crop = [], [], 0
+        for n_crops, numbers_i in zip(crops, packed):
+            token = numbers_i[:, 0].numpy().round().astype(np.int64)  # -1: image_newline
+            regions.append([Region(torch.from_numpy(slots).to(device), grid) for slots, grid in _regions(token, side, budget)])
+            sources.append(np.where(token >= 0, token + first_crop * per_crop, -1))
+            first_crop += n_crops
+        source = np.concatenate(sources)
+        source[source < 0] = first_crop * per_crop  # the zero row `pack` appends
+        return cls(torch.from_numpy(source).to(device), [len(t) for t in sources], regions)
+
+    def pack(self, per_crop: torch.Tensor) -> list[torch.Tensor]:
+        """[crops, side^2, ...] a signal per crop token -> per image [N_i, ...] in packed order
+        (0 at the image_newline tokens): two ops for the whole batch."""
+        flat = per_crop.reshape(-1, *per_crop.shape[2:])
+        flat = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])
+        return list(flat.index_select(0, self.source).split(self.lengths))
+
+
+def _regions(token: np.ndarray, side: int, budget: str) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """(slots, grid) of one image's regions from its packed token numbers (-1: image_newline)."""
+    per_crop = side * side
+    crop = np.where(token >= 0, token // per_crop, -1)
+    regions = [(np.flatnonzero(crop == 0), (side, side))]
+    grid_slots = np.flatnonzero(crop >= 1)
+    if len(grid_slots) == 0:
         return regions
+    if budget == "per_image":
+        newline_slots = np.flatnonzero(crop < 0)
+        width = int(newline_slots[newline_slots > grid_slots[0]][0] - grid_slots[0])
+        regions.append((grid_slots, (len(grid_slots) // width, width)))
+        return regions
+    for c in np.unique(crop[grid_slots]):
+        slots = np.flatnonzero(crop == c)
+        within = token[slots] % per_crop
+        regions.append((slots, (len(np.unique(within // side)), len(np.unique(within % side)))))
+    return regions

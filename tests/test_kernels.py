@@ -193,6 +193,7 @@ def test_triton_backend_copies_kept_tokens_straight_from_the_tower(monkeypatch):
 @pytest.mark.parametrize("family, batch, launches, extra_ops", [
     ("llava", 1, 5, 4), ("llava", 2, 5, 4),  # [CLS] row (2), top-k slots, compaction (2); no gather
     ("qwen2_vl", 1, 7, 0),  # + rotary and two attention-received passes instead of the [CLS] row
+    ("llava_next", 1, 8, 30),  # base image and crop grid: two top-k with their gathers, per-region ops
 ])
 def test_pruning_adds_few_host_calls(family, batch, launches, extra_ops):
     """A GPU prefill at these sizes is host-bound, so what the pruning costs is the host calls it
@@ -209,7 +210,7 @@ def test_pruning_adds_few_host_calls(family, batch, launches, extra_ops):
         inputs = llava_inputs(processor, ["USER: <image>\nWhat is it? ASSISTANT:"] * batch,
                               [(140, 100), (90, 120)][:batch])
     else:
-        model, processor = tiny.qwen2_vl(version="2")
+        model, processor = tiny.llava_next() if family == "llava_next" else tiny.qwen2_vl(version="2")
         inputs = make_inputs(processor, family, SIZES[:batch], QUESTIONS[:batch])
     with torch.no_grad():
         model(**inputs)

@@ -530,24 +530,24 @@ class ReducedImages:
 
     kept:   per image [N_i] bool, the tokens passed on (or standing for merged ones).
     counts: per image, how many tokens are passed on (host ints).
-    source, source_keep: set when every image's tokens are one plain top-k selection made by
-            the fused kernels: [S, D] all images' tokens in placeholder order and [S] bool, so
-            the compaction copies kept rows from where they are (`features` is then gathered
-            only if something reads it).
+    source, source_keep: set when every image's tokens were reduced by a plain top-k selection
+            of the fused kernels and lie one after another in one tensor: [S, D] all images'
+            tokens in placeholder order and [S] bool, so the compaction copies the kept rows
+            from where they are (`features` is then gathered only if something reads it).
     """
 
     kept: list[torch.Tensor]
     counts: list[int]
-    _features: list[torch.Tensor | None]
-    selection: Any = None  # the batched `Selection` behind source / source_keep
+    _features: list[torch.Tensor] | None
     source: torch.Tensor | None = None
     source_keep: torch.Tensor | None = None
+    _picked: list[tuple[Any, int]] | None = None  # per image: (its group's Selection, its row)
 
     @property
     def features(self) -> list[torch.Tensor]:
         """Per image [K_i, D], the tokens passed on."""
-        if self.selection is not None and self._features[0] is None:
-            self._features = list(self.selection.features.unbind(0))
+        if self._features is None:
+            self._features = [selection.features[row] for selection, row in self._picked]
         return self._features
 
 
@@ -596,7 +596,7 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
     # the built-in methods are tested to return increasing indices; others are checked, with
     # one device read at the end rather than one per group
     check_order = not type(method).__module__.startswith("vlm_prune.methods.")
-    increasing = []
+    reductions = []
     for (grid, k), members in groups.items():
         source = "pre_projection" if pre_projection else None
         feats = _stack([(images[i].signals[source] if source else images[i].features, r) for i, r in members])
@@ -608,15 +608,13 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
             if name in images[members[0][0]].context:
                 signals[name] = torch.stack([images[i].context[name] for i, _ in members])
         with use_backend(config.backend):
-            red = method.reduce(feats, grid, k, signals, config.options)
-        selection = red.selection
-        if (selection is not None and selection.slots is not None and not pre_projection and all(whole)
-                and len(members) == len(images) and selection.source is feats):
-            # every image whole, one fused top-k over all of them, in image order (groups are
-            # made in that order): the compaction reads the kept rows from `feats`
-            keep = selection.keep
-            return ReducedImages(list(keep.unbind(0)), [k] * len(images), [None] * len(images), selection,
-                                 feats.reshape(-1, feats.shape[-1]), keep.reshape(-1))
+            reductions.append((members, feats, method.reduce(feats, grid, k, signals, config.options)))
+    if not pre_projection and all(whole):
+        selected = _selected_in_place(images, reductions)
+        if selected is not None:
+            return selected
+    increasing = []
+    for members, feats, red in reductions:
         if check_order:
             rows = [red.index] if isinstance(red.index, torch.Tensor) else red.index  # lists: counts vary per image
             increasing += [(r[..., 1:] > r[..., :-1]).all() for r in rows if r.shape[-1] > 1]
@@ -638,6 +636,49 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
     features = [out if w else out.index_select(0, torch.nonzero_static(k, size=n).flatten())
                 for out, k, w, n in zip(outputs, kept, whole, counts)]
     return ReducedImages(kept, counts, features)
+
+
+def _selected_in_place(images: list[ImageTokens], reductions: list) -> ReducedImages | None:
+    """The reduction of whole images as keep flags over their tokens where they lie, or None.
+
+    Possible when every group's reduction is a fused top-k selection of the tokens it was given
+    and the images' tokens follow one another in one tensor (the tower's output): the prefill
+    compaction then copies the kept rows from there, with no gather first. Nothing is read
+    from the device here."""
+    picked: list[tuple[Any, int] | None] = [None] * len(images)
+    for members, feats, red in reductions:
+        selection = red.selection
+        if selection is None or selection.slots is None or selection.source is not feats:
+            return None
+        for j, (i, _) in enumerate(members):
+            picked[i] = (selection, j)
+    if any(p is None for p in picked):  # an image that passes nothing on
+        return None
+    source = _consecutive([img.features for img in images])
+    if source is None:
+        return None
+    keep = [selection.keep[j] for selection, j in picked]
+    if len(reductions) == 1 and [i for i, _ in reductions[0][0]] == list(range(len(images))):
+        flat_keep = reductions[0][2].selection.keep.reshape(-1)  # one group in image order: a view
+    else:
+        flat_keep = torch.cat(keep)
+    return ReducedImages(keep, [selection.k for selection, _ in picked], None, source, flat_keep, picked)
+
+
+def _consecutive(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """[sum N_i, D]: row-major [N_i, D] tensors that follow one another in one storage, as one
+    view of it; None when they do not."""
+    first = tensors[0]
+    if first.dim() != 2:
+        return None
+    rows, width = 0, first.shape[1]
+    for t in tensors:
+        if (t.dim() != 2 or t.shape[1] != width or t.dtype != first.dtype or (t.shape[0] > 1 and t.stride(0) != width)
+                or t.stride(1) != 1 or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or t.data_ptr() != first.data_ptr() + rows * width * first.element_size()):
+            return None
+        rows += t.shape[0]
+    return first.as_strided((rows, width), (width, 1))
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:

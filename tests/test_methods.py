@@ -138,3 +138,18 @@ def test_images_of_one_batch_are_stacked_as_a_view():
         stacked = _stack([(x, whole) for x in images])
         assert torch.equal(stacked, torch.stack(images))
         assert stacked.untyped_storage().data_ptr() != tower.untyped_storage().data_ptr()
+
+
+def test_images_that_follow_one_another_are_one_view():
+    """Whole images reduced in place: their tokens must lie one after another in one tensor
+    (Qwen's merged tower output split per image; LLaVA's [I, N, D] rows); otherwise None."""
+    from vlm_prune.patches.base import _consecutive
+
+    tower = torch.randn(20, 4)
+    parts = list(tower.split([6, 9, 5]))
+    joined = _consecutive(parts)
+    assert torch.equal(joined, tower) and joined.data_ptr() == tower.data_ptr()
+    assert _consecutive([tower[:6], tower[7:12]]) is None  # a gap
+    assert _consecutive([tower[6:9], tower[:6]]) is None  # out of order
+    assert _consecutive([tower[:6], torch.randn(3, 4)]) is None  # another tensor
+    assert _consecutive([tower[:6, :2], tower[6:9, :2]]) is None  # strided rows

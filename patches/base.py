@@ -530,10 +530,10 @@ class ReducedImages:
 
     kept:   per image [N_i] bool, the tokens passed on (or standing for merged ones).
     counts: per image, how many tokens are passed on (host ints).
-    source, source_keep: set when every image's tokens were reduced by a plain top-k selection
-            of the fused kernels and lie one after another in one tensor: [S, D] all images'
-            tokens in placeholder order and [S] bool, so the compaction copies the kept rows
-            from where they are (`features` is then gathered only if something reads it).
+    source, source_keep: set when every region was reduced by a plain top-k selection of the
+            fused kernels: [S, D] all images' tokens in placeholder order and [S] bool, so the
+            compaction copies the kept rows from there (`features` is then gathered only if
+            something reads it).
     """
 
     kept: list[torch.Tensor]
@@ -541,13 +541,14 @@ class ReducedImages:
     _features: list[torch.Tensor] | None
     source: torch.Tensor | None = None
     source_keep: torch.Tensor | None = None
-    _picked: list[tuple[Any, int]] | None = None  # per image: (its group's Selection, its row)
+    _tokens: list[torch.Tensor] | None = None  # with `source`: each image's [N_i, D] tokens
 
     @property
     def features(self) -> list[torch.Tensor]:
         """Per image [K_i, D], the tokens passed on."""
         if self._features is None:
-            self._features = [selection.features[row] for selection, row in self._picked]
+            self._features = [tokens.index_select(0, torch.nonzero_static(keep, size=n).flatten())
+                              for tokens, keep, n in zip(self._tokens, self.kept, self.counts)]
         return self._features
 
 
@@ -565,37 +566,23 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
 
     project: maps pre-projection tokens to the LLM space (methods that prefer them), or None.
 
-    An image that is one region over all its tokens (LLaVA-1.5, Qwen images) takes a short
-    path -- slices instead of index copies, the method's output used as is: on a GPU host every
-    op is a launch, and this runs in every prefill. When all images are such and the method
-    returns a fused top-k selection for all of them at once, nothing is gathered here.
+    Every op here is a launch on a GPU host, in every prefill, so: an image that is one region
+    over all its tokens (LLaVA-1.5, Qwen images) takes slices instead of index copies and the
+    method's output as is; the tokens passed on are counted on the host, so nothing reads the
+    device; and when every region was reduced by a fused top-k selection, nothing is gathered
+    (`_selected_in_place`).
     """
     budgets = [region_budgets(config, img, budget) for img in images]
     whole = [len(img.regions) == 1 and img.regions[0].covers(img.features.shape[0]) for img in images]
-    outputs: list[torch.Tensor | None] = [None if w else img.features.clone() for img, w in zip(images, whole)]
-    kept: list[torch.Tensor | None] = [None] * len(images)
-    # tokens passed on per image, counted on the host as they are decided: the partly reduced
-    # images are then compacted without a device read
-    counts = [0 if w else img.features.shape[0] for img, w in zip(images, whole)]
+    # tokens passed on outside the regions (an image's [CLS] feature, LLaVA-NeXT's newlines)
+    counts = [0 if w else img.features.shape[0] - sum(r.size for r in img.regions) for img, w in zip(images, whole)]
     groups: dict[tuple, list[tuple[int, Region]]] = {}
     for i, img in enumerate(images):
-        n = img.features.shape[0]
-        if not whole[i]:
-            kept[i] = torch.ones(n, dtype=torch.bool, device=img.features.device)
         for region, k in zip(img.regions, budgets[i]):
-            if not whole[i]:
-                kept[i][region.slots] = False
-                counts[i] -= region.size
             if k > 0:
                 groups.setdefault((region.grid, k), []).append((i, region))
-            elif whole[i]:  # nothing of this image goes on
-                kept[i] = torch.zeros(n, dtype=torch.bool, device=img.features.device)
-                outputs[i] = img.features[:0]
     pre_projection = (method.uses_pre_projection and project is not None
                       and all("pre_projection" in img.signals for img in images))
-    # the built-in methods are tested to return increasing indices; others are checked, with
-    # one device read at the end rather than one per group
-    check_order = not type(method).__module__.startswith("vlm_prune.methods.")
     reductions = []
     for (grid, k), members in groups.items():
         source = "pre_projection" if pre_projection else None
@@ -609,10 +596,32 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
                 signals[name] = torch.stack([images[i].context[name] for i, _ in members])
         with use_backend(config.backend):
             reductions.append((members, feats, method.reduce(feats, grid, k, signals, config.options)))
-    if not pre_projection and all(whole):
-        selected = _selected_in_place(images, reductions)
+    if not pre_projection:
+        selected = _selected_in_place(images, whole, counts, reductions)
         if selected is not None:
             return selected
+    return _gathered(method, config, images, whole, counts, reductions, project if pre_projection else None)
+
+
+def _gathered(method, config: PruneConfig, images: list[ImageTokens], whole: list[bool], counts: list[int],
+              reductions: list, project) -> ReducedImages:
+    """The reductions as each image's tokens passed on, gathered (see `reduce_image_tokens`)."""
+    kept: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    for img, w in zip(images, whole):
+        n = img.features.shape[0]
+        if w:  # stays so only if its region passes nothing on
+            kept.append(torch.zeros(n, dtype=torch.bool, device=img.features.device))
+            outputs.append(img.features[:0])
+            continue
+        keep = torch.ones(n, dtype=torch.bool, device=img.features.device)
+        for region in img.regions:
+            keep[region.slots] = False
+        kept.append(keep)
+        outputs.append(img.features.clone())
+    # the built-in methods are tested to return increasing indices; others are checked, with
+    # one device read at the end rather than one per group
+    check_order = not type(method).__module__.startswith("vlm_prune.methods.")
     increasing = []
     for members, feats, red in reductions:
         if check_order:
@@ -621,11 +630,10 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
         for j, (i, region) in enumerate(members):
             index, reduced = red.index[j], red.features[j]
             counts[i] += index.shape[0]
-            if pre_projection:
+            if project is not None:
                 reduced = project(reduced)
             if whole[i]:
-                n = images[i].features.shape[0]
-                kept[i] = torch.zeros(n, dtype=torch.bool, device=index.device).index_fill_(0, index, True)
+                kept[i].index_fill_(0, index, True)
                 outputs[i] = reduced.to(images[i].features.dtype)
                 continue
             slots = region.slots[index]
@@ -638,31 +646,43 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
     return ReducedImages(kept, counts, features)
 
 
-def _selected_in_place(images: list[ImageTokens], reductions: list) -> ReducedImages | None:
-    """The reduction of whole images as keep flags over their tokens where they lie, or None.
+def _selected_in_place(images: list[ImageTokens], whole: list[bool], counts: list[int],
+                       reductions: list) -> ReducedImages | None:
+    """The reduction as keep flags over the images' tokens where they lie, or None.
 
-    Possible when every group's reduction is a fused top-k selection of the tokens it was given
-    and the images' tokens follow one another in one tensor (the tower's output): the prefill
-    compaction then copies the kept rows from there, with no gather first. Nothing is read
-    from the device here."""
-    picked: list[tuple[Any, int] | None] = [None] * len(images)
+    Possible when every region's reduction is a fused top-k selection of the tokens it was given:
+    the prefill compaction then copies the kept rows from the images' tokens, with no gather
+    first (from the tower's output itself when they follow one another there, as LLaVA-1.5's
+    and Qwen's do; else from one concatenated copy, one op). `counts`: the tokens each image
+    passes on outside its regions. Nothing is read from the device here."""
+    picked: dict[tuple[int, int], tuple] = {}  # (image, id of region) -> (selection, its row)
     for members, feats, red in reductions:
         selection = red.selection
         if selection is None or selection.slots is None or selection.source is not feats:
             return None
-        for j, (i, _) in enumerate(members):
-            picked[i] = (selection, j)
-    if any(p is None for p in picked):  # an image that passes nothing on
-        return None
-    source = _consecutive([img.features for img in images])
+        for j, (i, region) in enumerate(members):
+            picked[i, id(region)] = (selection, j)
+    tokens = [img.features for img in images]
+    source = _consecutive(tokens)
     if source is None:
-        return None
-    keep = [selection.keep[j] for selection, j in picked]
-    if len(reductions) == 1 and [i for i, _ in reductions[0][0]] == list(range(len(images))):
-        flat_keep = reductions[0][2].selection.keep.reshape(-1)  # one group in image order: a view
-    else:
-        flat_keep = torch.cat(keep)
-    return ReducedImages(keep, [selection.k for selection, _ in picked], None, source, flat_keep, picked)
+        source = torch.cat(tokens)
+    keep = []
+    counts = list(counts)
+    for i, img in enumerate(images):
+        picks = [picked.get((i, id(region))) for region in img.regions]
+        counts[i] += sum(p[0].k for p in picks if p is not None)
+        if whole[i] and picks[0] is not None:
+            keep.append(picks[0][0].keep[picks[0][1]])
+            continue
+        flags = torch.ones(img.features.shape[0], dtype=torch.bool, device=img.features.device)
+        for region, pick in zip(img.regions, picks):  # a region that passes nothing on: all off
+            flags[region.slots] = pick[0].keep[pick[1]] if pick is not None else False
+        keep.append(flags)
+    one_group = len(reductions) == 1 and len(reductions[0][0]) == len(images) and all(whole) and \
+        [i for i, _ in reductions[0][0]] == list(range(len(images)))
+    # one group of whole images in image order: its keep flags are already one [S] view
+    flat_keep = reductions[0][2].selection.keep.reshape(-1) if one_group else torch.cat(keep)
+    return ReducedImages(keep, counts, None, source, flat_keep, tokens)
 
 
 def _consecutive(tensors: list[torch.Tensor]) -> torch.Tensor | None:

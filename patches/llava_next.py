@@ -63,15 +63,10 @@ class LlavaNextPatch(LlavaPatch):
             raise ValueError("LLaVA-NeXT image features came without image_sizes; pass pixel_values and image_sizes")
         features = list(output.pooler_output)
         layout = self._layout(image_sizes, features[0].device)
-        # per-crop signals ([CLS] dropped: "default" strategy), in packed order
-        per_crop = {}
-        if "cls_attention" in signals:
-            per_crop["cls_attention"] = signals["cls_attention"][:, 1:]
-        if "keys" in signals:
-            per_crop["keys"] = signals["keys"][:, 1:]
-        if "pre_projection" in signals:
-            per_crop["pre_projection"] = signals["pre_projection"]
-        packed = {name: layout.pack(value) for name, value in per_crop.items()}
+        # per-crop signals in packed order; the tower-level ones have the [CLS] token first, which
+        # the "default" strategy drops
+        packed = {name: layout.pack(value, after_cls=name != "pre_projection") for name, value in signals.items()
+                  if name in ("cls_attention", "keys", "pre_projection")}
         images = []
         for i, (feats, regions) in enumerate(zip(features, layout.regions)):
             if layout.lengths[i] != feats.shape[0]:
@@ -88,14 +83,15 @@ class _PackedLayout:
     Built by sending each crop's token numbers (crop * side^2 + token) through the model's own
     `pack_image_features` on the host, with -1 as the image_newline; so it lines up with the
     features whatever the unpadding removed.
-    source:  [sum N_i] int64 on the device: per packed token of all images, its row in the
-             images' per-crop tokens flattened, or the row after the last for an image_newline.
+    rows:    {after_cls: [sum N_i] int64 on the device}: per packed token of all images, its row
+             in the images' per-crop tokens flattened (after each crop's [CLS] token, or without
+             one); 0 for an image_newline (no region reads it).
     lengths: packed tokens per image; regions: per image, the base image, then the crop grid
              (budget "per_image") or each crop's part of it ("per_crop").
     """
 
-    def __init__(self, source: torch.Tensor, lengths: list[int], regions: list[list[Region]]):
-        self.source, self.lengths, self.regions = source, lengths, regions
+    def __init__(self, rows: dict[bool, torch.Tensor], lengths: list[int], regions: list[list[Region]]):
+        self.rows, self.lengths, self.regions = rows, lengths, regions
 
     @classmethod
     def of(cls, model, image_sizes, budget: str, device) -> "_PackedLayout":
@@ -111,22 +107,31 @@ class _PackedLayout:
         # host lists as sizes: the model's function reads them without a tensor conversion
         packed, _ = model.model.pack_image_features(numbers, sizes, vision_feature_select_strategy="default",
                                                     image_newline=torch.full((1,), -1.0, dtype=torch.float64))
-        sources, regions, first_crop = [], [], 0
+        tokens, regions, first_crop = [], [], 0
         for n_crops, numbers_i in zip(crops, packed):
             token = numbers_i[:, 0].numpy().round().astype(np.int64)  # -1: image_newline
-            regions.append([Region(torch.from_numpy(slots).to(device), grid) for slots, grid in _regions(token, side, budget)])
-            sources.append(np.where(token >= 0, token + first_crop * per_crop, -1))
+            regions.append([_region(slots, grid, device) for slots, grid in _regions(token, side, budget)])
+            tokens.append(np.where(token >= 0, token + first_crop * per_crop, -1))
             first_crop += n_crops
-        source = np.concatenate(sources)
-        source[source < 0] = first_crop * per_crop  # the zero row `pack` appends
-        return cls(torch.from_numpy(source).to(device), [len(t) for t in sources], regions)
+        token = np.concatenate(tokens)
+        newline = token < 0
+        rows = {False: np.where(newline, 0, token),
+                True: np.where(newline, 0, token + token // per_crop + 1)}  # each crop's [CLS] first
+        return cls({key: torch.from_numpy(value).to(device) for key, value in rows.items()},
+                   [len(t) for t in tokens], regions)
 
-    def pack(self, per_crop: torch.Tensor) -> list[torch.Tensor]:
-        """[crops, side^2, ...] a signal per crop token -> per image [N_i, ...] in packed order
-        (0 at the image_newline tokens): two ops for the whole batch."""
+    def pack(self, per_crop: torch.Tensor, after_cls: bool) -> list[torch.Tensor]:
+        """[crops, T, ...] a signal per crop token ([CLS] first when `after_cls`) -> per image
+        [N_i, ...] in packed order: one op for the whole batch."""
         flat = per_crop.reshape(-1, *per_crop.shape[2:])
-        flat = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])
-        return list(flat.index_select(0, self.source).split(self.lengths))
+        return list(flat.index_select(0, self.rows[after_cls]).split(self.lengths))
+
+
+def _region(slots: np.ndarray, grid: tuple[int, int], device) -> Region:
+    """A region on `device`; a span (read as a slice, no index tensor) when its slots are consecutive."""
+    if len(slots) and slots[-1] - slots[0] == len(slots) - 1:
+        return Region.span(int(slots[0]), int(slots[-1]) + 1, grid, device)
+    return Region(torch.from_numpy(slots).to(device), grid)
 
 
 def _regions(token: np.ndarray, side: int, budget: str) -> list[tuple[np.ndarray, tuple[int, int]]]:

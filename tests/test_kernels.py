@@ -167,6 +167,7 @@ def test_triton_backend_copies_kept_tokens_straight_from_the_tower(monkeypatch):
 
     monkeypatch.setattr(base, "compact_prompt", recording)
     model, processor = tiny.llava(seed=0)
+    model.to(DEVICE)
     inputs = llava_inputs(processor, ["USER: <image>\nWhat is it? ASSISTANT:", "USER: <image>\nAnd this? ASSISTANT:"],
                           [(140, 100), (90, 120)]).to(DEVICE)
     results = {}
@@ -198,7 +199,7 @@ def test_triton_backend_copies_kept_tokens_straight_from_the_tower(monkeypatch):
 ])
 def test_pruning_adds_few_host_calls(family, batch, launches, extra_ops):
     """A GPU prefill at these sizes is host-bound, so what the pruning costs is the host calls it
-    adds: counted here as on a GPU (`count_host_calls`). With the Triton backend a pruned
+    adds (`count_host_calls`; on CPU through the interpreter, on a GPU compiled). With the Triton backend a pruned
     prefill launches a fixed number of kernels, whatever the batch, adds at most `extra_ops`
     PyTorch ops to the unpruned prefill's and reads the device no more often."""
     from vlm_prune.kernels.host_calls import count_host_calls
@@ -213,6 +214,8 @@ def test_pruning_adds_few_host_calls(family, batch, launches, extra_ops):
     else:
         model, processor = tiny.llava_next() if family == "llava_next" else tiny.qwen2_vl(version="2")
         inputs = make_inputs(processor, family, SIZES[:batch], QUESTIONS[:batch])
+    model.to(DEVICE)
+    inputs = inputs.to(DEVICE)
     with torch.no_grad():
         model(**inputs)
         with count_host_calls() as unpruned:

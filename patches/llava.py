@@ -21,7 +21,8 @@ import torch
 from vlm_prune.kernels import cls_attention_scores
 from vlm_prune.timing import clock
 
-from .base import ImageTokens, Region, VisionStagePatch
+from .base import VisionStagePatch
+from .image_tokens import ImageTokens, Region
 
 
 class LlavaPatch(VisionStagePatch):

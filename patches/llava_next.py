@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import ImageTokens, Region
+from .image_tokens import ImageTokens, Region
 from .llava import LlavaPatch
 
 

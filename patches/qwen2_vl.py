@@ -35,7 +35,8 @@ from vlm_prune.compat import vision_window_index
 from vlm_prune.kernels.attention_received import attention_received_rotary
 from vlm_prune.timing import clock
 
-from .base import ImageTokens, Region, VisionStagePatch
+from .base import VisionStagePatch
+from .image_tokens import ImageTokens, Region
 from .mrope import image_rope_index
 
 

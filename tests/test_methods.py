@@ -95,7 +95,7 @@ def test_reduce_images_rejects_unsorted_indices_and_checks_every_group():
     not strictly increasing is refused, also when only the second of two groups breaks it."""
     from vlm_prune.config import PruneConfig
     from vlm_prune.methods.base import Reduction
-    from vlm_prune.patches.base import ImageTokens, Region, reduce_images
+    from vlm_prune.patches.image_tokens import ImageTokens, Region, reduce_images
 
     class Reversed:
         needs, uses_pre_projection = frozenset(), False
@@ -123,7 +123,7 @@ def test_reduce_images_rejects_unsorted_indices_and_checks_every_group():
 def test_images_of_one_batch_are_stacked_as_a_view():
     """The engine batches images whose tokens are equally spaced rows of one tensor (a tower's
     [I, N, D] output, also past a [CLS] column) as a view of it; anything else is copied."""
-    from vlm_prune.patches.base import Region, _stack
+    from vlm_prune.patches.image_tokens import Region, _stack
 
     tower = torch.randn(4, 10, 3)
     whole = Region.span(0, 9, (3, 3))
@@ -143,7 +143,7 @@ def test_images_of_one_batch_are_stacked_as_a_view():
 def test_images_that_follow_one_another_are_one_view():
     """Whole images reduced in place: their tokens must lie one after another in one tensor
     (Qwen's merged tower output split per image; LLaVA's [I, N, D] rows); otherwise None."""
-    from vlm_prune.patches.base import _consecutive
+    from vlm_prune.patches.image_tokens import _consecutive
 
     tower = torch.randn(20, 4)
     parts = list(tower.split([6, 9, 5]))

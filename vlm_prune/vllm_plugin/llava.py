@@ -5,7 +5,7 @@ Two overrides of vLLM's own classes, active only when the model config carries `
   image placeholders (vLLM fixes the count before the encoder runs, hence fixed budgets only);
 - model: `_process_image_input` runs the tower with a hook on the scoring layer's fused qkv
   projection, then hands the features to the same reduction the transformers path uses
-  (`vlm_prune.patches.base.reduce_images` with the registered method) and returns the kept
+  (`vlm_prune.patches.image_tokens.reduce_images` with the registered method) and returns the kept
   embeddings. vLLM numbers placeholders consecutively, i.e. positions="renumber".
 vLLM builds the CLIP tower only up to the feature layer (hidden_states[-2] -> 23 of 24 layers), so
 the layer producing the features is its last one; `layers=` may name layers up to it.
@@ -27,7 +27,7 @@ from vllm.model_executor.models.llava import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..kernels import cls_attention_scores
-from ..patches.base import ImageTokens, Region, reduce_images
+from ..patches.image_tokens import ImageTokens, Region, reduce_images
 from ..registry import get_method
 from .config import plugin_config
 

@@ -58,7 +58,7 @@ from vllm.multimodal.processing import PromptReplacement
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from ..kernels import attention_received
-from ..patches.base import ImageTokens, Region, reduce_images
+from ..patches.image_tokens import ImageTokens, Region, reduce_images
 from ..patches.qwen2_vl import merge_unit_mean
 from ..registry import get_method
 from .config import plugin_config

@@ -1,0 +1,284 @@
+"""An image's visual tokens, and their reduction by a vision-stage method.
+
+`reduce_image_tokens` runs a method over the regions of every image of a prefill and says what
+each image passes on to the LLM. It is shared by the transformers patches (`base`) and the vLLM
+plugin, and imports no model code: the families describe their images as `ImageTokens`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vlm_prune.config import PruneConfig, split_budget
+from vlm_prune.kernels import use_backend
+
+
+class Region:
+    """A rectangular grid of one image's tokens that a method reduces as a unit.
+
+    slots: [h * w] int64 indices into the image's tokens, in raster order over `grid`. A span
+    (`Region.span`: consecutive tokens) makes its index tensor only when something reads it --
+    whole-image regions never do, and on a GPU host every tensor made is a launch.
+    """
+
+    def __init__(self, slots: torch.Tensor | None, grid: tuple[int, int], start: int | None = None,
+                 device: torch.device | str | None = None):
+        self.grid = grid
+        self.start = start  # set by `span`: the slots are start, start+1, ..., read as a slice
+        self._slots = slots
+        self._device = device
+        self.size = len(slots) if slots is not None else grid[0] * grid[1]
+        if grid[0] * grid[1] != self.size:
+            raise ValueError(f"a {grid[0]}x{grid[1]} region needs {grid[0] * grid[1]} tokens, got {self.size}")
+
+    @classmethod
+    def span(cls, start: int, stop: int, grid: tuple[int, int], device=None) -> "Region":
+        """The consecutive tokens start..stop-1 as a region."""
+        if stop - start != grid[0] * grid[1]:
+            raise ValueError(f"a {grid[0]}x{grid[1]} region needs {grid[0] * grid[1]} tokens, got {stop - start}")
+        return cls(None, grid, start, device)
+
+    @property
+    def slots(self) -> torch.Tensor:
+        if self._slots is None:
+            self._slots = torch.arange(self.start, self.start + self.size, device=self._device)
+        return self._slots
+
+    def covers(self, n_tokens: int) -> bool:
+        """True when the region is exactly tokens 0..n_tokens-1 in order."""
+        return self.start == 0 and self.size == n_tokens
+
+
+@dataclass
+class ImageTokens:
+    """One image's visual tokens as the LLM would receive them.
+
+    features: [N, D] in placeholder order (after the projector: the LLM's input space).
+    regions:  grids the method reduces; tokens in no region (a [CLS] feature, LLaVA-NeXT's
+              image_newline tokens) are always kept.
+    signals:  per-token method signals, each [N, ...] aligned with `features` ("cls_attention",
+              "keys", and "pre_projection": the tokens before the projector, [N, Dv]).
+    context:  per-image signals ("question": [D]).
+    """
+
+    features: torch.Tensor
+    regions: list[Region]
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    context: dict[str, torch.Tensor] = field(default_factory=dict)  # per image, not per token
+
+
+def region_budgets(config: PruneConfig, image: ImageTokens, budget: str = "per_image") -> list[int]:
+    """Tokens each region of the image keeps under the budget policy."""
+    sizes = [region.size for region in image.regions]
+    if budget == "per_crop":
+        return [config.budget_for(n) for n in sizes]
+    return split_budget(config.budget_for(sum(sizes)), sizes)
+
+
+@dataclass
+class ReducedImages:
+    """What the method passed on of each image (the result of `reduce_image_tokens`).
+
+    kept:   per image [N_i] bool, the tokens passed on (or standing for merged ones).
+    counts: per image, how many tokens are passed on (host ints).
+    source, source_keep: set when every region was reduced by a plain top-k selection of the
+            fused kernels: [S, D] all images' tokens in placeholder order and [S] bool, so the
+            compaction copies the kept rows from there (`features` is then gathered only if
+            something reads it).
+    """
+
+    kept: list[torch.Tensor]
+    counts: list[int]
+    _features: list[torch.Tensor] | None
+    source: torch.Tensor | None = None
+    source_keep: torch.Tensor | None = None
+    _tokens: list[torch.Tensor] | None = None  # with `source`: each image's [N_i, D] tokens
+
+    @property
+    def features(self) -> list[torch.Tensor]:
+        """Per image [K_i, D], the tokens passed on."""
+        if self._features is None:
+            self._features = [tokens.index_select(0, torch.nonzero_static(keep, size=n).flatten())
+                              for tokens, keep, n in zip(self._tokens, self.kept, self.counts)]
+        return self._features
+
+
+def reduce_images(method, config: PruneConfig, images: list[ImageTokens], budget: str = "per_image",
+                  project=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(kept, features) of `reduce_image_tokens`: per image [N] bool and [K, D]."""
+    reduced = reduce_image_tokens(method, config, images, budget, project)
+    return reduced.kept, reduced.features
+
+
+def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], budget: str = "per_image",
+                        project=None) -> ReducedImages:
+    """Runs a vision-stage method on every region of every image, batching regions of equal
+    grid and budget. Shared by the transformers patches and the vLLM plugin.
+
+    project: maps pre-projection tokens to the LLM space (methods that prefer them), or None.
+
+    Every op here is a launch on a GPU host, in every prefill, so: an image that is one region
+    over all its tokens (LLaVA-1.5, Qwen images) takes slices instead of index copies and the
+    method's output as is; the tokens passed on are counted on the host, so nothing reads the
+    device; and when every region was reduced by a fused top-k selection, nothing is gathered
+    (`_selected_in_place`).
+    """
+    budgets = [region_budgets(config, img, budget) for img in images]
+    whole = [len(img.regions) == 1 and img.regions[0].covers(img.features.shape[0]) for img in images]
+    # tokens passed on outside the regions (an image's [CLS] feature, LLaVA-NeXT's newlines)
+    counts = [0 if w else img.features.shape[0] - sum(r.size for r in img.regions) for img, w in zip(images, whole)]
+    groups: dict[tuple, list[tuple[int, Region]]] = {}
+    for i, img in enumerate(images):
+        for region, k in zip(img.regions, budgets[i]):
+            if k > 0:
+                groups.setdefault((region.grid, k), []).append((i, region))
+    pre_projection = (method.uses_pre_projection and project is not None
+                      and all("pre_projection" in img.signals for img in images))
+    reductions = []
+    for (grid, k), members in groups.items():
+        source = "pre_projection" if pre_projection else None
+        feats = _stack([(images[i].signals[source] if source else images[i].features, r) for i, r in members])
+        signals = {
+            name: _stack([(images[i].signals[name], r) for i, r in members])
+            for name in method.needs if name in images[members[0][0]].signals
+        }
+        for name in method.needs:
+            if name in images[members[0][0]].context:
+                signals[name] = torch.stack([images[i].context[name] for i, _ in members])
+        with use_backend(config.backend):
+            reductions.append((members, feats, method.reduce(feats, grid, k, signals, config.options)))
+    if not pre_projection:
+        selected = _selected_in_place(images, whole, counts, reductions)
+        if selected is not None:
+            return selected
+    return _gathered(method, config, images, whole, counts, reductions, project if pre_projection else None)
+
+
+def _gathered(method, config: PruneConfig, images: list[ImageTokens], whole: list[bool], counts: list[int],
+              reductions: list, project) -> ReducedImages:
+    """The reductions as each image's tokens passed on, gathered (see `reduce_image_tokens`)."""
+    kept: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    for img, w in zip(images, whole):
+        n = img.features.shape[0]
+        if w:  # stays so only if its region passes nothing on
+            kept.append(torch.zeros(n, dtype=torch.bool, device=img.features.device))
+            outputs.append(img.features[:0])
+            continue
+        keep = torch.ones(n, dtype=torch.bool, device=img.features.device)
+        for region in img.regions:
+            keep[region.slots] = False
+        kept.append(keep)
+        outputs.append(img.features.clone())
+    # the built-in methods are tested to return increasing indices; others are checked, with
+    # one device read at the end rather than one per group
+    check_order = not type(method).__module__.startswith("vlm_prune.methods.")
+    increasing = []
+    for members, feats, red in reductions:
+        if check_order:
+            rows = [red.index] if isinstance(red.index, torch.Tensor) else red.index  # lists: counts vary per image
+            increasing += [(r[..., 1:] > r[..., :-1]).all() for r in rows if r.shape[-1] > 1]
+        for j, (i, region) in enumerate(members):
+            index, reduced = red.index[j], red.features[j]
+            counts[i] += index.shape[0]
+            if project is not None:
+                reduced = project(reduced)
+            if whole[i]:
+                kept[i].index_fill_(0, index, True)
+                outputs[i] = reduced.to(images[i].features.dtype)
+                continue
+            slots = region.slots[index]
+            outputs[i][slots] = reduced.to(outputs[i].dtype)
+            kept[i][slots] = True
+    if increasing and not bool(torch.stack(increasing).all()):
+        raise RuntimeError(f"method {config.method!r} returned unsorted or repeated token indices")
+    features = [out if w else out.index_select(0, torch.nonzero_static(k, size=n).flatten())
+                for out, k, w, n in zip(outputs, kept, whole, counts)]
+    return ReducedImages(kept, counts, features)
+
+
+def _selected_in_place(images: list[ImageTokens], whole: list[bool], counts: list[int],
+                       reductions: list) -> ReducedImages | None:
+    """The reduction as keep flags over the images' tokens where they lie, or None.
+
+    Possible when every region's reduction is a fused top-k selection of the tokens it was given:
+    the prefill compaction then copies the kept rows from the images' tokens, with no gather
+    first (from the tower's output itself when they follow one another there, as LLaVA-1.5's
+    and Qwen's do; else from one concatenated copy, one op). `counts`: the tokens each image
+    passes on outside its regions. Nothing is read from the device here."""
+    picked: dict[tuple[int, int], tuple] = {}  # (image, id of region) -> (selection, its row)
+    for members, feats, red in reductions:
+        selection = red.selection
+        if selection is None or selection.slots is None or selection.source is not feats:
+            return None
+        for j, (i, region) in enumerate(members):
+            picked[i, id(region)] = (selection, j)
+    tokens = [img.features for img in images]
+    source = _consecutive(tokens)
+    if source is None:
+        source = torch.cat(tokens)
+    keep = []
+    counts = list(counts)
+    for i, img in enumerate(images):
+        picks = [picked.get((i, id(region))) for region in img.regions]
+        counts[i] += sum(p[0].k for p in picks if p is not None)
+        if whole[i] and picks[0] is not None:
+            keep.append(picks[0][0].keep[picks[0][1]])
+            continue
+        flags = torch.ones(img.features.shape[0], dtype=torch.bool, device=img.features.device)
+        for region, pick in zip(img.regions, picks):  # a region that passes nothing on: all off
+            flags[region.slots] = pick[0].keep[pick[1]] if pick is not None else False
+        keep.append(flags)
+    one_group = len(reductions) == 1 and len(reductions[0][0]) == len(images) and all(whole) and \
+        [i for i, _ in reductions[0][0]] == list(range(len(images)))
+    # one group of whole images in image order: its keep flags are already one [S] view
+    flat_keep = reductions[0][2].selection.keep.reshape(-1) if one_group else torch.cat(keep)
+    return ReducedImages(keep, counts, None, source, flat_keep, tokens)
+
+
+def _consecutive(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """[sum N_i, D]: row-major [N_i, D] tensors that follow one another in one storage, as one
+    view of it; None when they do not."""
+    first = tensors[0]
+    if first.dim() != 2:
+        return None
+    rows, width = 0, first.shape[1]
+    for t in tensors:
+        if (t.dim() != 2 or t.shape[1] != width or t.dtype != first.dtype or (t.shape[0] > 1 and t.stride(0) != width)
+                or t.stride(1) != 1 or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or t.data_ptr() != first.data_ptr() + rows * width * first.element_size()):
+            return None
+        rows += t.shape[0]
+    return first.as_strided((rows, width), (width, 1))
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _stack(parts: list[tuple[torch.Tensor, Region]]) -> torch.Tensor:
+    """[M, n, ...]: each tensor's rows of its region. A view, not a copy, when a single region
+    spans them or when they are equally spaced slices of one tensor (a batch's images, which
+    the families hand over as rows of the tower's [I, N, D] output)."""
+    taken = [x[r.start:r.start + r.size] if r.start is not None else x[r.slots] for x, r in parts]
+    if len(taken) == 1:
+        return taken[0].unsqueeze(0)
+    view = _as_batch_view(taken)
+    return view if view is not None else torch.stack(taken)
+
+
+def _as_batch_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """torch.stack(tensors) as a view of their common storage, or None when they are not
+    equally spaced in it with equal shapes and strides."""
+    first = tensors[0]
+    base = first.untyped_storage().data_ptr()
+    step_bytes = tensors[1].data_ptr() - first.data_ptr()
+    if step_bytes <= 0 or step_bytes % first.element_size():
+        return None
+    for i, t in enumerate(tensors):
+        if (t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype
+                or t.untyped_storage().data_ptr() != base or t.data_ptr() != first.data_ptr() + i * step_bytes):
+            return None
+    return first.as_strided((len(tensors), *first.shape), (step_bytes // first.element_size(), *first.stride()))

@@ -1,0 +1,94 @@
+"""README.md's Python examples run as written (on tiny models instead of downloaded checkpoints)
+and give what their comments say."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+
+import torch
+
+import vlm_prune
+
+README = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def _block(heading: str, index: int = 0) -> str:
+    """The `index`-th ```python block of the README section that starts with `heading`."""
+    start = README.index(f"\n{heading}\n")
+    end = README.find("\n## ", start + len(heading) + 2)
+    section = README[start:end if end > 0 else None]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)[index]
+
+
+def _commented(code: str, before: str) -> object:
+    """The Python literal in the comment that follows `before` (on its line or the next)."""
+    tail = code[code.index(before) + len(before):]
+    comment = re.search(r"#\s*(\[.*?\])\s", tail, flags=re.S).group(1)
+    return ast.literal_eval(comment)
+
+
+def test_quick_start_runs_on_the_tiny_model_and_matches_its_comments():
+    tiny_setup = _block("## Quick start", 1)
+    quick_start = _block("## Quick start", 0)
+    # the checkpoint download is the one line a machine without network cannot run
+    runnable = "\n".join(line for line in quick_start.splitlines() if "from_pretrained" not in line)
+    namespace: dict = {}
+    exec(tiny_setup, namespace)
+    namespace["image"] = namespace["tiny"].random_image(640, 480)
+    model = namespace["model"]
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    with torch.no_grad():
+        reference = model(**namespace["processor"](images=[namespace["image"]], text=["USER: <image>\nWhat is shown? ASSISTANT:"],
+                                                   return_tensors="pt")).logits
+    exec(runnable, namespace)
+
+    handle = namespace["handle"]
+    assert handle.stats == _commented(quick_start, "handle.stats")
+    kept = handle.kept_indices
+    assert len(kept) == 1 and kept[0].shape == (64,) and bool((kept[0][1:] > kept[0][:-1]).all())
+    assert set(handle.timings) == {"vision_s", "select_s", "positions_s"}
+    assert vlm_prune.available_methods() == _commented(quick_start, "vlm_prune.available_methods()")
+    assert namespace["out"].shape[0] == 1
+    # unpatch and the scoped block left the model as it was
+    assert vlm_prune.get_handle(model) is None and not handle.active
+    with torch.no_grad():
+        after = model(**namespace["inputs"]).logits
+    torch.testing.assert_close(after, reference, rtol=0, atol=0)
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
+
+
+def test_in_llm_examples_each_patch_a_deep_enough_model():
+    from vlm_prune import tiny
+
+    code = _block("### In-LLM pruning (`transition`, `fastv`)")
+    model, processor = tiny.llava(image_size=336, text_layers=16)  # 576 tokens; the last stage is after layer 12
+    inputs = processor(images=[tiny.random_image(64, 48)], text=["USER: <image>\nWhat is it? ASSISTANT:"],
+                       return_tensors="pt")
+    calls = [node for node in ast.parse(code).body
+             if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+             and ast.unparse(node.value.func) == "vlm_prune.patch"]
+    assert len(calls) == 4
+    for call in calls:
+        handle = eval(compile(ast.Expression(call.value), "README", "eval"), {"vlm_prune": vlm_prune, "model": model})
+        try:
+            with torch.no_grad():
+                model(**inputs)
+            lengths = handle.layer_lengths
+            assert len(lengths) == 16 and lengths[-1] < lengths[0], ast.unparse(call)
+        finally:
+            handle.remove()
+
+
+def test_host_calls_example_counts_a_prefill(llava):
+    from tests.conftest import llava_inputs
+
+    model, processor = llava
+    code = _block("## Kernels", 0)
+    assert "count_host_calls" in code
+    namespace = {"model": model, "inputs": llava_inputs(processor, ["USER: <image>\nWhat? ASSISTANT:"], [(64, 48)])}
+    with torch.no_grad():
+        exec(code.replace("print(", "result = ("), namespace)
+    ops, launches, reads, names = namespace["result"]
+    assert ops > 10 and launches == 0 and reads >= 1 and sum(names.values()) == ops

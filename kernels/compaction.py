@@ -91,8 +91,13 @@ def compact_prompt_ref(is_image: torch.Tensor, kept_visual: torch.Tensor, featur
 
 
 def embedding_table(embedding: Callable) -> torch.Tensor | None:
-    """The weight of a plain lookup table (what the fused kernel can read), else None."""
-    if type(embedding) is torch.nn.Embedding and embedding.max_norm is None:
+    """The weight of a plain lookup table (what the fused kernel can read), else None.
+
+    None too for a table that accelerate manages (`device_map=` offload): its weight is loaded
+    onto the execution device only inside the module's own call (between calls it may be a
+    meta tensor), so such an embedding is called, not read."""
+    if (type(embedding) is torch.nn.Embedding and embedding.max_norm is None and not hasattr(embedding, "_hf_hook")
+            and embedding.weight.device.type != "meta"):
         return embedding.weight
     return None
 

@@ -304,7 +304,7 @@ class VisionStagePatch(PatchBase):
         if out is None:
             out = self.encode(kw)
         last, self._last_encoded = self._last_encoded, None
-        if last is not None and last[0] is out:
+        if last is not None and _same_encoding(last[0], out):
             images = last[1]
         else:  # encoded before the patch: no signals were recorded
             images = self.describe_images(out, kw, {})
@@ -461,6 +461,23 @@ class VisionStagePatch(PatchBase):
             positions = positions - shift
         new_kw["position_ids"] = positions
         return new_kw
+
+
+def _same_encoding(recorded: Any, given: Any) -> bool:
+    """Whether the encoder output a forward received is the one the wrapped encoder returned.
+
+    Not always the same object: accelerate's device hooks (`device_map=`, CPU or disk offload)
+    rebuild the containers of every forward's inputs, and copy tensors that change device. What
+    the wrapper recorded is cleared at every prefill, so the same layout of tensors means the
+    same encoding."""
+    if recorded is given:
+        return True
+    from torch.utils._pytree import tree_flatten
+
+    (a, a_spec), (b, b_spec) = tree_flatten(recorded), tree_flatten(given)
+    return a_spec == b_spec and all(
+        x is y or (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+                   and x.dtype == y.dtype) for x, y in zip(a, b))
 
 
 def _per_row(row_tokens: list[int], image_tokens: list[int], image_values: list[int]) -> list[int]:

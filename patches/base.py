@@ -167,7 +167,8 @@ class VisionStagePatch(PatchBase):
         self.budget = config.budget or "per_image"
         self.state: PromptState | None = None
         self._signal_s = 0.0
-        self._last_encoded: tuple[Any, list[ImageTokens]] | None = None
+        # the wrapped encoder's last output, its per-image tensors then, and their description
+        self._last_encoded: tuple[Any, tuple[torch.Tensor, ...], list[ImageTokens]] | None = None
         self.check_model()
 
     @property
@@ -265,7 +266,7 @@ class VisionStagePatch(PatchBase):
             self.before_tower(call)
             with self.capture_signals() as signals:
                 out = original(*args, **kwargs)
-            self._last_encoded = (out, self.describe_images(out, call, signals))
+            self._last_encoded = (out, tuple(out.pooler_output), self.describe_images(out, call, signals))
             return out
 
         encoder.__wrapped__ = original  # generate() reads the signature through this
@@ -287,6 +288,9 @@ class VisionStagePatch(PatchBase):
             return (), self._decode(kw, past)
         if self._is_replay() and self.state is not None:
             return (), self._apply(kw, self.state, self.image_token_mask(kw))
+        mask = kw.get("attention_mask")
+        if _is_prepared(mask):  # generate() with a static cache
+            kw["attention_mask"] = _padding_mask(mask, self._seq_len(kw))
         new_kw = self._prefill(kw)
         self._prefilled_in_generate = self._in_generate
         return None if new_kw is None else ((), new_kw)
@@ -304,9 +308,8 @@ class VisionStagePatch(PatchBase):
         if out is None:
             out = self.encode(kw)
         last, self._last_encoded = self._last_encoded, None
-        if last is not None and _same_encoding(last[0], out):
-            images = last[1]
-        else:  # encoded before the patch: no signals were recorded
+        images = _recorded_images(last, out) if last is not None else None
+        if images is None:  # encoded before the patch: no signals were recorded
             images = self.describe_images(out, kw, {})
         missing = self.method.needs - set(images[0].signals if images else ()) - {"question"}
         if missing:
@@ -442,6 +445,11 @@ class VisionStagePatch(PatchBase):
         new_kw = dict(kw)
         mask = kw.get("attention_mask")
         full_mask = None
+        if _is_prepared(mask):
+            # generate() with a static cache hands decode steps a ready [B, 1, q, cache size] mask
+            # whose columns are the unpruned sequence's: the model makes its own from the 2D one
+            mask = None
+            new_kw["attention_mask"] = None
         if mask is not None:
             if mask.shape[-1] == full_len:
                 full_mask = mask
@@ -463,6 +471,21 @@ class VisionStagePatch(PatchBase):
         return new_kw
 
 
+def _recorded_images(last: tuple, given: Any) -> list[ImageTokens] | None:
+    """The description the encoder wrapper recorded, for the encoder output a forward received;
+    None when that output is not the recorded one.
+
+    generate() with num_beams / num_return_sequences > 1 repeats each prompt's images in the
+    recorded output itself (its per-image list is replaced by one with the same tensors
+    repeated), so the description is re-read in that list's order."""
+    recorded, entries, images = last
+    if not _same_encoding(recorded, given):
+        return None
+    described = {id(tensor): image for tensor, image in zip(entries, images)}
+    current = [described.get(id(tensor)) for tensor in recorded.pooler_output]
+    return None if None in current else current
+
+
 def _same_encoding(recorded: Any, given: Any) -> bool:
     """Whether the encoder output a forward received is the one the wrapped encoder returned.
 
@@ -478,6 +501,28 @@ def _same_encoding(recorded: Any, given: Any) -> bool:
     return a_spec == b_spec and all(
         x is y or (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
                    and x.dtype == y.dtype) for x, y in zip(a, b))
+
+
+def _is_prepared(mask: Any) -> bool:
+    """A mask the model would otherwise build itself: [B, 1, q, S], or one per attention kind."""
+    return isinstance(mask, dict) or (mask is not None and mask.dim() == 4)
+
+
+def _padding_mask(mask: torch.Tensor | dict, length: int) -> torch.Tensor:
+    """[B, 1, L, S] (or {kind: such a mask}) -> [B, L] long: the padding mask behind the mask
+    generate() prepares for a static cache (bool, or additive float with 0 where attended). The
+    last prompt token attends to every real token before it, so its row is the padding mask
+    (left padding, as generate() pads decoder-only models)."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values())))
+    last = mask[:, 0, -1, :length]
+    real = last if last.dtype == torch.bool else last == 0
+    if not bool(real[:, -1].all()):
+        raise ValueError(
+            "vlm_prune: a 4D attention_mask whose last prompt token is padding (right padding); "
+            "pad on the left (processor.tokenizer.padding_side = 'left') or pass a 2D mask"
+        )
+    return real.long()
 
 
 def _per_row(row_tokens: list[int], image_tokens: list[int], image_values: list[int]) -> list[int]:

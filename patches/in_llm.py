@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from vlm_prune.compat import bind_to_kwargs, cache_length, get_cache
+from vlm_prune.compat import bind_to_kwargs, cache_length, get_cache, is_static_cache
 from vlm_prune.config import PruneConfig
 from vlm_prune.kernels import attention_from_rows, transition_variation
 from vlm_prune.methods.transition import stage_budget
@@ -95,7 +95,14 @@ class LLMStagePatch(PatchBase):
 
     def _outer_hook(self, module, args, kwargs):
         kw = bind_to_kwargs(self._forward, args, kwargs)
-        past = cache_length(get_cache(kw))
+        cache = get_cache(kw)
+        past = cache_length(cache)
+        if past == 0 and is_static_cache(cache):
+            raise NotImplementedError(
+                f"vlm_prune: method {self.config.method!r} prunes inside the decoder (each layer's KV cache "
+                "holds a different number of tokens), which is not supported with a static cache "
+                "(generate(cache_implementation='static')); use the default dynamic cache, or a vision-stage method"
+            )
         self._sliced = self._visual = None  # per-stage slices of the previous forward
         if past > 0:
             self.phase = "decode" if self.stage_index else "off"

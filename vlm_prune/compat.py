@@ -30,6 +30,11 @@ def cache_length(cache: Any) -> int:
     return 0
 
 
+def is_static_cache(cache: Any) -> bool:
+    """A cache of fixed-size per-layer buffers (generate(cache_implementation="static"))."""
+    return bool(getattr(cache, "is_compileable", False))
+
+
 def bind_to_kwargs(forward: Callable, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Turns positional arguments of a module call into keywords (LLaVA-NeXT passes input_ids
     positionally to its inner model)."""

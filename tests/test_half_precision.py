@@ -1,0 +1,46 @@
+"""Checkpoints usually run in bf16 / fp16: every method on every family in half precision keeps
+the model's dtype, keep=1.0 stays bit-identical, and a pruned generate runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlm_prune
+from vlm_prune import tiny
+
+from .test_generate_modes import _inputs
+
+BUILD = {
+    "llava": lambda dtype: tiny.llava(image_size=112, dtype=dtype, text_layers=4),
+    "llava_next": lambda dtype: tiny.llava_next(dtype=dtype, text_layers=4),
+    "qwen2_vl": lambda dtype: tiny.qwen2_vl(dtype=dtype, text_layers=4),
+    "qwen2_5_vl": lambda dtype: tiny.qwen2_vl(version="2.5", dtype=dtype, text_layers=4),
+}
+DTYPES = {"llava": torch.float16, "llava_next": torch.bfloat16, "qwen2_vl": torch.bfloat16, "qwen2_5_vl": torch.float16}
+
+
+@pytest.fixture(scope="module", params=list(BUILD))
+def half_model(request):
+    dtype = DTYPES[request.param]
+    model, processor = BUILD[request.param](dtype)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _inputs(request.param, processor).items()}
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    yield model, inputs, reference
+    vlm_prune.unpatch(model)
+
+
+@pytest.mark.parametrize("method", vlm_prune.available_methods())
+def test_every_method_in_half_precision(half_model, method):
+    model, inputs, reference = half_model
+    options = {"layer": 2} if method == "fastv" else {}
+    with torch.no_grad():
+        with vlm_prune.pruned(model, method, 1.0, **options):
+            assert torch.equal(model(**inputs).logits, reference)
+        with vlm_prune.pruned(model, method, 0.5, **options) as handle:
+            logits = model(**inputs).logits
+            out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert logits.dtype == reference.dtype and bool(torch.isfinite(logits).all())
+    assert all(s["kept"] < s["visual_tokens"] for s in handle.stats)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3

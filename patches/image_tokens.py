@@ -43,7 +43,8 @@ class Region:
     @property
     def slots(self) -> torch.Tensor:
         if self._slots is None:
-            self._slots = torch.arange(self.start, self.start + self.size, device=self._device)
+            with torch.inference_mode(False):  # regions may be cached across calls (LLaVA-NeXT's layout)
+                self._slots = torch.arange(self.start, self.start + self.size, device=self._device)
         return self._slots
 
     def covers(self, n_tokens: int) -> bool:

@@ -53,7 +53,10 @@ class LlavaNextPatch(LlavaPatch):
         the encoder wrapper) -- from the sizes alone, on the host, so nothing after the tower
         reads the device."""
         if self._layout_of is not image_sizes:
-            self._layout_cache = _PackedLayout.of(self.model, image_sizes, self.budget, device)
+            # kept across calls: made as normal tensors even under inference_mode, which a later
+            # call with autograd on could not use
+            with torch.inference_mode(False):
+                self._layout_cache = _PackedLayout.of(self.model, image_sizes, self.budget, device)
             self._layout_of = image_sizes
         return self._layout_cache
 

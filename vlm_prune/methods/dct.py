@@ -34,10 +34,11 @@ from .pool import CoarseGridMethod, coarse_grid
 @functools.lru_cache(maxsize=64)
 def dct_matrix(n: int) -> torch.Tensor:
     """[n, n] orthonormal DCT-II basis (float64): X = A x, x = A^T X."""
-    k = torch.arange(n, dtype=torch.float64)[:, None]
-    i = torch.arange(n, dtype=torch.float64)[None, :]
-    basis = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
-    basis[0] /= math.sqrt(2.0)
+    with torch.inference_mode(False):  # cached: a normal tensor even if first made under inference_mode
+        k = torch.arange(n, dtype=torch.float64)[:, None]
+        i = torch.arange(n, dtype=torch.float64)[None, :]
+        basis = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+        basis[0] /= math.sqrt(2.0)
     return basis
 
 
@@ -46,7 +47,8 @@ def low_pass_matrix(n: int, keep: int, device: torch.device) -> torch.Tensor:
     """[keep, n] float32 on `device`: forward DCT, crop to the `keep` lowest frequencies and
     inverse DCT of that size along one axis, as one matrix (B_keep^T A_n[:keep]). Cached per
     device, so a prefill copies no basis to the GPU."""
-    return (dct_matrix(keep).T @ dct_matrix(n)[:keep]).to(device, torch.float32)
+    with torch.inference_mode(False):
+        return (dct_matrix(keep).T @ dct_matrix(n)[:keep]).to(device, torch.float32)
 
 
 def low_pass(grid: torch.Tensor, rows: int, cols: int, rescale: bool = True) -> torch.Tensor:

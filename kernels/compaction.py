@@ -55,7 +55,9 @@ def compacted_inputs(comp: Compaction, visual_kept: torch.Tensor, features: torc
         embeds = embed(comp.gather(input_ids, pad_id))
     else:
         embeds = comp.gather(inputs_embeds, 0, seq_dim=1)
-    embeds = embeds.masked_scatter(image_slots.unsqueeze(-1), features.to(embeds.dtype))
+    # the embedding may sit on another device than the prompt or the tower (accelerate's
+    # device_map): merge where the embeddings are, as the model's own merge does
+    embeds = embeds.masked_scatter(image_slots.unsqueeze(-1).to(embeds.device), features.to(embeds.device, embeds.dtype))
     positions = comp.gather(positions, 0)
     return embeds, comp.renumber(positions) if renumber else positions
 

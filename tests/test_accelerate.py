@@ -15,25 +15,8 @@ import torch
 from accelerate import cpu_offload, dispatch_model
 
 import vlm_prune
-from vlm_prune import tiny
 
-from .test_families import greedy, logits, make_inputs
-
-BUILD = {
-    "llava": lambda: tiny.llava(image_size=112),
-    "llava_next": tiny.llava_next,
-    "qwen2_vl": lambda: tiny.qwen2_vl(version="2"),
-    "qwen2_5_vl": lambda: tiny.qwen2_vl(version="2.5"),
-}
-
-
-def _inputs(family, processor):
-    if family == "llava":
-        images = [tiny.random_image(64, 48, seed=0), tiny.random_image(48, 64, seed=1)]
-        texts = ["USER: <image>\nWhat is it? ASSISTANT:", "USER: <image>\nHow many shapes are there? ASSISTANT:"]
-        return processor(images=images, text=texts, return_tensors="pt", padding=True)
-    return make_inputs(processor, family, [(280, 196), (100, 300)], ["What is it?", "How many shapes are there?"])
-
+from .test_families import BUILD, greedy, logits, two_prompts
 
 def _offloaded(model, how, tmp_path):
     model = copy.deepcopy(model)
@@ -58,7 +41,7 @@ def _offloaded(model, how, tmp_path):
 ])
 def test_offloaded_model_prunes_like_the_model_in_memory(family, method, backend, how, tmp_path):
     model, processor = BUILD[family]()
-    inputs = _inputs(family, processor)
+    inputs = two_prompts(family, processor)
     with vlm_prune.pruned(model, method, 0.5, backend=backend) as handle:
         want_logits, want_tokens = logits(model, inputs), greedy(model, inputs)
         want_stats = handle.stats

@@ -36,6 +36,25 @@ def prompt(family: str, question: str, n_images: int = 1) -> str:
     return tiny.qwen_prompt(question, n_images)
 
 
+# every family, for the tests of usage modes (offload, generate modes, dtypes, grad modes)
+BUILD = {
+    "llava": lambda **kw: tiny.llava(image_size=112, **kw),
+    "llava_next": tiny.llava_next,
+    "qwen2_vl": lambda **kw: tiny.qwen2_vl(version="2", **kw),
+    "qwen2_5_vl": lambda **kw: tiny.qwen2_vl(version="2.5", **kw),
+}
+
+
+def two_prompts(family, processor):
+    """A padded batch of two prompts, one image each, of different sizes (so different token
+    counts on every family but LLaVA-1.5)."""
+    if family == "llava":
+        images = [tiny.random_image(64, 48, seed=0), tiny.random_image(48, 64, seed=1)]
+        texts = ["USER: <image>\nWhat is it? ASSISTANT:", "USER: <image>\nHow many shapes are there? ASSISTANT:"]
+        return processor(images=images, text=texts, return_tensors="pt", padding=True)
+    return make_inputs(processor, family, [(280, 196), (100, 300)], ["What is it?", "How many shapes are there?"])
+
+
 def make_inputs(processor, family, sizes, questions, seeds=None, per_row=None):
     seeds = seeds if seeds is not None else list(range(len(sizes)))
     per_row = per_row or [1] * len(questions)

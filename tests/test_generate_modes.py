@@ -8,29 +8,16 @@ import pytest
 import torch
 
 import vlm_prune
-from vlm_prune import tiny
 
-from .test_families import make_inputs
+from .test_families import BUILD, two_prompts
 
-FAMILIES = {
-    "llava": lambda: tiny.llava(image_size=112),
-    "llava_next": tiny.llava_next,
-    "qwen2_vl": lambda: tiny.qwen2_vl(version="2"),
-}
+FAMILIES = ["llava", "llava_next", "qwen2_vl"]
 
 
-def _inputs(family, processor):
-    if family == "llava":
-        images = [tiny.random_image(64, 48, seed=0), tiny.random_image(48, 64, seed=1)]
-        texts = ["USER: <image>\nWhat is it? ASSISTANT:", "USER: <image>\nHow many shapes are there? ASSISTANT:"]
-        return processor(images=images, text=texts, return_tensors="pt", padding=True)
-    return make_inputs(processor, family, [(280, 196), (100, 300)], ["What is it?", "How many shapes are there?"])
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=FAMILIES)
 def family_model(request):
-    model, processor = FAMILIES[request.param]()
-    yield request.param, model, _inputs(request.param, processor)
+    model, processor = BUILD[request.param]()
+    yield request.param, model, two_prompts(request.param, processor)
     vlm_prune.unpatch(model)
 
 
@@ -68,8 +55,8 @@ def test_static_cache_generates_what_the_dynamic_cache_does(family_model):
 
 @pytest.mark.parametrize("method", ["fastv", "transition"])
 def test_in_llm_methods_refuse_a_static_cache_and_keep_working(method):
-    model, processor = tiny.llava(image_size=112, text_layers=4)
-    inputs = _inputs("llava", processor)
+    model, processor = BUILD["llava"](text_layers=4)
+    inputs = two_prompts("llava", processor)
     with vlm_prune.pruned(model, method, 0.5, **({"layer": 2} if method == "fastv" else {})) as handle:
         with pytest.raises(NotImplementedError, match="static cache"):
             _generate(model, inputs, do_sample=False, cache_implementation="static")

@@ -8,22 +8,14 @@ import pytest
 import torch
 
 import vlm_prune
-from vlm_prune import tiny
 
-from .test_generate_modes import _inputs
-
-BUILD = {
-    "llava": lambda: tiny.llava(image_size=112),
-    "llava_next": tiny.llava_next,
-    "qwen2_5_vl": lambda: tiny.qwen2_vl(version="2.5"),
-}
-
+from .test_families import BUILD, two_prompts
 
 @pytest.mark.parametrize("family, method", [("llava", "dct"), ("llava_next", "cls_attention"),
                                             ("llava_next", "dct"), ("qwen2_5_vl", "dct")])
 def test_inference_mode_then_autograd(family, method):
     model, processor = BUILD[family]()
-    inputs = _inputs("qwen2_vl" if family.startswith("qwen") else family, processor)
+    inputs = two_prompts(family, processor)
     with vlm_prune.pruned(model, method, 0.5) as handle:
         with torch.inference_mode():
             first = model(**inputs).logits

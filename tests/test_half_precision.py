@@ -7,24 +7,17 @@ import pytest
 import torch
 
 import vlm_prune
-from vlm_prune import tiny
 
-from .test_generate_modes import _inputs
+from .test_families import BUILD, two_prompts
 
-BUILD = {
-    "llava": lambda dtype: tiny.llava(image_size=112, dtype=dtype, text_layers=4),
-    "llava_next": lambda dtype: tiny.llava_next(dtype=dtype, text_layers=4),
-    "qwen2_vl": lambda dtype: tiny.qwen2_vl(dtype=dtype, text_layers=4),
-    "qwen2_5_vl": lambda dtype: tiny.qwen2_vl(version="2.5", dtype=dtype, text_layers=4),
-}
 DTYPES = {"llava": torch.float16, "llava_next": torch.bfloat16, "qwen2_vl": torch.bfloat16, "qwen2_5_vl": torch.float16}
 
 
 @pytest.fixture(scope="module", params=list(BUILD))
 def half_model(request):
     dtype = DTYPES[request.param]
-    model, processor = BUILD[request.param](dtype)
-    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _inputs(request.param, processor).items()}
+    model, processor = BUILD[request.param](dtype=dtype, text_layers=4)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in two_prompts(request.param, processor).items()}
     with torch.no_grad():
         reference = model(**inputs).logits
     yield model, inputs, reference

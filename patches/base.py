@@ -266,7 +266,9 @@ class VisionStagePatch(PatchBase):
             self.before_tower(call)
             with self.capture_signals() as signals:
                 out = original(*args, **kwargs)
-            self._last_encoded = (out, tuple(out.pooler_output), self.describe_images(out, call, signals))
+            # a caller's return_dict=False gives a tuple, which no forward of the model consumes
+            if getattr(out, "pooler_output", None) is not None:
+                self._last_encoded = (out, tuple(out.pooler_output), self.describe_images(out, call, signals))
             return out
 
         encoder.__wrapped__ = original  # generate() reads the signature through this

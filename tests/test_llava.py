@@ -216,6 +216,25 @@ def test_features_encoded_before_patching(llava):
     assert torch.equal(out, logits(model, inputs))
 
 
+def test_features_encoded_by_the_patched_model(llava):
+    """get_image_features called by the user on a patched model returns what the unpatched one
+    does (as a tuple too, return_dict=False); features it returned as an output object carry the
+    signals, so a forward given them prunes as one given pixel_values."""
+    model, processor = llava
+    inputs = llava_inputs(processor, PROMPTS[:1], SIZES[:1])
+    with torch.no_grad():
+        plain = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=False)
+    text_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    handle = vlm_prune.patch(model, "cls_attention", 8)
+    with torch.no_grad():
+        as_tuple = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=False)
+        encoded = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
+    assert isinstance(as_tuple, tuple) and all(torch.equal(a, b) for a, b in zip(as_tuple[1], plain[1]))
+    out = logits(model, {**text_inputs, "mm_encoder_outputs": {"image": encoded}})
+    assert handle.stats == [{"visual_tokens": 64, "kept": 8}]
+    assert torch.equal(out, logits(model, inputs))
+
+
 def test_generated_image_token_ids_stay_text(llava):
     """A model that emits the image token id: without a cache, later steps re-run the whole
     sequence and must treat generated tokens as text, as the cached run does."""

@@ -34,7 +34,12 @@ PROMPT = "USER: <image>\n{} ASSISTANT:"
 REQUESTS = [
     {"prompt": PROMPT.format("What is it?"), "image": [140, 100, 0]},
     {"prompt": PROMPT.format("How many green triangles are there?"), "image": [90, 120, 1]},
+    {"prompt": "USER: <image><image>\nCompare the two pictures. ASSISTANT:", "images": [[100, 140, 2], [120, 90, 3]]},
 ]
+
+
+def images_of(request) -> list[list[int]]:
+    return request.get("images") or [request["image"]]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +72,8 @@ def hf_generate(model_dir, method=None, keep=None, max_tokens=6, **options):
         vlm_prune.patch(model, method, keep, **options)
     results = []
     for request in REQUESTS:
-        inputs = processor(images=[tiny.random_image(*request["image"])], text=[request["prompt"]], return_tensors="pt")
+        images = [tiny.random_image(*image) for image in images_of(request)]
+        inputs = processor(images=images, text=[request["prompt"]], return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
         results.append({"tokens": out[0, inputs["input_ids"].shape[1]:].tolist(),
@@ -87,9 +93,10 @@ def test_vllm_equals_transformers_token_for_token(model_dir, method, keep, optio
     got = run_vllm(model_dir, {"vlm_prune": {"method": method, "keep": keep, **options}})
     expected = hf_generate(model_dir, method, keep, **options)
     unpruned = hf_generate(model_dir)
-    for g, e, u in zip(got, expected, unpruned):
+    for g, e, u, request in zip(got, expected, unpruned, REQUESTS):
         assert same_tokens(g["tokens"], e["tokens"]), (g, e)
-        assert g["prompt_tokens"] == u["prompt_tokens"] - 64 + keep  # exactly the pruned amount
+        # exactly the pruned amount, for each image of the prompt
+        assert g["prompt_tokens"] == u["prompt_tokens"] - (64 - keep) * len(images_of(request))
     assert any(e["tokens"] != u["tokens"] for e, u in zip(expected, unpruned))  # pruning mattered
 
 

@@ -1,7 +1,8 @@
 """Runs vLLM offline on a request file and prints the results as JSON (executed with the
 .venv-vllm interpreter by tests/test_vllm.py; vLLM pins an older transformers than the main venv).
 
-    python run_llm.py SPEC_JSON     # {"model", "requests": [{"prompt", "image": [w, h, seed]}],
+    python run_llm.py SPEC_JSON     # {"model", "requests": [{"prompt", "image": [w, h, seed]}
+                                    #  or {"prompt", "images": [[w, h, seed], ...]}],
                                     #  "overrides": {...} | null, "max_tokens": n,
                                     #  "llm_kwargs": {...} (optional, more LLM(...) arguments)}
 """
@@ -18,12 +19,19 @@ def main() -> None:
 
     kwargs = dict(model=spec["model"], enforce_eager=True, max_model_len=1024, dtype="float32", seed=0,
                   gpu_memory_utilization=0.1)  # on CPU this is the share of RAM kept for the KV cache
+    per_prompt = max(len(r.get("images", [None])) for r in spec["requests"])
+    if per_prompt > 1:
+        kwargs["limit_mm_per_prompt"] = {"image": per_prompt}
     if spec.get("overrides"):
         kwargs["hf_overrides"] = spec["overrides"]
     kwargs.update(spec.get("llm_kwargs") or {})
     llm = LLM(**kwargs)
-    requests = [{"prompt": r["prompt"], "multi_modal_data": {"image": tiny.random_image(*r["image"])}}
-                for r in spec["requests"]]
+    def images(r):
+        if "images" in r:
+            return [tiny.random_image(*i) for i in r["images"]]
+        return tiny.random_image(*r["image"])
+
+    requests = [{"prompt": r["prompt"], "multi_modal_data": {"image": images(r)}} for r in spec["requests"]]
     params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 6))
     outputs = llm.generate(requests, params, use_tqdm=False)
     result = [{"tokens": list(o.outputs[0].token_ids), "prompt_tokens": len(o.prompt_token_ids)} for o in outputs]

@@ -25,11 +25,13 @@ from .test_vllm import RUNNER, VLLM_PYTHON, same_tokens
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 8
-# 280x196 -> 7x10 merged tokens (70), 100x300 -> 11x4 (44, tall), 196x140 -> 5x7 (35)
+# 280x196 -> 7x10 merged tokens (70), 100x300 -> 11x4 (44, tall), 196x140 -> 5x7 (35); the last
+# prompt has two images (limit_mm_per_prompt)
 REQUESTS = [
     {"prompt": tiny.qwen_prompt("What is it?"), "image": [280, 196, 0]},
     {"prompt": tiny.qwen_prompt("How many green triangles are there?"), "image": [100, 300, 1]},
     {"prompt": tiny.qwen_prompt("Describe the picture in one word."), "image": [196, 140, 2]},
+    {"prompt": tiny.qwen_prompt("Compare the two pictures.", 2), "images": [[140, 196, 3], [300, 100, 4]]},
 ]
 VERSIONS = {"qwen2_vl": "2", "qwen2_5_vl": "2.5"}
 
@@ -82,14 +84,15 @@ def hf_generate(model_dir, method=None, keep=None, **options):
     patch = vlm_prune.patch(model, method, keep, **options) if method else None
     results = []
     for request in REQUESTS:
-        inputs = processor(images=[tiny.random_image(*request["image"])], text=[request["prompt"]], return_tensors="pt")
+        images = [tiny.random_image(*image) for image in request.get("images") or [request["image"]]]
+        inputs = processor(images=images, text=[request["prompt"]], return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
-        t, h, w = inputs["image_grid_thw"][0].tolist()
+        image_tokens = sum(t * h * w // 4 for t, h, w in inputs["image_grid_thw"].tolist())
         results.append({"tokens": out[0, inputs["input_ids"].shape[1]:].tolist(),
                         "prompt_tokens": int(inputs["input_ids"].shape[1]),
-                        "image_tokens": t * h * w // 4,
-                        "kept": patch.stats[0]["kept"] if patch else t * h * w // 4})
+                        "image_tokens": image_tokens,
+                        "kept": patch.stats[0]["kept"] if patch else image_tokens})
     return results
 
 

@@ -92,3 +92,17 @@ def test_host_calls_example_counts_a_prefill(llava):
         exec(code.replace("print(", "result = ("), namespace)
     ops, launches, reads, names = namespace["result"]
     assert ops > 10 and launches == 0 and reads >= 1 and sum(names.values()) == ops
+
+
+def test_generate_modes_example_runs_on_a_patched_model():
+    from vlm_prune import tiny
+
+    code = _block("## How it works (and what it guarantees)")
+    assert "num_beams" in code and "static" in code
+    model, processor = tiny.llava(image_size=112)
+    inputs = processor(images=[tiny.random_image(64, 48)], text=["USER: <image>\nWhat is it? ASSISTANT:"],
+                       return_tensors="pt")
+    with vlm_prune.pruned(model, "cls_attention", 16) as handle, torch.no_grad():
+        namespace = {"model": model, "inputs": inputs}
+        exec(code.replace("max_new_tokens=30", "max_new_tokens=3"), namespace)
+        assert handle.stats == [{"visual_tokens": 64, "kept": 16}]

@@ -18,6 +18,7 @@ import vlm_prune
 
 from .test_families import BUILD, greedy, logits, two_prompts
 
+
 def _offloaded(model, how, tmp_path):
     model = copy.deepcopy(model)
     if how == "cpu_offload":  # every weight offloaded, loaded per module call

@@ -70,12 +70,24 @@ class ImageTokens:
     context: dict[str, torch.Tensor] = field(default_factory=dict)  # per image, not per token
 
 
-def region_budgets(config: PruneConfig, image: ImageTokens, budget: str = "per_image") -> list[int]:
-    """Tokens each region of the image keeps under the budget policy."""
-    sizes = [region.size for region in image.regions]
+def region_budgets(config: PruneConfig, regions: list[Region], budget: str = "per_image") -> list[int]:
+    """Tokens each region of an image keeps under the budget policy."""
+    sizes = [region.size for region in regions]
     if budget == "per_crop":
         return [config.budget_for(n) for n in sizes]
     return split_budget(config.budget_for(sum(sizes)), sizes)
+
+
+def passed_on_count(method, config: PruneConfig, regions: list[Region], n_tokens: int,
+                    budget: str = "per_image") -> int | None:
+    """How many of an image's n_tokens `reduce_image_tokens` passes on, known before the image is
+    seen (vLLM reserves the placeholders first): the tokens in no region, plus each region's
+    `method.output_count`; None when that depends on the image."""
+    counts = [method.output_count(k, region.grid, config.options)
+              for region, k in zip(regions, region_budgets(config, regions, budget)) if k > 0]
+    if None in counts:
+        return None
+    return n_tokens - sum(region.size for region in regions) + sum(counts)
 
 
 @dataclass
@@ -126,7 +138,7 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
     device; and when every region was reduced by a fused top-k selection, nothing is gathered
     (`_selected_in_place`).
     """
-    budgets = [region_budgets(config, img, budget) for img in images]
+    budgets = [region_budgets(config, img.regions, budget) for img in images]
     whole = [len(img.regions) == 1 and img.regions[0].covers(img.features.shape[0]) for img in images]
     # tokens passed on outside the regions (an image's [CLS] feature, LLaVA-NeXT's newlines)
     counts = [0 if w else img.features.shape[0] - sum(r.size for r in img.regions) for img, w in zip(images, whole)]

@@ -3,7 +3,7 @@
 Each image is a base view plus a grid of crops; transformers' `pack_image_features` puts the base
 image's tokens first, then the crops merged into one grid, unpadded to the image's aspect ratio,
 with an `image_newline` token closing every row. Each crop token's number goes through that same
-function (before the tower, on the host: `_PackedLayout`), so the per-crop scores line up with
+function (before the tower, on the host: `PackedLayout`), so the per-crop scores line up with
 the features whatever the unpadding removed, and nothing after the tower reads the device.
 `image_newline` tokens are always kept.
 
@@ -15,6 +15,8 @@ the base image and to each crop, as FasterVLM does).
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import Any
 
 import numpy as np
@@ -48,7 +50,7 @@ class LlavaNextPatch(LlavaPatch):
         if call.get("image_sizes") is not None:
             self._layout(call["image_sizes"], call["pixel_values"].device)
 
-    def _layout(self, image_sizes, device) -> "_PackedLayout":
+    def _layout(self, image_sizes, device) -> "PackedLayout":
         """The packing of the images of `image_sizes`, made once per call (before the tower, from
         the encoder wrapper) -- from the sizes alone, on the host, so nothing after the tower
         reads the device."""
@@ -56,7 +58,8 @@ class LlavaNextPatch(LlavaPatch):
             # kept across calls: made as normal tensors even under inference_mode, which a later
             # call with autograd on could not use
             with torch.inference_mode(False):
-                self._layout_cache = _PackedLayout.of(self.model, image_sizes, self.budget, device)
+                self._layout_cache = PackedLayout.of(self.model.config, image_sizes, self.budget, device,
+                                                     pack=self.model.model.pack_image_features)
             self._layout_of = image_sizes
         return self._layout_cache
 
@@ -80,12 +83,13 @@ class LlavaNextPatch(LlavaPatch):
         return images
 
 
-class _PackedLayout:
+class PackedLayout:
     """Where each of an image's packed tokens comes from, and the regions a method reduces.
 
-    Built by sending each crop's token numbers (crop * side^2 + token) through the model's own
+    Built by sending each crop's token numbers (crop * side^2 + token) through transformers'
     `pack_image_features` on the host, with -1 as the image_newline; so it lines up with the
-    features whatever the unpadding removed.
+    features whatever the unpadding removed. Shared with the vLLM plugin, whose model packs its
+    features with vLLM's port of the same function.
     rows:    {after_cls: [sum N_i] int64 on the device}: per packed token of all images, its row
              in the images' per-crop tokens flattened (after each crop's [CLS] token, or without
              one); 0 for an image_newline (no region reads it).
@@ -97,19 +101,23 @@ class _PackedLayout:
         self.rows, self.lengths, self.regions = rows, lengths, regions
 
     @classmethod
-    def of(cls, model, image_sizes, budget: str, device) -> "_PackedLayout":
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    def of(cls, config, image_sizes, budget: str, device, pack=None) -> "PackedLayout":
+        """config: a LlavaNextConfig; image_sizes: [I, 2] (height, width) as a tensor or lists;
+        pack: the model's `pack_image_features` (default: transformers', which reads only the
+        config)."""
+        from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
 
-        config = model.config
+        if pack is None:
+            pack = functools.partial(LlavaNextModel.pack_image_features, types.SimpleNamespace(config=config))
         sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(s) for s in image_sizes]
         side = config.vision_config.image_size // config.vision_config.patch_size
         per_crop = side * side
         crops = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
                  for size in sizes]
         numbers = [torch.arange(n * per_crop, dtype=torch.float64).view(n, per_crop, 1) for n in crops]
-        # host lists as sizes: the model's function reads them without a tensor conversion
-        packed, _ = model.model.pack_image_features(numbers, sizes, vision_feature_select_strategy="default",
-                                                    image_newline=torch.full((1,), -1.0, dtype=torch.float64))
+        # host lists as sizes: the function reads them without a tensor conversion
+        packed, _ = pack(numbers, sizes, vision_feature_select_strategy="default",
+                         image_newline=torch.full((1,), -1.0, dtype=torch.float64))
         tokens, regions, first_crop = [], [], 0
         for n_crops, numbers_i in zip(crops, packed):
             token = numbers_i[:, 0].numpy().round().astype(np.int64)  # -1: image_newline

@@ -53,8 +53,9 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def run_vllm(model_dir, overrides=None, requests=REQUESTS, max_tokens=6):
-    spec = {"model": str(model_dir), "requests": requests, "overrides": overrides, "max_tokens": max_tokens}
+def run_vllm(model_dir, overrides=None, requests=REQUESTS, max_tokens=6, **more):
+    """`more`: further entries of the runner's spec (e.g. logprobs=True)."""
+    spec = {"model": str(model_dir), "requests": requests, "overrides": overrides, "max_tokens": max_tokens, **more}
     proc = subprocess.run([str(VLLM_PYTHON), str(RUNNER), json.dumps(spec)], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
     for line in proc.stdout.splitlines():

@@ -4,7 +4,8 @@
     python run_llm.py SPEC_JSON     # {"model", "requests": [{"prompt", "image": [w, h, seed]}
                                     #  or {"prompt", "images": [[w, h, seed], ...]}],
                                     #  "overrides": {...} | null, "max_tokens": n,
-                                    #  "llm_kwargs": {...} (optional, more LLM(...) arguments)}
+                                    #  "llm_kwargs": {...} (optional, more LLM(...) arguments),
+                                    #  "logprobs": true (optional: each generated token's logprob)}
 """
 
 import json
@@ -32,9 +33,13 @@ def main() -> None:
         return tiny.random_image(*r["image"])
 
     requests = [{"prompt": r["prompt"], "multi_modal_data": {"image": images(r)}} for r in spec["requests"]]
-    params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 6))
+    params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 6),
+                            logprobs=0 if spec.get("logprobs") else None)
     outputs = llm.generate(requests, params, use_tqdm=False)
     result = [{"tokens": list(o.outputs[0].token_ids), "prompt_tokens": len(o.prompt_token_ids)} for o in outputs]
+    if spec.get("logprobs"):  # the sampled token's logprob at each step
+        for r, o in zip(result, outputs):
+            r["logprobs"] = [step[token].logprob for step, token in zip(o.outputs[0].logprobs, r["tokens"])]
     print("RESULT " + json.dumps(result))
 
 

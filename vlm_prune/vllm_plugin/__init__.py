@@ -14,6 +14,7 @@ from __future__ import annotations
 
 _ARCHITECTURES = {
     "LlavaForConditionalGeneration": "vlm_prune.vllm_plugin.llava:PrunedLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "vlm_prune.vllm_plugin.llava_next:PrunedLlavaNextForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "vlm_prune.vllm_plugin.qwen2_vl:PrunedQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "vlm_prune.vllm_plugin.qwen2_vl:PrunedQwen2_5_VLForConditionalGeneration",
 }

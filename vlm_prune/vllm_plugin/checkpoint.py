@@ -1,8 +1,9 @@
-"""Saving a LLaVA checkpoint in the layout vLLM 0.32 loads.
+"""Saving a checkpoint in the layout vLLM 0.32 loads.
 
 transformers 5.x saves the CLIP tower as `vision_tower.embeddings...` (5.24: with the rest in the
 4.x layout, `language_model.model...`); vLLM 0.32 expects `vision_tower.vision_model.embeddings...`
-(the transformers 4.x layout). transformers still loads that layout, so one folder serves both.
+(the transformers 4.x layout); the same for LLaVA-NeXT. transformers still loads that layout, so
+one folder serves both.
 
 Qwen2-VL / Qwen2.5-VL: the keys transformers 5.x writes are the ones vLLM maps, but vLLM builds
 the stock `Qwen2VLProcessor` / `Qwen2_5_VLProcessor`, which needs a video processor config; an
@@ -28,7 +29,7 @@ def save_for_vllm(model, processor, path: str | Path) -> Path:
     processor.save_pretrained(path)
     if model.config.model_type in ("qwen2_vl", "qwen2_5_vl"):
         _write_video_processor_config(processor, path)
-    if model.config.model_type != "llava":
+    if model.config.model_type not in ("llava", "llava_next"):
         return path
     for shard in path.glob("*.safetensors"):
         tensors = load_file(shard)

@@ -57,12 +57,12 @@ def plugin_config(hf_config: Any, family: str) -> PruneConfig | None:
             f"vlm_prune: {config.method!r} with options {dict(config.options)} keeps a number of "
             "tokens that depends on the image; vLLM needs a fixed budget"
         )
-    allowed_positions = {"llava": ("renumber",), "qwen2_vl": ("original",)}[family]
+    allowed_positions = {"llava": ("renumber",), "llava_next": ("renumber",), "qwen2_vl": ("original",)}[family]
     if config.positions is not None and config.positions not in allowed_positions:
         raise ValueError(
             f"vlm_prune: positions={config.positions!r} is not available for this model on vLLM; "
             f"allowed: {list(allowed_positions)}"
         )
-    if config.budget == "per_crop":
-        raise ValueError("vlm_prune: budget='per_crop' applies to LLaVA-NeXT, which the vLLM plugin does not serve")
+    if config.budget == "per_crop" and family != "llava_next":
+        raise ValueError("vlm_prune: budget='per_crop' applies to LLaVA-NeXT only")
     return config

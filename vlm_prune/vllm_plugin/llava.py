@@ -47,17 +47,16 @@ def _build_info(ctx):
     return PrunedLlavaProcessingInfo(ctx)
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    _build_llava_or_pixtral_hf_processor, info=_build_info, dummy_inputs=LlavaDummyInputsBuilder
-)
-class PrunedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.prune_config = plugin_config(self.config, "llava")  # fails the engine start if invalid
+class ClipTowerScoring:
+    """The [CLS]-attention signals of a CLIP tower built by vLLM, for the LLaVA model classes
+    (mixed in before vLLM's class): hooks on the score layers' fused qkv projections."""
+
+    def _init_pruning(self, family: str) -> None:
+        self.prune_config = plugin_config(self.config, family)  # fails the engine start if invalid
         if self.prune_config is None:
             return
         if self.config.vision_feature_select_strategy != "default":
-            raise ValueError("vlm_prune on vLLM supports LLaVA with vision_feature_select_strategy='default'")
+            raise ValueError(f"vlm_prune on vLLM supports {family} with vision_feature_select_strategy='default'")
         self.prune_method = get_method(self.prune_config.method)()
         layers = self.vision_tower.vision_model.encoder.layers
         self.score_layers: tuple[int, ...] = ()
@@ -70,9 +69,10 @@ class PrunedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 raise ValueError(f"vlm_prune: layers {beyond} come after the feature layer; vLLM does not run them")
             self.score_layers = resolved
 
-    def _process_image_input(self, image_input) -> Any:
-        if self.prune_config is None or not isinstance(image_input, LlavaImagePixelInputs):
-            return super()._process_image_input(image_input)
+    def _tower_with_signals(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """pixel_values [I, 3, H, W] (images or crops) -> (the tower's features [I, N, Dv], [CLS]
+        dropped; signals with the [CLS] token first: "cls_attention" [I, T] float32 summed over
+        the score layers, "keys" [I, T, Dv] of the last)."""
         captured: dict[int, torch.Tensor] = {}
         layers = self.vision_tower.vision_model.encoder.layers
         hooks = [
@@ -81,27 +81,12 @@ class PrunedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             for i in self.score_layers
         ]
         try:
-            pre_projection = self._process_image_pixels(image_input)  # [I, N, Dv], [CLS] dropped
+            features = self._image_pixels_to_features(self.vision_tower, pixel_values)
         finally:
             for hook in hooks:
                 hook.remove()
-        features = self.multi_modal_projector(pre_projection)
-        signals = self._signals(captured)
-        n_tokens = features.shape[1]
-        side = math.isqrt(n_tokens)
-        region = Region.span(0, n_tokens, (side, side), features.device)
-        images = [
-            ImageTokens(features[i], [region], {name: value[i] for name, value in signals.items()}
-                        | {"pre_projection": pre_projection[i]})
-            for i in range(features.shape[0])
-        ]
-        _, kept = reduce_images(self.prune_method, self.prune_config, images, project=self.multi_modal_projector)
-        return kept
-
-    def _signals(self, captured: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """[I, N] [CLS] attention summed over the score layers, [I, N, D] keys of the last."""
         if not self.score_layers:
-            return {}
+            return features, {}
         heads = self.config.vision_config.num_attention_heads
         total = None
         for i in self.score_layers:
@@ -109,9 +94,34 @@ class PrunedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             head_dim = q.shape[-1] // heads
             query = q[:, 0].reshape(q.shape[0], heads, head_dim)
             keys = k.reshape(k.shape[0], k.shape[1], heads, head_dim).transpose(1, 2)
-            row = cls_attention_scores(query, keys, head_dim**-0.5)
+            row = cls_attention_scores(query, keys, head_dim**-0.5, self.prune_config.backend)
             total = row if total is None else total + row
-        signals = {"cls_attention": total[:, 1:]}
+        signals = {"cls_attention": total}
         if "keys" in self.prune_method.needs:
-            signals["keys"] = captured[self.score_layers[-1]].chunk(3, dim=-1)[1][:, 1:]
-        return signals
+            signals["keys"] = captured[self.score_layers[-1]].chunk(3, dim=-1)[1]
+        return features, signals
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    _build_llava_or_pixtral_hf_processor, info=_build_info, dummy_inputs=LlavaDummyInputsBuilder
+)
+class PrunedLlavaForConditionalGeneration(ClipTowerScoring, LlavaForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_pruning("llava")
+
+    def _process_image_input(self, image_input) -> Any:
+        if self.prune_config is None or not isinstance(image_input, LlavaImagePixelInputs):
+            return super()._process_image_input(image_input)
+        pre_projection, signals = self._tower_with_signals(image_input["pixel_values"])  # [I, N, Dv]
+        features = self.multi_modal_projector(pre_projection)
+        n_tokens = features.shape[1]
+        side = math.isqrt(n_tokens)
+        region = Region.span(0, n_tokens, (side, side), features.device)
+        images = [
+            ImageTokens(features[i], [region], {name: value[i, 1:] for name, value in signals.items()}
+                        | {"pre_projection": pre_projection[i]})
+            for i in range(features.shape[0])
+        ]
+        _, kept = reduce_images(self.prune_method, self.prune_config, images, project=self.multi_modal_projector)
+        return kept

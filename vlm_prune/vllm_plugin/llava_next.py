@@ -1,0 +1,104 @@
+"""LLaVA-NeXT on vLLM (written against vLLM 0.32): fewer placeholder tokens, the kept embeddings.
+
+The same two overrides as LLaVA-1.5 (`llava.py`), over the anyres layout of the transformers
+path (`vlm_prune.patches.llava_next.PackedLayout`: the base image, the unpadded crop grid and
+one `image_newline` per grid row, which is always kept):
+- processing info: `get_num_image_tokens` returns the pruned count for the image's size, from
+  the layout of that size (`budget="per_image"` or `"per_crop"`, as in transformers);
+- model: `_process_image_input` runs the tower over all crops with the scoring hooks, packs the
+  features with vLLM's own merge (as the unpruned model does) and the signals with the layout,
+  and returns what `reduce_images` keeps of each image. Positions: "renumber" (vLLM numbers
+  placeholders consecutively).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
+from vllm.model_executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextImagePixelInputs,
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from ..patches.image_tokens import ImageTokens, passed_on_count, reduce_images
+from ..patches.llava_next import PackedLayout
+from ..registry import get_method
+from .config import plugin_config
+from .llava import ClipTowerScoring
+
+FAMILY = "llava_next"
+
+
+def _layout(config, sizes: list[tuple[int, int]], budget: str, device: torch.device | str) -> PackedLayout:
+    """The packed layout of images of `sizes` ((height, width) each), made once per set of sizes:
+    vLLM serves many requests with the same image sizes."""
+    vision = config.vision_config
+    pinpoints = tuple(tuple(p) for p in config.image_grid_pinpoints)
+    return _cached_layout(pinpoints, vision.image_size, vision.patch_size, tuple(sizes), budget, str(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_layout(pinpoints, image_size: int, patch_size: int, sizes, budget: str, device: str) -> PackedLayout:
+    # the layout reads only these config fields (HF configs are not hashable)
+    config = types.SimpleNamespace(image_grid_pinpoints=[list(p) for p in pinpoints],
+                                   vision_config=types.SimpleNamespace(image_size=image_size, patch_size=patch_size))
+    return PackedLayout.of(config, [list(s) for s in sizes], budget, torch.device(device))
+
+
+class PrunedLlavaNextProcessingInfo(LlavaNextProcessingInfo):
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        n_tokens = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        hf_config = self.get_hf_config()
+        config = plugin_config(hf_config, FAMILY)
+        if config is None:
+            return n_tokens
+        budget = config.budget or "per_image"
+        layout = _layout(hf_config, [(image_height, image_width)], budget, "cpu")
+        if layout.lengths[0] != n_tokens:  # vLLM's and transformers' anyres arithmetic disagree
+            raise ValueError(f"vlm_prune: a {image_width}x{image_height} image gives {n_tokens} tokens in vLLM "
+                             f"but {layout.lengths[0]} in transformers' packing")
+        return passed_on_count(get_method(config.method)(), config, layout.regions[0], n_tokens, budget)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    LlavaNextMultiModalProcessor, info=PrunedLlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
+class PrunedLlavaNextForConditionalGeneration(ClipTowerScoring, LlavaNextForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_pruning(FAMILY)
+
+    def _process_image_input(self, image_input) -> Any:
+        if self.prune_config is None or not isinstance(image_input, LlavaNextImagePixelInputs):
+            return super()._process_image_input(image_input)
+        sizes = [tuple(size) for size in image_input["image_sizes"].tolist()]
+        config, vision = self.config, self.config.vision_config
+        # each image's crops (base view first); a stacked batch may pad them to the same count
+        n_crops = [image_size_to_num_patches(size, config.image_grid_pinpoints, vision.image_size) for size in sizes]
+        pixels = torch.cat([image[:n] for image, n in zip(image_input["pixel_values"], n_crops)])
+        pre_projection, signals = self._tower_with_signals(pixels)  # [C, side^2, Dv]; signals [CLS] first
+        projected = self.multi_modal_projector(pre_projection)
+        if self.prune_method.uses_pre_projection:
+            signals["pre_projection"] = pre_projection
+        budget = self.prune_config.budget or "per_image"
+        layout = _layout(config, sizes, budget, projected.device)
+        packed = {name: layout.pack(value, after_cls=name != "pre_projection") for name, value in signals.items()}
+        images = []
+        for i, crops in enumerate(projected.split(n_crops)):
+            features = self._merge_image_patch_embeddings(image_input["image_sizes"][i], crops, strategy="spatial_unpad")
+            if features.shape[0] != layout.lengths[i]:
+                raise RuntimeError(f"vlm_prune: image {i} packs to {features.shape[0]} tokens in vLLM but "
+                                   f"{layout.lengths[i]} in transformers' layout")
+            image_signals = {name: value[i] if name == "cls_attention" else value[i].to(features.dtype)
+                             for name, value in packed.items()}
+            images.append(ImageTokens(features, layout.regions[i], image_signals))
+        _, kept = reduce_images(self.prune_method, self.prune_config, images, budget, project=self.multi_modal_projector)
+        return kept

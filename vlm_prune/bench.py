@@ -124,13 +124,18 @@ class _LLMTimer:
             h.remove()
 
 
-def build_inputs(processor, template: str, text_tokens: int):
-    """One image (640x480) and a prompt with about `text_tokens` text tokens."""
+def build_prompt(processor, template: str, text_tokens: int) -> str:
+    """The prompt of `template` with a question of about `text_tokens` text tokens."""
     words = "describe the red circle and the blue square at the top left of the picture ".split()
     question = ""
     while len(processor.tokenizer(template.format(q=question))["input_ids"]) - 1 < text_tokens:
         question += words[len(question.split()) % len(words)] + " "
-    return processor(images=[tiny.random_image(640, 480)], text=[template.format(q=question.strip())],
+    return template.format(q=question.strip())
+
+
+def build_inputs(processor, template: str, text_tokens: int):
+    """One image (640x480) and a prompt with about `text_tokens` text tokens."""
+    return processor(images=[tiny.random_image(640, 480)], text=[build_prompt(processor, template, text_tokens)],
                      return_tensors="pt")
 
 

@@ -1,4 +1,4 @@
-"""The `vlm-prune` command: demo, bench, methods."""
+"""The `vlm-prune` command: demo, bench, eval, methods."""
 
 from __future__ import annotations
 
@@ -36,12 +36,20 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
 
 
 def _cmd_bench(args) -> int:
-    from . import bench
+    common = dict(shape=args.shape, method=args.method, keep=args.keep, text_tokens=args.text_tokens,
+                  threads=args.threads, **parse_options(args.option))
+    if args.backend == "vllm":
+        try:
+            from .vllm_plugin import bench as vllm_bench
 
-    result = bench.run(
-        shape=args.shape, method=args.method, keep=args.keep, text_tokens=args.text_tokens,
-        repeats=args.repeats, threads=args.threads, **parse_options(args.option),
-    )
+            result = vllm_bench.run(rounds=args.repeats or 3, batch=args.batch, max_tokens=args.max_tokens, **common)
+        except ImportError as error:
+            raise SystemExit(f"--backend vllm needs vLLM in this environment ({error}); on the CPU machines run "
+                             ".venv-vllm/bin/python -m vlm_prune.cli bench --backend vllm ...") from None
+    else:
+        from . import bench
+
+        result = bench.run(repeats=args.repeats or 5, **common)
     print(result.report())
     if args.json:
         with open(args.json, "w") as f:
@@ -78,11 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="prefill time pruned vs unpruned, in one process")
+    bench.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                       help="vllm: an engine with the plugin against one without (needs vLLM)")
     bench.add_argument("--shape", default="llava-1.5", choices=["llava-1.5", "llava-next", "qwen2-vl", "tiny"])
     bench.add_argument("--method", default="cls_attention", choices=available_methods())
     bench.add_argument("--keep", type=parse_keep, default=64)
     bench.add_argument("--text-tokens", type=int, default=64)
-    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--repeats", type=int, default=None,
+                       help="measured rounds (default: 5 with transformers, 3 with vllm)")
+    bench.add_argument("--batch", type=int, default=4, help="vllm: requests in the throughput batch")
+    bench.add_argument("--max-tokens", type=int, default=8, help="vllm: tokens each batch request generates")
     bench.add_argument("--threads", type=int, default=2)
     bench.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                        help="method option, value parsed as JSON (repeatable)")

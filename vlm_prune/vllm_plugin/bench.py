@@ -32,8 +32,6 @@ from .. import tiny
 from ..bench import SHAPES, build_prompt
 from .config import plugin_config
 
-FAMILIES = {"llava": "llava", "llava_next": "llava_next", "qwen2_vl": "qwen2_vl"}  # tiny builder -> plugin family
-
 
 @dataclass
 class VLLMBenchResult:
@@ -93,7 +91,8 @@ def run(shape: str = "llava-1.5", method: str = "cls_attention", keep: int | flo
         raise ValueError(f"rounds={rounds}, batch={batch}, max_tokens={max_tokens}: each must be >= 1")
     builder, sizes, template = SHAPES[shape]
     wanted = {"method": method, "keep": keep, **options}
-    plugin_config(types.SimpleNamespace(vlm_prune=dict(wanted)), FAMILIES[builder])  # the engine's own checks, early
+    # the engine's own checks, before anything is built (the tiny builders are named as the plugin's families)
+    plugin_config(types.SimpleNamespace(vlm_prune=dict(wanted)), builder)
     cuda = torch.cuda.is_available()
     if not cuda:  # the engines' OpenMP threads, as `vlm-prune bench --threads` pins torch's
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")

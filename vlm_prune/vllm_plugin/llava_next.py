@@ -79,6 +79,8 @@ class PrunedLlavaNextForConditionalGeneration(ClipTowerScoring, LlavaNextForCond
     def _process_image_input(self, image_input) -> Any:
         if self.prune_config is None or not isinstance(image_input, LlavaNextImagePixelInputs):
             return super()._process_image_input(image_input)
+        if image_input.get("image_sizes") is None:  # the processor always gives them; the count needs them
+            raise ValueError("vlm_prune on LLaVA-NeXT needs image_sizes with the pixel values")
         sizes = [tuple(size) for size in image_input["image_sizes"].tolist()]
         config, vision = self.config, self.config.vision_config
         # each image's crops (base view first); a stacked batch may pad them to the same count

@@ -16,11 +16,17 @@ import torch
 from .dispatch import fused_or_reference
 
 
+# Query rows per step on the CPU: the [H, rows, T] float32 scores then stay within a few MiB of
+# cache. At Qwen2-VL sizes (16 heads, 1564 patches) 40-60 rows run 3x faster than 1024.
+CPU_CHUNK_BYTES = 4 << 20
+
+
 def attention_received(
-    query: torch.Tensor, keys: torch.Tensor, scale: float, cu_seqlens: torch.Tensor, chunk: int = 1024
+    query: torch.Tensor, keys: torch.Tensor, scale: float, cu_seqlens: torch.Tensor, chunk: int | None = None
 ) -> torch.Tensor:
     """query, keys: [H, T, Dh] (rotary already applied); cu_seqlens: [S + 1] segment bounds
-    (attention is block-diagonal: a token attends within its segment only).
+    (attention is block-diagonal: a token attends within its segment only); chunk: query rows
+    per step (default: cache-sized on the CPU, 1024 elsewhere, where each step is launches).
 
     Returns [T] float32: for each token, softmax(q . K^T * scale) averaged over heads and over
     the query rows of its segment -- the column means of the head-averaged attention map.
@@ -29,11 +35,13 @@ def attention_received(
     received = torch.zeros(total, dtype=torch.float32, device=query.device)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
-        k = keys[:, start:end]
-        for q_start in range(start, end, chunk):
-            q = query[:, q_start : min(q_start + chunk, end)]
-            probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)).float() * scale, dim=-1)
-            received[start:end] += probs.sum(dim=(0, 1))
+        k = keys[:, start:end].transpose(-1, -2)
+        rows = chunk or (1024 if query.device.type != "cpu"
+                         else min(1024, max(16, CPU_CHUNK_BYTES // (4 * heads * max(end - start, 1)))))
+        for q_start in range(start, end, rows):
+            scores = torch.matmul(query[:, q_start : min(q_start + rows, end)], k).float()
+            scores.mul_(scale)  # in place: one [H, rows, T] map fewer to allocate and stream
+            received[start:end] += torch.softmax(scores, dim=-1).sum(dim=(0, 1))
         received[start:end] /= heads * (end - start)
     return received
 

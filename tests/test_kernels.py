@@ -118,6 +118,25 @@ def test_attention_received_rotary(dtype, bounds, heads, head_dim, unit):
     torch.testing.assert_close(got.sum() * unit, torch.tensor(len(bounds) - 1.0, device=DEVICE), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("chunk", [None, 7, 1024])
+def test_attention_received_reference_equals_the_full_map(chunk):
+    """The chunked reference against the whole attention map of each segment: query rows in
+    chunks of 7, in one chunk, and cache-sized (CPU: 4 MiB of scores -> 46 of 2850 rows here,
+    so segments span several chunks and chunk ends fall inside segments)."""
+    from vlm_prune.kernels.attention_received import attention_received
+
+    torch.manual_seed(0)
+    heads, head_dim, bounds = 3, 16, [0, 577, 2850]
+    query = torch.randn(heads, bounds[-1], head_dim, device=DEVICE) * 2
+    keys = torch.randn(heads, bounds[-1], head_dim, device=DEVICE) * 2
+    cu = torch.tensor(bounds, device=DEVICE)
+    got = attention_received(query, keys, head_dim**-0.5, cu, chunk=chunk)
+    expected = torch.cat([
+        torch.softmax(query[:, a:b] @ keys[:, a:b].transpose(-1, -2) * head_dim**-0.5, dim=-1).mean(dim=(0, 1))
+        for a, b in zip(bounds[:-1], bounds[1:])])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family, method", [
     ("llava", "cls_attention"), ("llava", "transition"),

@@ -45,6 +45,8 @@ def test_bad_cli_input_is_a_clear_error(capsys):
     assert "keep=0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["bench", "--keep", "lots"])
+    assert cli.main(["bench", "--shape", "tiny", "--repeats", "0"]) == 2  # not silently the default
+    assert "repeats=0" in capsys.readouterr().err
 
 
 def test_demo_runs_on_the_fixture(tmp_path, capsys):

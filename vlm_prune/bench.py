@@ -141,6 +141,8 @@ def build_inputs(processor, template: str, text_tokens: int):
 
 def run(shape: str = "llava-1.5", method: str = "cls_attention", keep: int | float = 64,
         text_tokens: int = 64, repeats: int = 5, threads: int = 2, **options: Any) -> BenchResult:
+    if repeats < 1 or threads < 1:
+        raise ValueError(f"repeats={repeats}, threads={threads}: each must be >= 1")
     torch.set_num_threads(threads)
     builder, sizes, template = SHAPES[shape]
     model, processor = getattr(tiny, builder)(**sizes)

@@ -42,14 +42,15 @@ def _cmd_bench(args) -> int:
         try:
             from .vllm_plugin import bench as vllm_bench
 
-            result = vllm_bench.run(rounds=args.repeats or 3, batch=args.batch, max_tokens=args.max_tokens, **common)
+            result = vllm_bench.run(rounds=3 if args.repeats is None else args.repeats, batch=args.batch,
+                                    max_tokens=args.max_tokens, **common)
         except ImportError as error:
             raise SystemExit(f"--backend vllm needs vLLM in this environment ({error}); on the CPU machines run "
                              ".venv-vllm/bin/python -m vlm_prune.cli bench --backend vllm ...") from None
     else:
         from . import bench
 
-        result = bench.run(repeats=args.repeats or 5, **common)
+        result = bench.run(repeats=5 if args.repeats is None else args.repeats, **common)
     print(result.report())
     if args.json:
         with open(args.json, "w") as f:

@@ -87,8 +87,9 @@ def run(shape: str = "llava-1.5", method: str = "cls_attention", keep: int | flo
     in turns. A configuration vLLM cannot serve fails here, before anything is built."""
     import torch
 
-    if rounds < 1 or batch < 1 or max_tokens < 1:
-        raise ValueError(f"rounds={rounds}, batch={batch}, max_tokens={max_tokens}: each must be >= 1")
+    if rounds < 1 or batch < 1 or max_tokens < 1 or threads < 1:
+        raise ValueError(f"rounds={rounds}, batch={batch}, max_tokens={max_tokens}, threads={threads}: "
+                         "each must be >= 1")
     builder, sizes, template = SHAPES[shape]
     wanted = {"method": method, "keep": keep, **options}
     # the engine's own checks, before anything is built (the tiny builders are named as the plugin's families)

@@ -69,18 +69,7 @@ class LlavaNextPatch(LlavaPatch):
             raise ValueError("LLaVA-NeXT image features came without image_sizes; pass pixel_values and image_sizes")
         features = list(output.pooler_output)
         layout = self._layout(image_sizes, features[0].device)
-        # per-crop signals in packed order; the tower-level ones have the [CLS] token first, which
-        # the "default" strategy drops
-        packed = {name: layout.pack(value, after_cls=name != "pre_projection") for name, value in signals.items()
-                  if name in ("cls_attention", "keys", "pre_projection")}
-        images = []
-        for i, (feats, regions) in enumerate(zip(features, layout.regions)):
-            if layout.lengths[i] != feats.shape[0]:
-                raise ValueError(f"image {i}: {feats.shape[0]} features but the packed layout has {layout.lengths[i]} tokens")
-            image_signals = {name: value[i] if name == "cls_attention" else value[i].to(feats.dtype)
-                             for name, value in packed.items()}
-            images.append(ImageTokens(feats, regions, image_signals))
-        return images
+        return layout.images(features, signals)
 
 
 class PackedLayout:
@@ -136,6 +125,22 @@ class PackedLayout:
         [N_i, ...] in packed order: one op for the whole batch."""
         flat = per_crop.reshape(-1, *per_crop.shape[2:])
         return list(flat.index_select(0, self.rows[after_cls]).split(self.lengths))
+
+    def images(self, features: list[torch.Tensor], signals: dict[str, torch.Tensor]) -> list[ImageTokens]:
+        """features: per image [N_i, D], packed (the model's own packing); signals: per crop,
+        "cls_attention" [crops, T], "keys" [crops, T, Dv] (the tower's, [CLS] first, which the
+        "default" strategy drops) and "pre_projection" [crops, T - 1, Dv] -> the images, with
+        their signals in packed order."""
+        packed = {name: self.pack(value, after_cls=name != "pre_projection") for name, value in signals.items()
+                  if name in ("cls_attention", "keys", "pre_projection")}
+        images = []
+        for i, (feats, regions) in enumerate(zip(features, self.regions)):
+            if self.lengths[i] != feats.shape[0]:
+                raise ValueError(f"image {i}: {feats.shape[0]} features but the packed layout has {self.lengths[i]} tokens")
+            image_signals = {name: value[i] if name == "cls_attention" else value[i].to(feats.dtype)
+                             for name, value in packed.items()}
+            images.append(ImageTokens(feats, regions, image_signals))
+        return images
 
 
 def _region(slots: np.ndarray, grid: tuple[int, int], device) -> Region:

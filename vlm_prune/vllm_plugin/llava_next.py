@@ -28,7 +28,7 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..patches.image_tokens import ImageTokens, passed_on_count, reduce_images
+from ..patches.image_tokens import passed_on_count, reduce_images
 from ..patches.llava_next import PackedLayout
 from ..registry import get_method
 from .config import plugin_config
@@ -91,16 +91,9 @@ class PrunedLlavaNextForConditionalGeneration(ClipTowerScoring, LlavaNextForCond
         if self.prune_method.uses_pre_projection:
             signals["pre_projection"] = pre_projection
         budget = self.prune_config.budget or "per_image"
-        layout = _layout(config, sizes, budget, projected.device)
-        packed = {name: layout.pack(value, after_cls=name != "pre_projection") for name, value in signals.items()}
-        images = []
-        for i, crops in enumerate(projected.split(n_crops)):
-            features = self._merge_image_patch_embeddings(image_input["image_sizes"][i], crops, strategy="spatial_unpad")
-            if features.shape[0] != layout.lengths[i]:
-                raise RuntimeError(f"vlm_prune: image {i} packs to {features.shape[0]} tokens in vLLM but "
-                                   f"{layout.lengths[i]} in transformers' layout")
-            image_signals = {name: value[i] if name == "cls_attention" else value[i].to(features.dtype)
-                             for name, value in packed.items()}
-            images.append(ImageTokens(features, layout.regions[i], image_signals))
+        # the features packed by vLLM's own merge, as the unpruned model does
+        features = [self._merge_image_patch_embeddings(image_input["image_sizes"][i], crops, strategy="spatial_unpad")
+                    for i, crops in enumerate(projected.split(n_crops))]
+        images = _layout(config, sizes, budget, projected.device).images(features, signals)
         _, kept = reduce_images(self.prune_method, self.prune_config, images, budget, project=self.multi_modal_projector)
         return kept

@@ -8,7 +8,14 @@ shorter sequence and keeps decode consistent with it:
 - prefill (an empty cache): reduce each image, compact embeddings, the 2D attention mask and
   position ids before the language model runs (layer 0's cache is built short);
 - decode (a non-empty cache): compact the attention mask's prompt columns and shift position
-  ids the same way, so new tokens see exactly the pruned cache;
+  ids the same way, so new tokens see exactly the pruned cache. The prefill's decisions travel
+  with the cache it filled (an attribute on the cache object, so copies of it carry them too):
+  a cache from an earlier prompt decodes with its own, and a cache no pruned prefill filled
+  passes through untouched;
+- a new generate() call on a pruned cache (a second chat turn): generate() cuts the full
+  sequence it is given at the cache's length, which is the pruned one, so the first columns it
+  passes on are already in the cache; they are dropped (the unpruned model would get only the
+  new tokens);
 - generate(use_cache=False): every step re-runs the whole sequence; steps after the first
   reuse the prompt's reduction instead of re-scoring a longer sequence.
 
@@ -27,7 +34,7 @@ from typing import Any
 
 import torch
 
-from vlm_prune.compat import bind_to_kwargs, cache_length, get_cache
+from vlm_prune.compat import CACHE_KWARGS, bind_to_kwargs, cache_length, get_cache
 from vlm_prune.config import PruneConfig
 from vlm_prune.kernels.compaction import compact_prompt, compacted_inputs
 from vlm_prune.registry import get_method
@@ -35,6 +42,10 @@ from vlm_prune.sequence import Compaction
 from vlm_prune.timing import clock
 
 from .image_tokens import ImageTokens, ReducedImages, _cat, reduce_image_tokens
+
+
+# the attribute by which a KV cache filled by a pruned prefill carries that prefill's state
+CACHE_STATE = "_vlm_prune_prompt"
 
 
 @dataclass
@@ -45,7 +56,14 @@ class PromptState:
     keep: torch.Tensor  # [B, L] bool, prompt columns kept
     reduced: ReducedImages | None  # the visual tokens passed on; None once no replay can follow
     prompt_mask: torch.Tensor | None  # [B, L'] compacted mask, None when none is needed
+    renumber: bool = True  # kept tokens numbered consecutively (positions="renumber")
     _features: torch.Tensor | None = None
+
+    @property
+    def dropped(self) -> int:
+        """Prompt columns the cache does not hold (the fewest dropped from any row: rows that
+        lost more are re-padded to the same length)."""
+        return self.compaction.prompt_len - self.compaction.index.shape[1]
 
     @property
     def features(self) -> torch.Tensor:
@@ -71,6 +89,9 @@ class PatchBase:
         self._wrapped: list[tuple[Any, str, Any]] = []  # (object, attribute, our wrapper)
         self._in_generate = False
         self._prefilled_in_generate = False
+        self._filled = False  # set by a prefill's pre-hook, read by the post-hook that tags the cache
+        self._generate_cuts = False  # see _cuts_at_cache
+        self._untagged_state: Any = None
         # read once: a transformers config attribute costs microseconds, and the prefill path is
         # host-bound on a GPU
         self._image_token_id = getattr(model.config, "image_token_id", None)
@@ -87,6 +108,36 @@ class PatchBase:
             if vars(owner).get(name) is wrapper:
                 delattr(owner, name)
         self._wrapped.clear()
+        self._untagged_state = None
+
+    # -- which prefill filled a cache --------------------------------------------------------
+    # A pruned prefill's decisions travel with the KV cache it filled, as an attribute of the
+    # cache object (deep copies carry it too): decoding a cache of an earlier prompt after
+    # another prefill uses that prompt's decisions, and a cache no pruned prefill filled (an
+    # unpatched prefill, a text-only prompt) passes through untouched.
+
+    def _cache_state(self) -> Any:
+        """What the last prefill decided, as decode steps on its cache need it (None: nothing)."""
+        raise NotImplementedError
+
+    def _tag_cache(self, module, args, output):
+        """Forward hook of the hooked module: after a prefill, tags the cache it filled."""
+        if not self._filled:
+            return None
+        self._filled = False
+        cache = _output_cache(output)
+        if cache is not None:
+            state = self._cache_state()
+            try:
+                setattr(cache, CACHE_STATE, state)
+                self._untagged_state = None
+            except (AttributeError, TypeError):  # a cache type that takes no attributes
+                self._untagged_state = state
+        return None
+
+    def _state_of(self, cache: Any) -> Any:
+        """The state of the prefill that filled `cache`; None when no pruned prefill did."""
+        return getattr(cache, CACHE_STATE, self._untagged_state)
 
     def _wrap(self, owner: Any, name: str, wrapper: Any) -> None:
         if name in vars(owner):  # someone else already set an instance attribute: leave it
@@ -102,13 +153,22 @@ class PatchBase:
 
         def generate(*args, **kwargs):
             self._in_generate, self._prefilled_in_generate = True, False
+            self._generate_cuts = _cuts_at_cache(args, kwargs)
             try:
-                return original(*args, **kwargs)
+                return original(*args, **self._generate_kwargs(kwargs))
             finally:
                 self._in_generate = False
+                self._after_generate()
 
         generate.__wrapped__ = original
         self._wrap(self.model, "generate", generate)
+
+    def _generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments a generate() call passes on (a family may drop some)."""
+        return kwargs
+
+    def _after_generate(self) -> None:
+        """Called when a generate() call returns (or raises)."""
 
     def _is_replay(self) -> bool:
         """A forward of generate(use_cache=False) after the first: the whole sequence again."""
@@ -248,6 +308,7 @@ class VisionStagePatch(PatchBase):
         module = self.target_module()
         self._forward = module.forward
         self._hooks.append(module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        self._hooks.append(module.register_forward_hook(self._tag_cache))
         owner, name = self.image_encoder()
         self._wrap(owner, name, self._encoder_wrapper(getattr(owner, name)))
         self._wrap_generate()
@@ -256,6 +317,13 @@ class VisionStagePatch(PatchBase):
         super().remove()
         self.state = None
         self._last_encoded = None
+
+    def _cache_state(self) -> PromptState | None:
+        return self.state
+
+    def _after_generate(self) -> None:
+        if self.state is not None:  # replays happen inside one generate() call only
+            self.state.reduced = None
 
     def _encoder_wrapper(self, original):
         signature = inspect.signature(original)
@@ -278,16 +346,20 @@ class VisionStagePatch(PatchBase):
 
     def _pre_hook(self, module, args, kwargs):
         kw = bind_to_kwargs(self._forward, args, kwargs)
-        past = cache_length(get_cache(kw))
+        cache = get_cache(kw)
+        past = cache_length(cache)
         if past > 0:
+            state = self._state_of(cache)
+            if state is not None and self._in_generate and not self._prefilled_in_generate:
+                kw = self._drop_cached_columns(kw, state, past)
+            self._prefilled_in_generate = self._in_generate
             if self._has_image_inputs(kw) and bool(self.image_token_mask(kw).any()):
                 raise NotImplementedError(
                     "vlm_prune: a prompt with images that continues a non-empty KV cache is not "
                     "supported; start a new cache for each prompt with images"
                 )
-            if self.state is None:
-                return None
-            return (), self._decode(kw, past)
+            return None if state is None else ((), self._decode(kw, past, state))
+        self._filled = True  # the output's cache gets this prefill's state (None: nothing pruned)
         if self._is_replay() and self.state is not None:
             return (), self._apply(kw, self.state, self.image_token_mask(kw))
         mask = kw.get("attention_mask")
@@ -296,6 +368,32 @@ class VisionStagePatch(PatchBase):
         new_kw = self._prefill(kw)
         self._prefilled_in_generate = self._in_generate
         return None if new_kw is None else ((), new_kw)
+
+    def _drop_cached_columns(self, kw: dict[str, Any], state: PromptState, past: int) -> dict[str, Any]:
+        """The first forward of a generate() call on a pruned cache: generate() cut the full
+        sequence (earlier turns + new tokens) at the cache's pruned length, so the first
+        `state.dropped` columns it passes on are already in the cache. Returns `kw` without them."""
+        n_new, dropped = self._seq_len(kw), state.dropped
+        if dropped == 0 or not self._generate_cuts:
+            return kw
+        if _is_prepared(kw.get("attention_mask")):
+            raise NotImplementedError(
+                "vlm_prune: a new generate() call on a pruned static cache is not supported; continue "
+                "a conversation with the default dynamic cache"
+            )
+        if n_new <= dropped:
+            raise ValueError(
+                f"vlm_prune: generate() was given {past + n_new} tokens on a cache that already holds "
+                f"{past + dropped} of them (pruned to {past}); append the new turn's tokens"
+            )
+        kw = dict(kw)
+        for key in ("input_ids", "inputs_embeds"):
+            if kw.get(key) is not None:
+                kw[key] = kw[key][:, dropped:]
+        for key in ("position_ids", *self.sequence_kwargs):
+            if kw.get(key) is not None:
+                kw[key] = kw[key][..., dropped:]
+        return kw
 
     def _has_image_inputs(self, kw: dict[str, Any]) -> bool:
         return kw.get("pixel_values") is not None or self._pre_encoded(kw) is not None
@@ -369,7 +467,8 @@ class VisionStagePatch(PatchBase):
             features_per_placeholder=reduced.source is not None, backend=self.config.backend)
         # the kept tokens are read again only by the replays of generate(use_cache=False); held
         # until then, since with the tower's output as their source that is a large tensor
-        self.state = PromptState(out.compaction, out.keep, reduced if self._in_generate else None, out.mask)
+        self.state = PromptState(out.compaction, out.keep, reduced if self._in_generate else None, out.mask,
+                                 renumber=self.positions == "renumber")
         new_kw = self._inputs(kw, out.embeds, out.positions, out.mask, out.compaction)
         self._kept_slots = reduced.kept  # turned into indices only when asked for (a device read each)
         n_layers = self._text_layers
@@ -437,10 +536,10 @@ class VisionStagePatch(PatchBase):
             new_kw["mm_encoder_outputs"] = rest or None
         return new_kw
 
-    def _decode(self, kw: dict[str, Any], past: int) -> dict[str, Any]:
+    def _decode(self, kw: dict[str, Any], past: int, state: PromptState) -> dict[str, Any]:
         """A decode step after a pruned prefill: new tokens only, the cache holds the pruned prompt."""
-        comp = self.state.compaction
-        self.state.reduced = None  # a cached decode: no replay of the prompt follows
+        comp = state.compaction
+        state.reduced = None  # a cached decode: no replay of the prompt follows
         n_new = self._seq_len(kw)
         generated = past - comp.index.shape[1]  # tokens after the prompt already in the cache
         full_len = comp.prompt_len + generated + n_new
@@ -461,16 +560,38 @@ class VisionStagePatch(PatchBase):
                     f"attention_mask has {mask.shape[-1]} columns; expected {full_len} (unpruned "
                     f"sequence) or {past + n_new} (pruned cache + new tokens)"
                 )
-        elif self.state.prompt_mask is not None:
-            new_kw["attention_mask"] = _extend_mask(self.state.prompt_mask, generated + n_new)
+        elif state.prompt_mask is not None:
+            new_kw["attention_mask"] = _extend_mask(state.prompt_mask, generated + n_new)
         positions = kw.get("position_ids")
         if positions is None:  # number them as the unpruned model would
             positions = self.decode_positions(kw, comp.prompt_len + generated, full_mask)
-        if self.positions == "renumber":
+        if state.renumber:
             shift = comp.total_dropped.view(*([1] * (positions.dim() - 2)), -1, 1)
             positions = positions - shift
         new_kw["position_ids"] = positions
         return new_kw
+
+
+def _cuts_at_cache(args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether a generate() call with a non-empty cache passes on its input from the cache's
+    length (it was given the whole sequence), not all of it (only the new tokens were given,
+    with a mask of the whole sequence): transformers' rule, which reads the mask before
+    generate() drops an all-ones one."""
+    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    mask = kwargs.get("attention_mask")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or mask is None:
+        return True  # inputs_embeds are always cut; a mask generate() makes has the ids' length
+    return mask.shape[-1] == ids.shape[-1]
+
+
+def _output_cache(output: Any) -> Any:
+    """The KV cache a model forward returned (`cache` from transformers 5.2x, else
+    `past_key_values`), or None."""
+    for name in CACHE_KWARGS:
+        cache = getattr(output, name, None)
+        if cache is not None:
+            return cache
+    return None
 
 
 def _recorded_images(last: tuple, given: Any) -> list[ImageTokens] | None:

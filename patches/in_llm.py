@@ -79,6 +79,7 @@ class LLMStagePatch(PatchBase):
         inner = self.model.model
         self._forward = inner.forward
         self._hooks.append(inner.register_forward_pre_hook(self._outer_hook, with_kwargs=True))
+        self._hooks.append(inner.register_forward_hook(self._tag_cache))
         for i, layer in enumerate(self.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             if i + 1 in self.transition_layers:
@@ -105,9 +106,13 @@ class LLMStagePatch(PatchBase):
             )
         self._sliced = self._visual = None  # per-stage slices of the previous forward
         if past > 0:
-            self.phase = "decode" if self.stage_index else "off"
+            state = self._state_of(cache)
+            self.phase = "off" if state is None else "decode"
+            if state is not None:  # the prompt that filled this cache, which need not be the last one
+                self.prompt, self.stage_index, self.stage_padded = state
             self._decode_start = past  # layer 0 holds every token: past = L + generated so far
             return None
+        self._filled = True
         if self._is_replay() and self.stage_index:
             self.phase = "replay"
             self._length = self._seq_len(kw)
@@ -137,6 +142,11 @@ class LLMStagePatch(PatchBase):
         return None
 
     # -- decoder layers ------------------------------------------------------------------------
+
+    def _cache_state(self) -> tuple | None:
+        if self.phase != "prefill" or not self.stage_index:
+            return None
+        return self.prompt, self.stage_index, self.stage_padded
 
     def _layer_hook(self, i: int):
         def hook(module, args, kwargs):

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from vlm_prune.compat import vision_window_index
+from vlm_prune.compat import cache_length, get_cache, vision_window_index
 from vlm_prune.kernels.attention_received import attention_received_rotary
 from vlm_prune.timing import clock
 
@@ -124,6 +124,16 @@ class Qwen2VLPatch(VisionStagePatch):
             positions, deltas = models_own()
         inner.rope_deltas = deltas  # what the unpruned forward would have stored
         return positions
+
+    def _generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        cache = get_cache(kwargs)
+        if kwargs.get("mm_token_type_ids") is None or not cache_length(cache) or self._state_of(cache) is None:
+            return kwargs
+        # A new turn on a pruned cache: generate() looks for new images after the cache's length,
+        # the pruned one, so it would take the first turn's image for a new one and number the new
+        # tokens from scratch. A prompt that continues a cache brings no new image (refused), so
+        # without the types generate() numbers the new tokens as the unpruned model's would be.
+        return {k: v for k, v in kwargs.items() if k != "mm_token_type_ids"}
 
     def decode_positions(self, kw: dict[str, Any], start: int, full_mask: torch.Tensor | None) -> torch.Tensor:
         """As Qwen's forward numbers new tokens: text position (from the unpruned mask when

@@ -1,13 +1,17 @@
 """generate() modes beyond greedy with a dynamic cache: beam search and several returned
-sequences (generate repeats each prompt's images after encoding them once), and a static KV
-cache (generate prepares 4D masks sized to the cache)."""
+sequences (generate repeats each prompt's images after encoding them once), a static KV cache
+(generate prepares 4D masks sized to the cache), and caches reused across calls (a second chat
+turn, conversations in turns)."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 import vlm_prune
+from vlm_prune import tiny
 
 from .test_families import BUILD, two_prompts
 
@@ -63,3 +67,116 @@ def test_in_llm_methods_refuse_a_static_cache_and_keep_working(method):
         out = _generate(model, inputs, do_sample=False)  # the default cache still works after
         assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 4
         assert handle.layer_lengths[-1] < handle.layer_lengths[0]
+
+
+def _second_turn(processor, inputs, first, with_token_types):
+    """The whole conversation after `first` (a generate() output): its sequences + a new
+    question, with the mask (and Qwen's token types, when asked) extended to match."""
+    question = processor.tokenizer([" And the colour?"] * first.sequences.shape[0], return_tensors="pt",
+                                   add_special_tokens=False).input_ids
+    ids = torch.cat([first.sequences, question], 1)
+    extra = ids.shape[1] - inputs["input_ids"].shape[1]
+    turn = {"input_ids": ids,
+            "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(ids.shape[0], extra, dtype=torch.long)], 1)}
+    if with_token_types and "mm_token_type_ids" in inputs:
+        types = inputs["mm_token_type_ids"]
+        turn["mm_token_type_ids"] = torch.cat([types, types.new_zeros(ids.shape[0], extra)], 1)
+    return turn
+
+
+def _cache_of(output):
+    """generate()'s returned cache and the keyword that passes it back (renamed in 5.2x)."""
+    cache = getattr(output, "cache", None)
+    return ("cache", cache) if cache is not None else ("past_key_values", output.past_key_values)
+
+
+def test_a_second_turn_continues_the_pruned_cache(family_model):
+    """Chat with a reused cache: generate() is given the whole conversation (or only the new
+    tokens, with the mask of the whole) and the first turn's cache, and cuts the conversation
+    at the cache's (pruned) length. The next token's logits must equal a fresh pruned prefill
+    of the whole conversation (cls_attention scores the image alone, so it keeps the same
+    tokens): one row (generate() drops its all-ones mask) and a padded batch of two; on Qwen
+    also with the token types."""
+    family, model, batch = family_model
+    _, processor = BUILD[family]()
+    no_image = dict(do_sample=False, suppress_tokens=[model.config.image_token_id])
+    one_row = {k: v[:1] if k != "pixel_values" or "image_grid_thw" not in batch else None for k, v in batch.items()}
+    if "image_grid_thw" in batch:  # Qwen's patches of both images are one tensor
+        one_row["pixel_values"] = batch["pixel_values"][: int(batch["image_grid_thw"][0].prod())]
+    variants = [("whole", False), ("new only", False)] + [("whole", True)] * ("mm_token_type_ids" in batch)
+    for inputs in (one_row, batch):
+        for given, with_token_types in variants:
+            with vlm_prune.pruned(model, "cls_attention", 0.5) as handle:
+                first = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True,
+                                       **no_image)
+                kept = [s["kept"] for s in handle.stats]
+                key, cache = _cache_of(first)
+                cached = cache.get_seq_length()
+                turn = _second_turn(processor, inputs, first, with_token_types)
+                new = turn["input_ids"].shape[1] - first.sequences.shape[1] + 1  # the last answer token, the question
+                if given == "new only":
+                    turn["input_ids"] = turn["input_ids"][:, -new:]
+                second = _generate(model, turn, **{key: cache}, **no_image)
+                assert cache.get_seq_length() == cached + new + 3  # grew by the unseen tokens only
+                fresh = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+                fresh.update(_second_turn(processor, inputs, first, with_token_types=True))
+                with torch.no_grad():
+                    want = model(**fresh).logits[:, -1]
+                assert [s["kept"] for s in handle.stats] == kept
+                assert all(s["kept"] < s["visual_tokens"] for s in handle.stats)
+            torch.testing.assert_close(second.logits[0], want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{given}: {m}")
+
+
+@pytest.mark.parametrize("method, options", [("cls_attention", {}), ("fastv", {"layer": 2})])
+def test_each_cache_decodes_with_the_pruning_of_the_prompt_that_filled_it(method, options):
+    """Two conversations in turns: a decode step on the first prompt's cache, taken after the
+    second prompt's prefill, equals the same step taken before it; a cache filled while the
+    model was unpatched decodes as the unpatched model does."""
+    model, processor = BUILD["llava"](text_layers=4)
+    first, second = (processor(images=[tiny.random_image(64, 48, seed=seed)], text=[text], return_tensors="pt")
+                     for seed, text in [(0, "USER: <image>\nWhat is it? ASSISTANT:"),
+                                        (1, "USER: <image>\nHow many green triangles are there? ASSISTANT:")])
+
+    def decode(cache):  # one new token on a copy of the cache (a copy carries the pruning too)
+        return model(input_ids=torch.tensor([[7]]), cache=copy.deepcopy(cache)).logits[0, -1]
+
+    with torch.no_grad():
+        unpatched = model(**first).cache
+        want_unpatched = decode(unpatched)
+        with vlm_prune.pruned(model, method, 0.25, **options) as handle:
+            pruned = model(**first).cache
+            want = decode(pruned)
+            model(**second)
+            assert handle.stats[0]["kept"] < handle.stats[0]["visual_tokens"]
+            got, got_unpatched = decode(pruned), decode(unpatched)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_unpatched, want_unpatched, rtol=1e-5, atol=1e-5)
+
+
+def test_a_second_turn_on_an_in_llm_pruned_cache_and_misuse():
+    """fastv keeps layer 0's cache whole, so generate() cuts the conversation where the
+    unpruned model would: the new turn in one forward equals feeding it token by token. Giving
+    generate() fewer tokens than the cache holds, or a pruned static cache, is a clear error."""
+    model, processor = BUILD["llava"](text_layers=4)
+    inputs = two_prompts("llava", processor)
+    no_image = dict(do_sample=False, suppress_tokens=[model.config.image_token_id])
+    with vlm_prune.pruned(model, "fastv", 0.25, layer=2):
+        first = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True, **no_image)
+        turn = _second_turn(processor, inputs, first, with_token_types=False)
+        step_by_step = copy.deepcopy(first.cache)
+        second = _generate(model, turn, cache=first.cache, **no_image)
+        with torch.no_grad():
+            for j in range(first.sequences.shape[1] - 1, turn["input_ids"].shape[1]):
+                mask = turn["attention_mask"][:, :j + 1]  # positions as generate() numbers left-padded rows
+                out = model(input_ids=turn["input_ids"][:, j:j + 1], attention_mask=mask,
+                            position_ids=mask.cumsum(-1)[:, -1:] - 1, cache=step_by_step)
+        torch.testing.assert_close(second.logits[0], out.logits[:, -1], rtol=1e-5, atol=1e-5)
+    with vlm_prune.pruned(model, "cls_attention", 0.25):
+        first = model.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True, **no_image)
+        with pytest.raises(ValueError, match="already holds"):
+            _generate(model, inputs, cache=first.cache, **no_image)  # the first prompt again
+        static = model.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True,
+                                cache_implementation="static", **no_image)
+        turn = _second_turn(processor, inputs, static, with_token_types=False)
+        with pytest.raises(NotImplementedError, match="static cache"):
+            _generate(model, turn, cache=static.cache, **no_image)

@@ -98,11 +98,15 @@ def test_generate_modes_example_runs_on_a_patched_model():
     from vlm_prune import tiny
 
     code = _block("## How it works (and what it guarantees)")
-    assert "num_beams" in code and "static" in code
+    assert "num_beams" in code and "static" in code and "cache=first.cache" in code
     model, processor = tiny.llava(image_size=112)
     inputs = processor(images=[tiny.random_image(64, 48)], text=["USER: <image>\nWhat is it? ASSISTANT:"],
                        return_tensors="pt")
     with vlm_prune.pruned(model, "cls_attention", 16) as handle, torch.no_grad():
-        namespace = {"model": model, "inputs": inputs}
+        namespace = {"model": model, "inputs": inputs, "processor": processor, "torch": torch}
         exec(code.replace("max_new_tokens=30", "max_new_tokens=3"), namespace)
         assert handle.stats == [{"visual_tokens": 64, "kept": 16}]
+    # the second turn generated on the pruned cache, which grew by the unseen tokens only
+    first, ids, second = namespace["first"], namespace["ids"], namespace["second"]
+    assert second.shape[1] == ids.shape[1] + 3
+    assert first.cache.get_seq_length() == ids.shape[1] - (64 - 16) + 2

@@ -152,6 +152,7 @@ class PatchBase:
         original = self.model.generate
 
         def generate(*args, **kwargs):
+            _refuse_chunked_prefill(self.model, kwargs)
             self._in_generate, self._prefilled_in_generate = True, False
             self._generate_cuts = _cuts_at_cache(args, kwargs)
             try:
@@ -570,6 +571,23 @@ class VisionStagePatch(PatchBase):
             positions = positions - shift
         new_kw["position_ids"] = positions
         return new_kw
+
+
+def _refuse_chunked_prefill(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+    """generate(prefill_chunk_size=...) runs the prompt in pieces, each seeing part of an image's
+    tokens: no method can choose among tokens it does not see together."""
+    if kwargs.get("pixel_values") is None:
+        return
+    chunk = kwargs.get("prefill_chunk_size")
+    if chunk is None:
+        config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        chunk = getattr(config, "prefill_chunk_size", None)
+    if chunk is not None:
+        raise NotImplementedError(
+            f"vlm_prune: generate() with prefill_chunk_size={chunk} runs the prompt in pieces, and a "
+            "pruning method has to see each image's tokens together; pass prefill_chunk_size=None "
+            "(the pruned prompt is shorter anyway)"
+        )
 
 
 def _cuts_at_cache(args: tuple, kwargs: dict[str, Any]) -> bool:

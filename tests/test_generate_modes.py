@@ -180,3 +180,20 @@ def test_a_second_turn_on_an_in_llm_pruned_cache_and_misuse():
         turn = _second_turn(processor, inputs, static, with_token_types=False)
         with pytest.raises(NotImplementedError, match="static cache"):
             _generate(model, turn, cache=static.cache, **no_image)
+
+
+@pytest.mark.parametrize("method, options", [("cls_attention", {}), ("fastv", {"layer": 2})])
+def test_chunked_prefill_is_refused_with_images_only(method, options):
+    """generate(prefill_chunk_size=...) runs the prompt in pieces, none holding a whole image:
+    a clear error (it was a confusing one, or silently no pruning) -- a text-only prompt and
+    the unpatched model still chunk."""
+    model, processor = BUILD["llava"](text_layers=4)
+    inputs = two_prompts("llava", processor)
+    text_only = processor.tokenizer(["USER: Hello there, how are you? ASSISTANT:"], return_tensors="pt")
+    with vlm_prune.pruned(model, method, 0.25, **options):
+        with pytest.raises(NotImplementedError, match="prefill_chunk_size=16"):
+            _generate(model, inputs, do_sample=False, prefill_chunk_size=16)
+        chunked = _generate(model, text_only, do_sample=False, prefill_chunk_size=4)
+        whole = _generate(model, text_only, do_sample=False)
+    assert torch.equal(chunked.sequences, whole.sequences)
+    assert _generate(model, inputs, do_sample=False, prefill_chunk_size=16).sequences.shape[0] == 2

@@ -91,6 +91,7 @@ class PatchBase:
         self._prefilled_in_generate = False
         self._filled = False  # set by a prefill's pre-hook, read by the post-hook that tags the cache
         self._generate_cuts = False  # see _cuts_at_cache
+        self._prompt_len: int | None = None  # columns of the prompt the current generate() call got
         self._untagged_state: Any = None
         # read once: a transformers config attribute costs microseconds, and the prefill path is
         # host-bound on a GPU
@@ -154,7 +155,9 @@ class PatchBase:
         def generate(*args, **kwargs):
             _refuse_chunked_prefill(self.model, kwargs)
             self._in_generate, self._prefilled_in_generate = True, False
-            self._generate_cuts = _cuts_at_cache(args, kwargs)
+            given = _generate_input(args, kwargs)
+            self._generate_cuts = _cuts_at_cache(given, kwargs)
+            self._prompt_len = given.shape[1] if isinstance(given, torch.Tensor) and given.dim() >= 2 else None
             try:
                 return original(*args, **self._generate_kwargs(kwargs))
             finally:
@@ -170,6 +173,12 @@ class PatchBase:
 
     def _after_generate(self) -> None:
         """Called when a generate() call returns (or raises)."""
+
+    def _prompt_end(self) -> int | None:
+        """For the first forward of a generate() call: the prompt's length. Assisted decoding
+        (`assistant_model=`) appends the draft's first candidate tokens to that forward; they are
+        not part of the instruction a method reads, nor its last token. None: all of it is."""
+        return self._prompt_len if self._in_generate and not self._prefilled_in_generate else None
 
     def _is_replay(self) -> bool:
         """A forward of generate(use_cache=False) after the first: the whole sequence again."""
@@ -442,7 +451,7 @@ class VisionStagePatch(PatchBase):
         images = self._images(kw)
         vision_s = clock(self.model) - vision_start
         if "question" in self.method.needs:
-            self._add_question(kw, is_image, images)
+            self._add_question(kw, is_image, images, self._prompt_end())
         n_slots = sum(img.features.shape[0] for img in images)
         if n_slots != sum(counts):
             raise ValueError(
@@ -481,14 +490,18 @@ class VisionStagePatch(PatchBase):
                         "positions_s": positions_s}
         return new_kw
 
-    def _add_question(self, kw: dict[str, Any], is_image: torch.Tensor, images: list[ImageTokens]) -> None:
+    def _add_question(self, kw: dict[str, Any], is_image: torch.Tensor, images: list[ImageTokens],
+                      prompt_end: int | None) -> None:
         """context["question"] per image: the mean input embedding of its row's instruction
-        (the text after the row's last image; all of the row's text if nothing follows)."""
+        (the text after the row's last image; all of the row's text if nothing follows), read
+        before `prompt_end` (see PatchBase._prompt_end)."""
         embeds = self.embedding()(kw["input_ids"]) if kw.get("input_ids") is not None else kw["inputs_embeds"]
         mask = kw.get("attention_mask")
         real = mask.bool() if mask is not None else torch.ones_like(is_image)
-        text = real & ~is_image
         positions = torch.arange(is_image.shape[1], device=is_image.device).expand_as(is_image)
+        if prompt_end is not None and prompt_end < is_image.shape[1]:
+            real = real & (positions < prompt_end)
+        text = real & ~is_image
         last_image = torch.where(is_image, positions, -1).max(1).values
         after = text & (positions > last_image[:, None])
         instruction = torch.where(after.any(1, keepdim=True), after, text).float()
@@ -590,16 +603,21 @@ def _refuse_chunked_prefill(model: torch.nn.Module, kwargs: dict[str, Any]) -> N
         )
 
 
-def _cuts_at_cache(args: tuple, kwargs: dict[str, Any]) -> bool:
+def _generate_input(args: tuple, kwargs: dict[str, Any]) -> Any:
+    """The token ids (or embeddings) a generate() call was given."""
+    given = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    return given if given is not None else kwargs.get("inputs_embeds")
+
+
+def _cuts_at_cache(given: Any, kwargs: dict[str, Any]) -> bool:
     """Whether a generate() call with a non-empty cache passes on its input from the cache's
     length (it was given the whole sequence), not all of it (only the new tokens were given,
     with a mask of the whole sequence): transformers' rule, which reads the mask before
     generate() drops an all-ones one."""
-    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
     mask = kwargs.get("attention_mask")
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or mask is None:
+    if not isinstance(given, torch.Tensor) or given.dim() != 2 or mask is None:
         return True  # inputs_embeds are always cut; a mask generate() makes has the ids' length
-    return mask.shape[-1] == ids.shape[-1]
+    return mask.shape[-1] == given.shape[-1]
 
 
 def _output_cache(output: Any) -> Any:

@@ -119,6 +119,7 @@ class LLMStagePatch(PatchBase):
             self._index = torch.arange(self._length, device=self._device(kw)).expand(self._batch_size(kw), -1)
             self._ttv = torch.zeros(self._index.shape, device=self._index.device)
             return None
+        prompt_end = self._prompt_end()
         self._prefilled_in_generate = self._in_generate
         self.stage_index, self.layer_lengths = [], []
         is_image = self.image_token_mask(kw)
@@ -129,7 +130,7 @@ class LLMStagePatch(PatchBase):
             self.kept_indices, self.timings = [], {}
             return None
         self.phase = "prefill"
-        self.prompt = _prompt_context(is_image, kw.get("attention_mask"), counts)
+        self.prompt = _prompt_context(is_image, kw.get("attention_mask"), counts, prompt_end)
         self._select_s = 0.0
         self._ttv = torch.zeros(is_image.shape, dtype=torch.float32, device=is_image.device)
         self._attention: torch.Tensor | None = None
@@ -402,7 +403,10 @@ class LLMStagePatch(PatchBase):
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _prompt_context(is_image: torch.Tensor, mask2d: torch.Tensor | None, visual_per_row: list[int]) -> PromptContext:
+def _prompt_context(is_image: torch.Tensor, mask2d: torch.Tensor | None, visual_per_row: list[int],
+                    prompt_end: int | None = None) -> PromptContext:
+    """The prompt's facts; columns from `prompt_end` on (a draft's candidate tokens, see
+    PatchBase._prompt_end) are neither instruction nor the last prompt token."""
     batch, length = is_image.shape
     starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
     per_row = starts.sum(1)
@@ -412,6 +416,8 @@ def _prompt_context(is_image: torch.Tensor, mask2d: torch.Tensor | None, visual_
     positions = torch.arange(length, device=is_image.device).expand(batch, length)
     last_image = torch.where(is_image, positions, -1).max(1).values
     real = mask2d.bool() if mask2d is not None else torch.ones_like(is_image)
+    if prompt_end is not None and prompt_end < length:
+        real = real & (positions < prompt_end)
     instruction = (positions > last_image[:, None]) & real & (last_image[:, None] >= 0)
     last = torch.where(real, positions, -1).max(1).values
     return PromptContext(length, is_image, image_id, image_sizes, instruction, last, mask2d, visual_per_row,

@@ -197,3 +197,29 @@ def test_chunked_prefill_is_refused_with_images_only(method, options):
         whole = _generate(model, text_only, do_sample=False)
     assert torch.equal(chunked.sequences, whole.sequences)
     assert _generate(model, inputs, do_sample=False, prefill_chunk_size=16).sequences.shape[0] == 2
+
+
+@pytest.mark.parametrize("method, options", [("fastv", {"layer": 2}), ("transition", {}),
+                                             ("text_recovery", {}), ("cls_attention", {})])
+def test_assisted_decoding_generates_what_greedy_does(method, options):
+    """assistant_model= appends the draft's first candidates to the prompt's forward; a method
+    that reads the instruction or the last prompt token must not read them (fastv's last row
+    was a candidate's), so assisted decoding stays equal to greedy decoding."""
+    model, processor = BUILD["llava"](text_layers=4)
+    draft, _ = BUILD["llava"](text_layers=4, seed=1)
+    # several candidates in the prompt's forward, whatever the (random) draft's confidence
+    draft.generation_config.num_assistant_tokens = 4
+    draft.generation_config.num_assistant_tokens_schedule = "constant"
+    draft.generation_config.assistant_confidence_threshold = 0.0
+    batch = two_prompts("llava", processor)
+    inputs = {k: v[1:] for k, v in batch.items()}  # assisted decoding takes one row
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True)
+    with vlm_prune.pruned(model, method, 0.25, **options) as handle, torch.no_grad():
+        greedy = model.generate(**inputs, **settings)
+        kept = handle.kept_indices
+        assisted = model.generate(**inputs, assistant_model=draft, **settings)
+        assert all(torch.equal(a, b) for a, b in zip(handle.kept_indices, kept))
+        assert handle.layer_lengths[-1] < handle.layer_lengths[0] or method in ("text_recovery", "cls_attention")
+    assert torch.equal(assisted.sequences, greedy.sequences)
+    torch.testing.assert_close(assisted.logits[0], greedy.logits[0], rtol=1e-5, atol=1e-5)

@@ -167,6 +167,44 @@ class PatchBase:
         generate.__wrapped__ = original
         self._wrap(self.model, "generate", generate)
 
+    def _hook_labels(self) -> None:
+        """A forward given `labels`: the logits cover only the columns the pruning kept, so the
+        model's own loss (labels of the whole sequence) would fail. The labels are taken out
+        before the forward, and the loss is computed after it on the labels of the kept columns
+        (those of dropped image tokens go, as their logits did)."""
+        self._labels: torch.Tensor | None = None
+        self._hooks.append(self.model.register_forward_pre_hook(self._take_labels, with_kwargs=True))
+        self._hooks.append(self.model.register_forward_hook(self._loss_on_kept, with_kwargs=True))
+
+    def _take_labels(self, module, args, kwargs):
+        self._labels = kwargs.get("labels")  # set at every forward: a failed one leaves nothing behind
+        return None if self._labels is None else (args, {**kwargs, "labels": None})
+
+    def _loss_on_kept(self, module, args, kwargs, output):
+        labels, self._labels = self._labels, None
+        if labels is None:
+            return None
+        logits = output[0] if isinstance(output, tuple) else output.logits
+        if labels.shape[-1] != logits.shape[-2]:
+            labels = self._kept_labels(labels)
+        if labels.shape[-1] != logits.shape[-2]:
+            raise ValueError(
+                f"vlm_prune: labels cover {labels.shape[-1]} columns but the pruned forward returned logits "
+                f"for {logits.shape[-2]}; pass labels for the whole input sequence"
+            )
+        extra = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if kwargs.get(k) is not None}
+        text_config = getattr(module.config, "text_config", module.config)
+        loss = module.loss_function(logits=logits, labels=labels, vocab_size=text_config.vocab_size, **extra)
+        if isinstance(output, tuple):
+            return (loss, *output)
+        output.loss = loss
+        return output
+
+    def _kept_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """[B, L] labels of the last forward's input -> [B, L'] those of the columns it kept
+        (-100, ignored, where a row was re-padded)."""
+        raise NotImplementedError
+
     def _generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments a generate() call passes on (a family may drop some)."""
         return kwargs
@@ -322,6 +360,7 @@ class VisionStagePatch(PatchBase):
         owner, name = self.image_encoder()
         self._wrap(owner, name, self._encoder_wrapper(getattr(owner, name)))
         self._wrap_generate()
+        self._hook_labels()
 
     def remove(self) -> None:
         super().remove()
@@ -330,6 +369,11 @@ class VisionStagePatch(PatchBase):
 
     def _cache_state(self) -> PromptState | None:
         return self.state
+
+    def _kept_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.state is None:
+            return labels
+        return self.state.compaction.gather(labels, -100)
 
     def _after_generate(self) -> None:
         if self.state is not None:  # replays happen inside one generate() call only

@@ -91,6 +91,7 @@ class LLMStagePatch(PatchBase):
                 self._hooks.append(attn.k_proj.register_forward_hook(self._keep_output("k")))
                 self._hooks.append(attn.register_forward_hook(self._attention_rows_hook, with_kwargs=True))
         self._wrap_generate()
+        self._hook_labels()
 
     # -- outer forward: which phase, and the prompt's facts ------------------------------------
 
@@ -143,6 +144,10 @@ class LLMStagePatch(PatchBase):
         return None
 
     # -- decoder layers ------------------------------------------------------------------------
+
+    def _kept_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        # the last layer's columns (prefill, or a replay's prompt + generated tokens)
+        return labels if self.phase == "off" else _gather(labels, self._index, -100)
 
     def _cache_state(self) -> tuple | None:
         if self.phase != "prefill" or not self.stage_index:

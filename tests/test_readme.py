@@ -110,3 +110,20 @@ def test_generate_modes_example_runs_on_a_patched_model():
     first, ids, second = namespace["first"], namespace["ids"], namespace["second"]
     assert second.shape[1] == ids.shape[1] + 3
     assert first.cache.get_seq_length() == ids.shape[1] - (64 - 16) + 2
+
+
+def test_labels_example_scores_the_answer_on_a_pruned_model():
+    from vlm_prune import tiny
+
+    code = _block("## How it works (and what it guarantees)", 1)
+    assert "labels=labels" in code
+    model, processor = tiny.llava(image_size=112)
+    inputs = processor(images=[tiny.random_image(64, 48)], text=["USER: <image>\nWhat is it? ASSISTANT: a red circle"],
+                       return_tensors="pt")
+    with vlm_prune.pruned(model, "cls_attention", 16), torch.no_grad():
+        namespace = {"inputs": inputs, "model": model, "n_answer": 3}
+        exec(code, namespace)
+        logits = model(**inputs).logits
+    answer = inputs["input_ids"][0, -3:]
+    expected = torch.nn.functional.cross_entropy(logits[0, -4:-1], answer)
+    torch.testing.assert_close(namespace["loss"], expected, rtol=1e-5, atol=1e-6)

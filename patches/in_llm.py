@@ -33,7 +33,7 @@ from vlm_prune.methods.transition import stage_budget
 from vlm_prune.registry import get_method
 from vlm_prune.timing import clock
 
-from .base import PatchBase, _per_row
+from .model_hooks import PatchBase, _per_row
 
 
 @dataclass

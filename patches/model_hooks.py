@@ -1,0 +1,257 @@
+"""What every patch installs on one model instance, whichever engine (vision-stage in base.py,
+in-LLM in in_llm.py) does the pruning: hooks and wrappers removed exactly, the generate()
+wrapper, the KV cache tags and the loss of a forward given labels.
+
+- generate(): marks where a call starts (its first forward is the prompt's prefill, or the
+  first forward on a reused cache); refuses chunked prefill of images; notes whether the call
+  cuts its input at the cache's length and where the prompt ends (assisted decoding appends
+  a draft's candidates to the first forward).
+- KV cache tags: a pruned prefill's decisions travel with the cache it filled, as an attribute
+  of the cache object (deep copies carry it too): a cache from an earlier prompt decodes with
+  its own decisions, and a cache no pruned prefill filled passes through untouched.
+- labels: the pruned forward's logits cover the kept columns only; the loss is computed on the
+  labels of those columns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vlm_prune.compat import CACHE_KWARGS
+from vlm_prune.config import PruneConfig
+
+# the attribute by which a KV cache filled by a pruned prefill carries that prefill's state
+CACHE_STATE = "_vlm_prune_prompt"
+
+
+class PatchBase:
+    """Hook and wrapper bookkeeping shared by the vision-stage and in-LLM engines: everything is
+    installed on one model instance and removed exactly."""
+
+    def __init__(self, model: torch.nn.Module, config: PruneConfig):
+        self.model = model
+        self.config = config
+        self.stats: list[dict[str, int]] = []
+        self.kept_indices: list[torch.Tensor] = []
+        self.timings: dict[str, float] = {}
+        self.layer_lengths: list[int] = []  # tokens each decoder layer saw in the last prefill
+        self._hooks: list[Any] = []
+        self._wrapped: list[tuple[Any, str, Any]] = []  # (object, attribute, our wrapper)
+        self._in_generate = False
+        self._prefilled_in_generate = False
+        self._filled = False  # set by a prefill's pre-hook, read by the post-hook that tags the cache
+        self._generate_cuts = False  # see _cuts_at_cache
+        self._prompt_len: int | None = None  # columns of the prompt the current generate() call got
+        self._untagged_state: Any = None
+        # read once: a transformers config attribute costs microseconds, and the prefill path is
+        # host-bound on a GPU
+        self._image_token_id = getattr(model.config, "image_token_id", None)
+        text_config = getattr(model.config, "text_config", model.config)
+        self._text_layers = getattr(text_config, "num_hidden_layers", 0)
+        self._pad_id = next((int(c.pad_token_id) for c in (text_config, model.config)
+                             if getattr(c, "pad_token_id", None) is not None), 0)
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for owner, name, wrapper in self._wrapped:
+            if vars(owner).get(name) is wrapper:
+                delattr(owner, name)
+        self._wrapped.clear()
+        self._untagged_state = None
+
+    # -- which prefill filled a cache --------------------------------------------------------
+    # A pruned prefill's decisions travel with the KV cache it filled, as an attribute of the
+    # cache object (deep copies carry it too): decoding a cache of an earlier prompt after
+    # another prefill uses that prompt's decisions, and a cache no pruned prefill filled (an
+    # unpatched prefill, a text-only prompt) passes through untouched.
+
+    def _cache_state(self) -> Any:
+        """What the last prefill decided, as decode steps on its cache need it (None: nothing)."""
+        raise NotImplementedError
+
+    def _tag_cache(self, module, args, output):
+        """Forward hook of the hooked module: after a prefill, tags the cache it filled."""
+        if not self._filled:
+            return None
+        self._filled = False
+        cache = _output_cache(output)
+        if cache is not None:
+            state = self._cache_state()
+            try:
+                setattr(cache, CACHE_STATE, state)
+                self._untagged_state = None
+            except (AttributeError, TypeError):  # a cache type that takes no attributes
+                self._untagged_state = state
+        return None
+
+    def _state_of(self, cache: Any) -> Any:
+        """The state of the prefill that filled `cache`; None when no pruned prefill did."""
+        return getattr(cache, CACHE_STATE, self._untagged_state)
+
+    def _wrap(self, owner: Any, name: str, wrapper: Any) -> None:
+        if name in vars(owner):  # someone else already set an instance attribute: leave it
+            return
+        setattr(owner, name, wrapper)
+        self._wrapped.append((owner, name, wrapper))
+
+    def _wrap_generate(self) -> None:
+        """Marks where each generate() call starts: its first forward is the prompt's prefill."""
+        if not hasattr(self.model, "generate"):
+            return
+        original = self.model.generate
+
+        def generate(*args, **kwargs):
+            _refuse_chunked_prefill(self.model, kwargs)
+            self._in_generate, self._prefilled_in_generate = True, False
+            given = _generate_input(args, kwargs)
+            self._generate_cuts = _cuts_at_cache(given, kwargs)
+            self._prompt_len = given.shape[1] if isinstance(given, torch.Tensor) and given.dim() >= 2 else None
+            try:
+                return original(*args, **self._generate_kwargs(kwargs))
+            finally:
+                self._in_generate = False
+                self._after_generate()
+
+        generate.__wrapped__ = original
+        self._wrap(self.model, "generate", generate)
+
+    def _hook_labels(self) -> None:
+        """A forward given `labels`: the logits cover only the columns the pruning kept, so the
+        model's own loss (labels of the whole sequence) would fail. The labels are taken out
+        before the forward, and the loss is computed after it on the labels of the kept columns
+        (those of dropped image tokens go, as their logits did)."""
+        self._labels: torch.Tensor | None = None
+        self._hooks.append(self.model.register_forward_pre_hook(self._take_labels, with_kwargs=True))
+        self._hooks.append(self.model.register_forward_hook(self._loss_on_kept, with_kwargs=True))
+
+    def _take_labels(self, module, args, kwargs):
+        self._labels = kwargs.get("labels")  # set at every forward: a failed one leaves nothing behind
+        return None if self._labels is None else (args, {**kwargs, "labels": None})
+
+    def _loss_on_kept(self, module, args, kwargs, output):
+        labels, self._labels = self._labels, None
+        if labels is None:
+            return None
+        logits = output[0] if isinstance(output, tuple) else output.logits
+        if labels.shape[-1] != logits.shape[-2]:
+            labels = self._kept_labels(labels)
+        if labels.shape[-1] != logits.shape[-2]:
+            raise ValueError(
+                f"vlm_prune: labels cover {labels.shape[-1]} columns but the pruned forward returned logits "
+                f"for {logits.shape[-2]}; pass labels for the whole input sequence"
+            )
+        extra = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if kwargs.get(k) is not None}
+        text_config = getattr(module.config, "text_config", module.config)
+        loss = module.loss_function(logits=logits, labels=labels, vocab_size=text_config.vocab_size, **extra)
+        if isinstance(output, tuple):
+            return (loss, *output)
+        output.loss = loss
+        return output
+
+    def _kept_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """[B, L] labels of the last forward's input -> [B, L'] those of the columns it kept
+        (-100, ignored, where a row was re-padded)."""
+        raise NotImplementedError
+
+    def _generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments a generate() call passes on (a family may drop some)."""
+        return kwargs
+
+    def _after_generate(self) -> None:
+        """Called when a generate() call returns (or raises)."""
+
+    def _prompt_end(self) -> int | None:
+        """For the first forward of a generate() call: the prompt's length. Assisted decoding
+        (`assistant_model=`) appends the draft's first candidate tokens to that forward; they are
+        not part of the instruction a method reads, nor its last token. None: all of it is."""
+        return self._prompt_len if self._in_generate and not self._prefilled_in_generate else None
+
+    def _is_replay(self) -> bool:
+        """A forward of generate(use_cache=False) after the first: the whole sequence again."""
+        return self._in_generate and self._prefilled_in_generate
+
+    def image_token_mask(self, kw: dict[str, Any]) -> torch.Tensor:
+        """[B, L] bool: the image placeholders, from input_ids or by comparing embeddings."""
+        token_id = self._image_token_id
+        if kw.get("input_ids") is not None:
+            return kw["input_ids"] == token_id
+        embed = self.model.model.get_input_embeddings()
+        image_embed = embed(torch.tensor([[token_id]], device=kw["inputs_embeds"].device))
+        return (kw["inputs_embeds"] == image_embed).all(-1)
+
+    @staticmethod
+    def _seq_len(kw: dict[str, Any]) -> int:
+        x = kw.get("input_ids")
+        return (x if x is not None else kw["inputs_embeds"]).shape[1]
+
+    @staticmethod
+    def _batch_size(kw: dict[str, Any]) -> int:
+        x = kw.get("input_ids")
+        return (x if x is not None else kw["inputs_embeds"]).shape[0]
+
+    @staticmethod
+    def _device(kw: dict[str, Any]) -> torch.device:
+        x = kw.get("input_ids")
+        return (x if x is not None else kw["inputs_embeds"]).device
+
+
+def _refuse_chunked_prefill(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+    """generate(prefill_chunk_size=...) runs the prompt in pieces, each seeing part of an image's
+    tokens: no method can choose among tokens it does not see together."""
+    if kwargs.get("pixel_values") is None:
+        return
+    chunk = kwargs.get("prefill_chunk_size")
+    if chunk is None:
+        config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        chunk = getattr(config, "prefill_chunk_size", None)
+    if chunk is not None:
+        raise NotImplementedError(
+            f"vlm_prune: generate() with prefill_chunk_size={chunk} runs the prompt in pieces, and a "
+            "pruning method has to see each image's tokens together; pass prefill_chunk_size=None "
+            "(the pruned prompt is shorter anyway)"
+        )
+
+
+def _generate_input(args: tuple, kwargs: dict[str, Any]) -> Any:
+    """The token ids (or embeddings) a generate() call was given."""
+    given = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    return given if given is not None else kwargs.get("inputs_embeds")
+
+
+def _cuts_at_cache(given: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether a generate() call with a non-empty cache passes on its input from the cache's
+    length (it was given the whole sequence), not all of it (only the new tokens were given,
+    with a mask of the whole sequence): transformers' rule, which reads the mask before
+    generate() drops an all-ones one."""
+    mask = kwargs.get("attention_mask")
+    if not isinstance(given, torch.Tensor) or given.dim() != 2 or mask is None:
+        return True  # inputs_embeds are always cut; a mask generate() makes has the ids' length
+    return mask.shape[-1] == given.shape[-1]
+
+
+def _output_cache(output: Any) -> Any:
+    """The KV cache a model forward returned (`cache` from transformers 5.2x, else
+    `past_key_values`), or None."""
+    for name in CACHE_KWARGS:
+        cache = getattr(output, name, None)
+        if cache is not None:
+            return cache
+    return None
+
+
+def _per_row(row_tokens: list[int], image_tokens: list[int], image_values: list[int]) -> list[int]:
+    """Sums a per-image count over each row's images, on the host: the images fill the rows'
+    placeholders in order (`row_tokens`: placeholders per row; `image_tokens`: per image)."""
+    images = iter(zip(image_tokens, image_values))
+    sums = []
+    for n in row_tokens:
+        seen = total = 0
+        while seen < n:
+            tokens, value = next(images)
+            seen, total = seen + tokens, total + value
+        sums.append(total)
+    return sums

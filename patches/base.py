@@ -195,7 +195,9 @@ class VisionStagePatch(PatchBase):
     def _kept_labels(self, labels: torch.Tensor) -> torch.Tensor:
         if self.state is None:
             return labels
-        return self.state.compaction.gather(labels, -100)
+        comp = self.state.compaction
+        # the caller's labels, not moved yet: accelerate moves inputs inside forward, after the hook took them
+        return comp.gather(labels.to(comp.index.device), -100)
 
     def _after_generate(self) -> None:
         if self.state is not None:  # replays happen inside one generate() call only

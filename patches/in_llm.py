@@ -147,7 +147,7 @@ class LLMStagePatch(PatchBase):
 
     def _kept_labels(self, labels: torch.Tensor) -> torch.Tensor:
         # the last layer's columns (prefill, or a replay's prompt + generated tokens)
-        return labels if self.phase == "off" else _gather(labels, self._index, -100)
+        return labels if self.phase == "off" else _gather(labels.to(self._index.device), self._index, -100)
 
     def _cache_state(self) -> tuple | None:
         if self.phase != "prefill" or not self.stage_index:

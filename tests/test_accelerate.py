@@ -43,14 +43,19 @@ def _offloaded(model, how, tmp_path):
 def test_offloaded_model_prunes_like_the_model_in_memory(family, method, backend, how, tmp_path):
     model, processor = BUILD[family]()
     inputs = two_prompts(family, processor)
-    with vlm_prune.pruned(model, method, 0.5, backend=backend) as handle:
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)  # a loss on every kept token
+    with vlm_prune.pruned(model, method, 0.5, backend=backend) as handle, torch.no_grad():
         want_logits, want_tokens = logits(model, inputs), greedy(model, inputs)
         want_stats = handle.stats
+        want_loss = model(**inputs, labels=labels).loss
     offloaded = _offloaded(model, how, tmp_path)
     assert offloaded.get_input_embeddings().weight.device.type == "meta"  # really offloaded
     with vlm_prune.pruned(offloaded, method, 0.5, backend=backend) as handle:
         got_logits = logits(offloaded, inputs)
         assert handle.stats == want_stats and handle.stats[0]["kept"] < handle.stats[0]["visual_tokens"]
         got_tokens = greedy(offloaded, inputs)
+        with torch.no_grad():
+            got_loss = offloaded(**inputs, labels=labels).loss
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
     assert torch.equal(got_tokens, want_tokens)

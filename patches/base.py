@@ -40,7 +40,7 @@ from vlm_prune.sequence import Compaction
 from vlm_prune.timing import clock
 
 from .image_tokens import ImageTokens, ReducedImages, _cat, reduce_image_tokens
-from .model_hooks import PatchBase, _per_row
+from .model_hooks import PatchBase, _is_prepared, _padding_mask, _per_row
 
 
 @dataclass
@@ -484,28 +484,6 @@ def _same_encoding(recorded: Any, given: Any) -> bool:
     return a_spec == b_spec and all(
         x is y or (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
                    and x.dtype == y.dtype) for x, y in zip(a, b))
-
-
-def _is_prepared(mask: Any) -> bool:
-    """A mask the model would otherwise build itself: [B, 1, q, S], or one per attention kind."""
-    return isinstance(mask, dict) or (mask is not None and mask.dim() == 4)
-
-
-def _padding_mask(mask: torch.Tensor | dict, length: int) -> torch.Tensor:
-    """[B, 1, L, S] (or {kind: such a mask}) -> [B, L] long: the padding mask behind the mask
-    generate() prepares for a static cache (bool, or additive float with 0 where attended). The
-    last prompt token attends to every real token before it, so its row is the padding mask
-    (left padding, as generate() pads decoder-only models)."""
-    if isinstance(mask, dict):
-        mask = mask.get("full_attention", next(iter(mask.values())))
-    last = mask[:, 0, -1, :length]
-    real = last if last.dtype == torch.bool else last == 0
-    if not bool(real[:, -1].all()):
-        raise ValueError(
-            "vlm_prune: a 4D attention_mask whose last prompt token is padding (right padding); "
-            "pad on the left (processor.tokenizer.padding_side = 'left') or pass a 2D mask"
-        )
-    return real.long()
 
 
 def _extend_mask(prompt_mask: torch.Tensor, extra: int) -> torch.Tensor:

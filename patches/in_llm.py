@@ -26,14 +26,14 @@ from typing import Any
 
 import torch
 
-from vlm_prune.compat import bind_to_kwargs, cache_length, get_cache, is_static_cache
+from vlm_prune.compat import bind_to_kwargs, cache_length, get_cache, static_cache_slots
 from vlm_prune.config import PruneConfig
 from vlm_prune.kernels import attention_from_rows, transition_variation
 from vlm_prune.methods.transition import stage_budget
 from vlm_prune.registry import get_method
 from vlm_prune.timing import clock
 
-from .model_hooks import PatchBase, _per_row
+from .model_hooks import PatchBase, _is_prepared, _padding_mask, _per_row
 
 
 @dataclass
@@ -64,6 +64,7 @@ class LLMStagePatch(PatchBase):
         self.first = self.stages[0].after_layer  # 0-based index of the first layer that sees fewer tokens
         self.layer_lengths: list[int] = []
         self.phase = "off"
+        self._key_slots: int | None = None  # see _outer_hook
         self._sliced: tuple[tuple, dict[str, Any]] | None = None  # see _per_stage
         self._visual: tuple[torch.Tensor, torch.Tensor] | None = None  # see _visual_columns
         self.prompt: PromptContext | None = None
@@ -99,12 +100,8 @@ class LLMStagePatch(PatchBase):
         kw = bind_to_kwargs(self._forward, args, kwargs)
         cache = get_cache(kw)
         past = cache_length(cache)
-        if past == 0 and is_static_cache(cache):
-            raise NotImplementedError(
-                f"vlm_prune: method {self.config.method!r} prunes inside the decoder (each layer's KV cache "
-                "holds a different number of tokens), which is not supported with a static cache "
-                "(generate(cache_implementation='static')); use the default dynamic cache, or a vision-stage method"
-            )
+        # a static cache's layers each keep their own length in fixed slots: the mask spans them all
+        self._key_slots = static_cache_slots(cache)
         self._sliced = self._visual = None  # per-stage slices of the previous forward
         if past > 0:
             state = self._state_of(cache)
@@ -131,7 +128,10 @@ class LLMStagePatch(PatchBase):
             self.kept_indices, self.timings = [], {}
             return None
         self.phase = "prefill"
-        self.prompt = _prompt_context(is_image, kw.get("attention_mask"), counts, prompt_end)
+        mask = kw.get("attention_mask")
+        if _is_prepared(mask):  # generate() with a static cache: the padding behind its 4D mask
+            mask = _padding_mask(mask, is_image.shape[1])
+        self.prompt = _prompt_context(is_image, mask, counts, prompt_end)
         self._select_s = 0.0
         self._ttv = torch.zeros(is_image.shape, dtype=torch.float32, device=is_image.device)
         self._attention: torch.Tensor | None = None
@@ -343,6 +343,9 @@ class LLMStagePatch(PatchBase):
         if queries_padded:
             eye = torch.eye(allowed.shape[1], allowed.shape[2], dtype=torch.bool, device=allowed.device)
             allowed = torch.where(pad_q[:, :, None], eye, allowed)
+        if self._key_slots is not None and allowed.shape[-1] < self._key_slots:
+            # a static cache: the layer's slots past the tokens it holds are empty
+            allowed = torch.nn.functional.pad(allowed, (0, self._key_slots - allowed.shape[-1]), value=False)
         allowed = allowed[:, None]
         if mask is not None and mask.dtype != torch.bool:
             return torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device).masked_fill(

@@ -255,3 +255,25 @@ def _per_row(row_tokens: list[int], image_tokens: list[int], image_values: list[
             seen, total = seen + tokens, total + value
         sums.append(total)
     return sums
+
+
+def _is_prepared(mask: Any) -> bool:
+    """A mask the model would otherwise build itself: [B, 1, q, S], or one per attention kind."""
+    return isinstance(mask, dict) or (mask is not None and mask.dim() == 4)
+
+
+def _padding_mask(mask: torch.Tensor | dict, length: int) -> torch.Tensor:
+    """[B, 1, L, S] (or {kind: such a mask}) -> [B, L] long: the padding mask behind the mask
+    generate() prepares for a static cache (bool, or additive float with 0 where attended). The
+    last prompt token attends to every real token before it, so its row is the padding mask
+    (left padding, as generate() pads decoder-only models)."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values())))
+    last = mask[:, 0, -1, :length]
+    real = last if last.dtype == torch.bool else last == 0
+    if not bool(real[:, -1].all()):
+        raise ValueError(
+            "vlm_prune: a 4D attention_mask whose last prompt token is padding (right padding); "
+            "pad on the left (processor.tokenizer.padding_side = 'left') or pass a 2D mask"
+        )
+    return real.long()

@@ -35,6 +35,18 @@ def is_static_cache(cache: Any) -> bool:
     return bool(getattr(cache, "is_compileable", False))
 
 
+def static_cache_slots(cache: Any) -> int | None:
+    """The key slots every layer of a static cache holds (None for any other cache)."""
+    if not is_static_cache(cache):
+        return None
+    for name in ("get_max_length", "get_max_cache_shape"):  # transformers 5.2x, earlier releases
+        getter = getattr(cache, name, None)
+        slots = getter() if getter is not None else None
+        if isinstance(slots, int) and slots > 0:
+            return slots
+    return None
+
+
 def bind_to_kwargs(forward: Callable, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Turns positional arguments of a module call into keywords (LLaVA-NeXT passes input_ids
     positionally to its inner model)."""

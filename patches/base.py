@@ -192,6 +192,9 @@ class VisionStagePatch(PatchBase):
     def _cache_state(self) -> PromptState | None:
         return self.state
 
+    def _decodes(self, state: Any) -> bool:
+        return isinstance(state, PromptState)
+
     def _kept_labels(self, labels: torch.Tensor) -> torch.Tensor:
         if self.state is None:
             return labels

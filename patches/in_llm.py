@@ -51,6 +51,16 @@ class PromptContext:
     instruction_per_row: list[int]  # ... so the stages never wait for the device
 
 
+@dataclass
+class LLMPromptState:
+    """What an in-LLM prefill decided, as decode steps on the cache it filled need it."""
+
+    prompt: PromptContext
+    stage_index: list[torch.Tensor]  # per stage: [B, L_s] kept prompt columns, -1 = pad
+    stage_padded: list[bool]
+    stage_layers: tuple[int, ...]  # each stage's first layer: which layers hold which columns
+
+
 class LLMStagePatch(PatchBase):
     def __init__(self, model: torch.nn.Module, config: PruneConfig):
         super().__init__(model, config)
@@ -62,6 +72,7 @@ class LLMStagePatch(PatchBase):
         self.rows = self.method.query_rows(config.options)
         self.stage_starts = {stage.after_layer: i for i, stage in enumerate(self.stages)}
         self.first = self.stages[0].after_layer  # 0-based index of the first layer that sees fewer tokens
+        self._stage_layers = tuple(stage.after_layer for stage in self.stages)
         self.layer_lengths: list[int] = []
         self.phase = "off"
         self._key_slots: int | None = None  # see _outer_hook
@@ -107,7 +118,7 @@ class LLMStagePatch(PatchBase):
             state = self._state_of(cache)
             self.phase = "off" if state is None else "decode"
             if state is not None:  # the prompt that filled this cache, which need not be the last one
-                self.prompt, self.stage_index, self.stage_padded = state
+                self.prompt, self.stage_index, self.stage_padded = state.prompt, state.stage_index, state.stage_padded
             self._decode_start = past  # layer 0 holds every token: past = L + generated so far
             return None
         self._filled = True
@@ -149,10 +160,13 @@ class LLMStagePatch(PatchBase):
         # the last layer's columns (prefill, or a replay's prompt + generated tokens)
         return labels if self.phase == "off" else _gather(labels.to(self._index.device), self._index, -100)
 
-    def _cache_state(self) -> tuple | None:
+    def _cache_state(self) -> LLMPromptState | None:
         if self.phase != "prefill" or not self.stage_index:
             return None
-        return self.prompt, self.stage_index, self.stage_padded
+        return LLMPromptState(self.prompt, self.stage_index, self.stage_padded, self._stage_layers)
+
+    def _decodes(self, state: Any) -> bool:
+        return isinstance(state, LLMPromptState) and state.stage_layers == self._stage_layers
 
     def _layer_hook(self, i: int):
         def hook(module, args, kwargs):

@@ -90,7 +90,18 @@ class PatchBase:
 
     def _state_of(self, cache: Any) -> Any:
         """The state of the prefill that filled `cache`; None when no pruned prefill did."""
-        return getattr(cache, CACHE_STATE, self._untagged_state)
+        state = getattr(cache, CACHE_STATE, self._untagged_state)
+        if state is not None and not self._decodes(state):
+            raise ValueError(
+                f"vlm_prune: this KV cache was filled by a prefill pruned with another configuration "
+                f"(its state: {type(state).__name__}); the current patch is {self.config.method!r}. Decode "
+                "it under the patch that filled it, or start a new cache"
+            )
+        return state
+
+    def _decodes(self, state: Any) -> bool:
+        """Whether this patch can decode a cache with this tag (one its engine and layout made)."""
+        raise NotImplementedError
 
     def _wrap(self, owner: Any, name: str, wrapper: Any) -> None:
         if name in vars(owner):  # someone else already set an instance attribute: leave it

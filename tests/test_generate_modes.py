@@ -157,6 +157,26 @@ def test_each_cache_decodes_with_the_pruning_of_the_prompt_that_filled_it(method
     torch.testing.assert_close(got_unpatched, want_unpatched, rtol=1e-5, atol=1e-5)
 
 
+def test_a_cache_pruned_under_another_configuration_is_refused():
+    """A cache carries the layout its prefill left (which tokens each layer holds): decoding it
+    under a patch of another engine or schedule would misread it, so it is a clear error."""
+    model, processor = BUILD["llava"](text_layers=4)
+    inputs = two_prompts("llava", processor)
+    step = {"input_ids": torch.tensor([[7], [7]]), "attention_mask": torch.ones(2, inputs["input_ids"].shape[1] + 1,
+                                                                                dtype=torch.long)}
+    for first, then in [(("cls_attention", {}), ("fastv", {"layer": 2})),
+                        (("fastv", {"layer": 2}), ("cls_attention", {})),
+                        (("fastv", {"layer": 2}), ("fastv", {"layer": 1}))]:
+        with torch.no_grad():
+            with vlm_prune.pruned(model, first[0], 0.25, **first[1]):
+                cache = model(**inputs).cache
+            with vlm_prune.pruned(model, then[0], 0.25, **then[1]):
+                with pytest.raises(ValueError, match="another configuration"):
+                    model(**step, cache=copy.deepcopy(cache))
+            with vlm_prune.pruned(model, first[0], 0.5, **first[1]):  # the same layout, another keep
+                assert model(**step, cache=cache).logits.shape[:2] == (2, 1)
+
+
 def test_a_second_turn_on_an_in_llm_pruned_cache_and_misuse():
     """fastv keeps layer 0's cache whole, so generate() cuts the conversation where the
     unpruned model would: the new turn in one forward equals feeding it token by token. Giving

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from vlm_prune.compat import bind_to_kwargs, cache_length, get_cache, static_cache_slots
+from vlm_prune.compat import bind_to_kwargs, cache_length, get_cache, is_static_cache, static_cache_slots
 from vlm_prune.config import PruneConfig
 from vlm_prune.kernels import attention_from_rows, transition_variation
 from vlm_prune.methods.transition import stage_budget
@@ -113,6 +113,11 @@ class LLMStagePatch(PatchBase):
         past = cache_length(cache)
         # a static cache's layers each keep their own length in fixed slots: the mask spans them all
         self._key_slots = static_cache_slots(cache)
+        if self._key_slots is None and is_static_cache(cache):
+            raise NotImplementedError(
+                f"vlm_prune: method {self.config.method!r} needs the slot count of a static cache "
+                f"({type(cache).__name__} does not tell it on this transformers release); use the default cache"
+            )
         self._sliced = self._visual = None  # per-stage slices of the previous forward
         if past > 0:
             state = self._state_of(cache)

@@ -44,7 +44,6 @@ class PatchBase:
         self._filled = False  # set by a prefill's pre-hook, read by the post-hook that tags the cache
         self._generate_cuts = False  # see _cuts_at_cache
         self._prompt_len: int | None = None  # columns of the prompt the current generate() call got
-        self._untagged_state: Any = None
         # read once: a transformers config attribute costs microseconds, and the prefill path is
         # host-bound on a GPU
         self._image_token_id = getattr(model.config, "image_token_id", None)
@@ -61,7 +60,6 @@ class PatchBase:
             if vars(owner).get(name) is wrapper:
                 delattr(owner, name)
         self._wrapped.clear()
-        self._untagged_state = None
 
     # -- which prefill filled a cache --------------------------------------------------------
     # A pruned prefill's decisions travel with the KV cache it filled, as an attribute of the
@@ -80,17 +78,18 @@ class PatchBase:
         self._filled = False
         cache = _output_cache(output)
         if cache is not None:
-            state = self._cache_state()
             try:
-                setattr(cache, CACHE_STATE, state)
-                self._untagged_state = None
-            except (AttributeError, TypeError):  # a cache type that takes no attributes
-                self._untagged_state = state
+                setattr(cache, CACHE_STATE, self._cache_state())
+            except (AttributeError, TypeError) as error:  # untagged, it would decode as unpruned
+                raise TypeError(
+                    f"vlm_prune: cannot tag the KV cache ({type(cache).__name__}) with what the pruned prefill "
+                    "kept; use one of transformers' Cache classes"
+                ) from error
         return None
 
     def _state_of(self, cache: Any) -> Any:
         """The state of the prefill that filled `cache`; None when no pruned prefill did."""
-        state = getattr(cache, CACHE_STATE, self._untagged_state)
+        state = getattr(cache, CACHE_STATE, None)
         if state is not None and not self._decodes(state):
             raise ValueError(
                 f"vlm_prune: this KV cache was filled by a prefill pruned with another configuration "
@@ -110,7 +109,9 @@ class PatchBase:
         self._wrapped.append((owner, name, wrapper))
 
     def _wrap_generate(self) -> None:
-        """Marks where each generate() call starts: its first forward is the prompt's prefill."""
+        """Marks where each generate() call starts (its first forward is the prompt's prefill, or
+        the first on a reused cache) and notes what that forward will need: whether generate()
+        cuts its input at the cache's length, and where the prompt ends."""
         if not hasattr(self.model, "generate"):
             return
         original = self.model.generate

@@ -40,7 +40,7 @@ from vlm_prune.sequence import Compaction
 from vlm_prune.timing import clock
 
 from .image_tokens import ImageTokens, ReducedImages, _cat, reduce_image_tokens
-from .model_hooks import PatchBase, _is_prepared, _padding_mask, _per_row
+from .model_hooks import PatchBase, _is_prepared, _padding_mask, _per_row, _prompt_columns
 
 
 @dataclass
@@ -367,13 +367,8 @@ class VisionStagePatch(PatchBase):
         (the text after the row's last image; all of the row's text if nothing follows), read
         before `prompt_end` (see PatchBase._prompt_end)."""
         embeds = self.embedding()(kw["input_ids"]) if kw.get("input_ids") is not None else kw["inputs_embeds"]
-        mask = kw.get("attention_mask")
-        real = mask.bool() if mask is not None else torch.ones_like(is_image)
-        positions = torch.arange(is_image.shape[1], device=is_image.device).expand_as(is_image)
-        if prompt_end is not None and prompt_end < is_image.shape[1]:
-            real = real & (positions < prompt_end)
+        positions, last_image, real = _prompt_columns(is_image, kw.get("attention_mask"), prompt_end)
         text = real & ~is_image
-        last_image = torch.where(is_image, positions, -1).max(1).values
         after = text & (positions > last_image[:, None])
         instruction = torch.where(after.any(1, keepdim=True), after, text).float()
         question = (embeds.float() * instruction[..., None]).sum(1) / instruction.sum(1, keepdim=True).clamp(min=1)

@@ -33,7 +33,7 @@ from vlm_prune.methods.transition import stage_budget
 from vlm_prune.registry import get_method
 from vlm_prune.timing import clock
 
-from .model_hooks import PatchBase, _is_prepared, _padding_mask, _per_row
+from .model_hooks import PatchBase, _is_prepared, _padding_mask, _per_row, _prompt_columns
 
 
 @dataclass
@@ -434,17 +434,13 @@ def _prompt_context(is_image: torch.Tensor, mask2d: torch.Tensor | None, visual_
                     prompt_end: int | None = None) -> PromptContext:
     """The prompt's facts; columns from `prompt_end` on (a draft's candidate tokens, see
     PatchBase._prompt_end) are neither instruction nor the last prompt token."""
-    batch, length = is_image.shape
+    length = is_image.shape[1]
     starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
     per_row = starts.sum(1)
     offsets = torch.cumsum(per_row, 0) - per_row
     image_id = torch.where(is_image, torch.cumsum(starts.long(), 1) - 1 + offsets[:, None], -1)
     image_sizes = torch.bincount(image_id[is_image], minlength=int(per_row.sum())).tolist()
-    positions = torch.arange(length, device=is_image.device).expand(batch, length)
-    last_image = torch.where(is_image, positions, -1).max(1).values
-    real = mask2d.bool() if mask2d is not None else torch.ones_like(is_image)
-    if prompt_end is not None and prompt_end < length:
-        real = real & (positions < prompt_end)
+    positions, last_image, real = _prompt_columns(is_image, mask2d, prompt_end)
     instruction = (positions > last_image[:, None]) & real & (last_image[:, None] >= 0)
     last = torch.where(real, positions, -1).max(1).values
     return PromptContext(length, is_image, image_id, image_sizes, instruction, last, mask2d, visual_per_row,

@@ -289,3 +289,17 @@ def _padding_mask(mask: torch.Tensor | dict, length: int) -> torch.Tensor:
             "pad on the left (processor.tokenizer.padding_side = 'left') or pass a 2D mask"
         )
     return real.long()
+
+
+def _prompt_columns(is_image: torch.Tensor, mask2d: torch.Tensor | None,
+                    prompt_end: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a prompt's [B, L] image-placeholder mask: the [B, L] column numbers, each row's last
+    image column [B] (-1: none), and the [B, L] bool real prompt tokens -- not padding, and
+    before `prompt_end` (a draft's candidates follow it, see PatchBase._prompt_end)."""
+    batch, length = is_image.shape
+    positions = torch.arange(length, device=is_image.device).expand(batch, length)
+    last_image = torch.where(is_image, positions, -1).max(1).values
+    real = mask2d.bool() if mask2d is not None else torch.ones_like(is_image)
+    if prompt_end is not None and prompt_end < length:
+        real = real & (positions < prompt_end)
+    return positions, last_image, real

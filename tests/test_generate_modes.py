@@ -88,12 +88,6 @@ def _second_turn(processor, inputs, first, with_token_types):
     return turn
 
 
-def _cache_of(output):
-    """generate()'s returned cache and the keyword that passes it back (renamed in 5.2x)."""
-    cache = getattr(output, "cache", None)
-    return ("cache", cache) if cache is not None else ("past_key_values", output.past_key_values)
-
-
 def test_a_second_turn_continues_the_pruned_cache(family_model):
     """Chat with a reused cache: generate() is given the whole conversation (or only the new
     tokens, with the mask of the whole) and the first turn's cache, and cuts the conversation
@@ -114,13 +108,13 @@ def test_a_second_turn_continues_the_pruned_cache(family_model):
                 first = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True,
                                        **no_image)
                 kept = [s["kept"] for s in handle.stats]
-                key, cache = _cache_of(first)
+                cache = first.cache
                 cached = cache.get_seq_length()
                 turn = _second_turn(processor, inputs, first, with_token_types)
                 new = turn["input_ids"].shape[1] - first.sequences.shape[1] + 1  # the last answer token, the question
                 if given == "new only":
                     turn["input_ids"] = turn["input_ids"][:, -new:]
-                second = _generate(model, turn, **{key: cache}, **no_image)
+                second = _generate(model, turn, cache=cache, **no_image)
                 assert cache.get_seq_length() == cached + new + 3  # grew by the unseen tokens only
                 fresh = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
                 fresh.update(_second_turn(processor, inputs, first, with_token_types=True))

@@ -226,6 +226,7 @@ class VisionStagePatch(PatchBase):
     # -- the hook --------------------------------------------------------------------------
 
     def _pre_hook(self, module, args, kwargs):
+        self._filled = False  # a forward that failed after setting it must not tag the next one's cache
         kw = bind_to_kwargs(self._forward, args, kwargs)
         cache = get_cache(kw)
         past = cache_length(cache)

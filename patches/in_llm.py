@@ -108,6 +108,7 @@ class LLMStagePatch(PatchBase):
     # -- outer forward: which phase, and the prompt's facts ------------------------------------
 
     def _outer_hook(self, module, args, kwargs):
+        self._filled = False  # a forward that failed after setting it must not tag the next one's cache
         kw = bind_to_kwargs(self._forward, args, kwargs)
         cache = get_cache(kw)
         past = cache_length(cache)

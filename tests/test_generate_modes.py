@@ -151,6 +151,32 @@ def test_each_cache_decodes_with_the_pruning_of_the_prompt_that_filled_it(method
     torch.testing.assert_close(got_unpatched, want_unpatched, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method, options", [("cls_attention", {"positions": "original"}), ("fastv", {"layer": 2})])
+def test_a_failed_prefill_leaves_other_caches_tagged(method, options):
+    """A prefill that raises (a prompt whose placeholders do not match its images) must not
+    leave its cache tag behind for the next forward: two decode steps on another pruned cache
+    after it equal the same two steps without the failure (a padded batch, whose mask each
+    engine compacts its own way)."""
+    model, processor = BUILD["llava"](text_layers=4)
+    inputs = two_prompts("llava", processor)
+    broken = dict(inputs, input_ids=inputs["input_ids"].clone())
+    broken["input_ids"][0, broken["input_ids"][0].tolist().index(model.config.image_token_id)] = 7
+
+    def two_steps(cache):
+        return [model(input_ids=torch.full((2, 1), token),
+                      attention_mask=torch.cat([inputs["attention_mask"], torch.ones(2, step, dtype=torch.long)], 1),
+                      cache=cache).logits[:, -1] for step, token in ((1, 7), (2, 9))]
+
+    with torch.no_grad(), vlm_prune.pruned(model, method, 0.25, **options):
+        want = two_steps(copy.deepcopy(model(**inputs).cache))
+        cache = model(**inputs).cache
+        with pytest.raises((ValueError, RuntimeError)):
+            model(**broken)
+        got = two_steps(cache)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_a_cache_pruned_under_another_configuration_is_refused():
     """A cache carries the layout its prefill left (which tokens each layer holds): decoding it
     under a patch of another engine or schedule would misread it, so it is a clear error."""

@@ -14,6 +14,9 @@ shorter sequence and keeps decode consistent with it:
   sequence it is given at the cache's length, which is the pruned one, so the first columns it
   passes on are already in the cache; they are dropped (the unpruned model would get only the
   new tokens);
+- a prompt with images on a non-empty cache (a later turn brings a new image): its images are
+  reduced as a prefill's, its tokens numbered after the cached ones, and the cache it fills
+  gets one compaction of the whole conversation (`CachedPart`, `Compaction.followed_by`);
 - generate(use_cache=False): every step re-runs the whole sequence; steps after the first
   reuse the prompt's reduction instead of re-scoring a longer sequence.
 
@@ -69,6 +72,29 @@ class PromptState:
         return self._features
 
 
+@dataclass
+class CachedPart:
+    """The part of a conversation a KV cache holds, which a prompt with images continues."""
+
+    compaction: Compaction  # of the cached prompt (whose generated tokens follow it, all kept)
+    length: int  # columns of the unpruned conversation so far
+    mask: torch.Tensor  # [B, past] the mask of the cached columns
+    keep: torch.Tensor  # [B, length] bool, the unpruned conversation's columns in the cache
+    full_mask: torch.Tensor | None  # [B, length + new] the caller's unpruned mask, if given so
+
+    def joined(self, new: Any, renumber: bool) -> tuple[PromptState, torch.Tensor]:
+        """The state of the cached part and `new` (the new tokens' CompactedPrompt) together, and
+        the new tokens' position ids [..., B, L_new'] (renumbered past the cached drops too)."""
+        positions = new.positions
+        if renumber:
+            shift = self.compaction.total_dropped.view(*([1] * (positions.dim() - 2)), -1, 1)
+            positions = (positions - shift).clamp(min=0)
+        mask = torch.cat([self.mask, new.mask.to(self.mask.dtype)], dim=1)
+        state = PromptState(self.compaction.followed_by(self.length, new.compaction),
+                            torch.cat([self.keep, new.keep], dim=1), None, mask, renumber=renumber)
+        return state, positions
+
+
 class VisionStagePatch(PatchBase):
     """Base of the family patches for vision-stage methods (see module docstring)."""
 
@@ -78,6 +104,9 @@ class VisionStagePatch(PatchBase):
     position_policies: tuple[str, ...] = ("renumber", "original")
     # kwargs that run along the sequence besides ids/embeds, mask and positions
     sequence_kwargs: tuple[str, ...] = ()
+    # whether a prompt with images may continue a non-empty cache (and why not, when it may not)
+    continues_with_images = True
+    continuation_refusal = ""
 
     def __init__(self, model: torch.nn.Module, config: PruneConfig):
         method_cls = get_method(config.method)
@@ -96,6 +125,7 @@ class VisionStagePatch(PatchBase):
             )
         self.budget = config.budget or "per_image"
         self.state: PromptState | None = None
+        self._input_compaction: Compaction | None = None  # of the last prefill's tokens
         self._signal_s = 0.0
         # the wrapped encoder's last output, its per-image tensors then, and their description
         self._last_encoded: tuple[Any, tuple[torch.Tensor, ...], list[ImageTokens]] | None = None
@@ -186,7 +216,7 @@ class VisionStagePatch(PatchBase):
 
     def remove(self) -> None:
         super().remove()
-        self.state = None
+        self.state = self._input_compaction = None
         self._last_encoded = None
 
     def _cache_state(self) -> PromptState | None:
@@ -196,9 +226,9 @@ class VisionStagePatch(PatchBase):
         return isinstance(state, PromptState)
 
     def _kept_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        if self.state is None:
+        comp = self._input_compaction  # of the last prefill's own tokens, not of the cached part
+        if comp is None:
             return labels
-        comp = self.state.compaction
         # the caller's labels, not moved yet: accelerate moves inputs inside forward, after the hook took them
         return comp.gather(labels.to(comp.index.device), -100)
 
@@ -232,14 +262,12 @@ class VisionStagePatch(PatchBase):
         past = cache_length(cache)
         if past > 0:
             state = self._state_of(cache)
+            prompt_end = self._prompt_end()
             if state is not None and self._in_generate and not self._prefilled_in_generate:
                 kw = self._drop_cached_columns(kw, state, past)
             self._prefilled_in_generate = self._in_generate
-            if self._has_image_inputs(kw) and bool(self.image_token_mask(kw).any()):
-                raise NotImplementedError(
-                    "vlm_prune: a prompt with images that continues a non-empty KV cache is not "
-                    "supported; start a new cache for each prompt with images"
-                )
+            if self._brings_images(kw):
+                return (), self._continue(kw, past, state, prompt_end)
             return None if state is None else ((), self._decode(kw, past, state))
         self._filled = True  # the output's cache gets this prefill's state (None: nothing pruned)
         if self._is_replay() and self.state is not None:
@@ -247,9 +275,55 @@ class VisionStagePatch(PatchBase):
         mask = kw.get("attention_mask")
         if _is_prepared(mask):  # generate() with a static cache
             kw["attention_mask"] = _padding_mask(mask, self._seq_len(kw))
-        new_kw = self._prefill(kw)
+        new_kw = self._prefill(kw, prompt_end=self._prompt_end())
         self._prefilled_in_generate = self._in_generate
         return None if new_kw is None else ((), new_kw)
+
+    def _continue(self, kw: dict[str, Any], past: int, state: PromptState | None,
+                  prompt_end: int | None) -> dict[str, Any]:
+        """A prompt with images on a non-empty cache (a later chat turn brings a new image): its
+        images are reduced as a prefill's are, its tokens numbered after the cached ones, and the
+        cache it fills gets one compaction of the whole conversation (`state`: that of the cached
+        part, None for a cache no pruned prefill filled)."""
+        if not self.continues_with_images:
+            raise NotImplementedError(
+                f"vlm_prune: a prompt with images that continues a non-empty KV cache is not supported on "
+                f"{type(self.model).__name__}{self.continuation_refusal}; start a new cache for that prompt"
+            )
+        mask = kw.get("attention_mask")
+        if _is_prepared(mask):
+            raise NotImplementedError(
+                "vlm_prune: a prompt with images on a static cache that already holds tokens is not "
+                "supported; continue a conversation with the default dynamic cache"
+            )
+        n_new, device = self._seq_len(kw), self._device(kw)
+        if state is None:  # nothing pruned so far: every cached column kept
+            keep = torch.ones(self._batch_size(kw), past, dtype=torch.bool, device=device)
+            state = PromptState(Compaction.from_keep_mask(keep, kept_per_row=[past] * keep.shape[0]), keep,
+                                None, None)
+        comp = state.compaction
+        length = comp.prompt_len + past - comp.index.shape[1]  # the unpruned conversation so far
+        full_mask = None
+        if mask is None:
+            cached = state.prompt_mask if state.prompt_mask is not None else torch.ones(
+                comp.index.shape, dtype=torch.long, device=device)
+            cached = _extend_mask(cached, past - cached.shape[1])
+        elif mask.shape[-1] == length + n_new:
+            full_mask, cached = mask, comp.gather(mask[:, :length], 0)
+        elif mask.shape[-1] == past + n_new:
+            cached = mask[:, :past]
+        else:
+            raise ValueError(
+                f"attention_mask has {mask.shape[-1]} columns; expected {length + n_new} (unpruned "
+                f"conversation) or {past + n_new} (pruned cache + new tokens)"
+            )
+        if mask is not None:
+            kw = {**kw, "attention_mask": mask[:, -n_new:]}
+        if prompt_end is not None and self._generate_cuts:  # counted in the whole conversation
+            prompt_end -= length
+        keep = torch.cat([state.keep, state.keep.new_ones(state.keep.shape[0], length - comp.prompt_len)], dim=1)
+        self._filled = True  # the output's cache gets the joined state
+        return self._prefill(kw, CachedPart(comp, length, cached, keep, full_mask), prompt_end)
 
     def _drop_cached_columns(self, kw: dict[str, Any], state: PromptState, past: int) -> dict[str, Any]:
         """The first forward of a generate() call on a pruned cache: generate() cut the full
@@ -277,14 +351,6 @@ class VisionStagePatch(PatchBase):
                 kw[key] = kw[key][..., dropped:]
         return kw
 
-    def _has_image_inputs(self, kw: dict[str, Any]) -> bool:
-        return kw.get("pixel_values") is not None or self._pre_encoded(kw) is not None
-
-    @staticmethod
-    def _pre_encoded(kw: dict[str, Any]) -> Any:
-        """Image features generate() (or the caller) computed before the forward, or None."""
-        return (kw.get("mm_encoder_outputs") or {}).get("image")
-
     def _images(self, kw: dict[str, Any]) -> list[ImageTokens]:
         out = self._pre_encoded(kw)
         if out is None:
@@ -301,9 +367,13 @@ class VisionStagePatch(PatchBase):
             )
         return images
 
-    def _prefill(self, kw: dict[str, Any]) -> dict[str, Any] | None:
+    def _prefill(self, kw: dict[str, Any], earlier: CachedPart | None = None,
+                 prompt_end: int | None = None) -> dict[str, Any] | None:
+        """Reduces the images of the tokens in `kw` and compacts them. `earlier`: the cached part
+        of the conversation these tokens continue (see _continue); `prompt_end`: where the
+        prompt ends among these tokens (PatchBase._prompt_end), None: at their end."""
         start = clock(self.model)
-        self.state = None
+        self.state = self._input_compaction = None
         is_image = self.image_token_mask(kw)
         counts = is_image.sum(1).tolist()
         if not self._has_image_inputs(kw) or not any(counts):
@@ -317,13 +387,18 @@ class VisionStagePatch(PatchBase):
         self.prepare(kw)
         given = kw.get("position_ids")
         positions_start = clock(self.model)
-        base = None if given is None and self.sequential_positions else self.base_positions(kw, is_image.shape[1])
+        if earlier is not None:  # numbered after the cached part, as the unpruned model would
+            base = given if given is not None else self.decode_positions(kw, earlier.length, earlier.full_mask)
+        elif given is None and self.sequential_positions:
+            base = None
+        else:
+            base = self.base_positions(kw, is_image.shape[1])
         positions_s = clock(self.model) - positions_start
         vision_start = clock(self.model)
         images = self._images(kw)
         vision_s = clock(self.model) - vision_start
         if "question" in self.method.needs:
-            self._add_question(kw, is_image, images, self._prompt_end())
+            self._add_question(kw, is_image, images, prompt_end)
         n_slots = sum(img.features.shape[0] for img in images)
         if n_slots != sum(counts):
             raise ValueError(
@@ -337,7 +412,7 @@ class VisionStagePatch(PatchBase):
         # the padding side matters only when rows end up with different lengths
         left_padded = len(set(row_len)) <= 1 or mask is None or not bool((mask[:, -1] == 0).any())
         # an explicit mask is needed for re-padded rows, and for kept original positions with gaps
-        need_mask = mask is not None or len(set(row_len)) > 1 or (
+        need_mask = mask is not None or earlier is not None or len(set(row_len)) > 1 or (
             self.positions == "original" and any(n != is_image.shape[1] for n in row_len))
         if reduced.source is not None:  # the kept rows are copied straight from the tower's output
             features, kept_visual = reduced.source, reduced.source_keep
@@ -347,11 +422,16 @@ class VisionStagePatch(PatchBase):
             is_image, kept_visual, features, row_len, left_padded, self.embedding(), kw.get("input_ids"),
             kw.get("inputs_embeds"), self.pad_token_id, base, self.positions == "renumber", mask, need_mask,
             features_per_placeholder=reduced.source is not None, backend=self.config.backend)
-        # the kept tokens are read again only by the replays of generate(use_cache=False); held
-        # until then, since with the tower's output as their source that is a large tensor
-        self.state = PromptState(out.compaction, out.keep, reduced if self._in_generate else None, out.mask,
-                                 renumber=self.positions == "renumber")
-        new_kw = self._inputs(kw, out.embeds, out.positions, out.mask, out.compaction)
+        self._input_compaction = out.compaction
+        if earlier is None:
+            # the kept tokens are read again only by the replays of generate(use_cache=False); held
+            # until then, since with the tower's output as their source that is a large tensor
+            self.state = PromptState(out.compaction, out.keep, reduced if self._in_generate else None, out.mask,
+                                     renumber=self.positions == "renumber")
+            new_kw = self._inputs(kw, out.embeds, out.positions, out.mask, out.compaction)
+        else:
+            self.state, positions = earlier.joined(out, self.positions == "renumber")
+            new_kw = self._inputs(kw, out.embeds, positions, self.state.prompt_mask, out.compaction)
         self._kept_slots = reduced.kept  # turned into indices only when asked for (a device read each)
         n_layers = self._text_layers
         self.layer_lengths = [new_kw["inputs_embeds"].shape[1]] * n_layers

@@ -21,6 +21,7 @@ the decoder; the padding is masked.
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +123,11 @@ class LLMStagePatch(PatchBase):
         self._sliced = self._visual = None  # per-stage slices of the previous forward
         if past > 0:
             state = self._state_of(cache)
+            if self._brings_images(kw):
+                warnings.warn(
+                    f"vlm_prune: {self.config.method!r} prunes a prompt's images inside the LLM at its "
+                    "prefill; the new image of this prompt, which continues a KV cache, is kept whole. "
+                    "Start a new cache for the prompt to prune it", UserWarning, stacklevel=2)
             self.phase = "off" if state is None else "decode"
             if state is not None:  # the prompt that filled this cache, which need not be the last one
                 self.prompt, self.stage_index, self.stage_padded = state.prompt, state.stage_index, state.stage_padded

@@ -186,6 +186,19 @@ class PatchBase:
         """A forward of generate(use_cache=False) after the first: the whole sequence again."""
         return self._in_generate and self._prefilled_in_generate
 
+    def _has_image_inputs(self, kw: dict[str, Any]) -> bool:
+        return kw.get("pixel_values") is not None or self._pre_encoded(kw) is not None
+
+    @staticmethod
+    def _pre_encoded(kw: dict[str, Any]) -> Any:
+        """Image features generate() (or the caller) computed before the forward, or None."""
+        return (kw.get("mm_encoder_outputs") or {}).get("image")
+
+    def _brings_images(self, kw: dict[str, Any]) -> bool:
+        """Whether a forward's tokens hold image placeholders with their images (a device read,
+        only when images are given)."""
+        return self._has_image_inputs(kw) and bool(self.image_token_mask(kw).any())
+
     def image_token_mask(self, kw: dict[str, Any]) -> torch.Tensor:
         """[B, L] bool: the image placeholders, from input_ids or by comparing embeddings."""
         token_id = self._image_token_id

@@ -62,6 +62,8 @@ class Qwen2VLPatch(VisionStagePatch):
     # text after an image already continues from the image's extent, not its token count.
     position_policies = ("original",)
     sequence_kwargs = ("mm_token_type_ids",)
+    continues_with_images = False
+    continuation_refusal = " (the M-RoPE positions of a new image after cached tokens)"
 
     def check_model(self) -> None:
         # image_grid_thw as read by prepare(), that tensor, and Qwen2.5's window permutation of it

@@ -79,6 +79,26 @@ def test_compaction_left_pads_rows_that_keep_fewer_tokens():
     assert comp.renumber(comp.gather(longer, 0)).tolist()[0] == [0, 0, 0, 1, 2, 3, 4, 5]
 
 
+def test_compaction_followed_by_another_is_one_compaction_of_the_whole():
+    """A cached turn (row 0 kept 4 of 6, re-padded on the left) + 1 generated token, then a
+    new turn whose rows keep 3 and 2 of 4: the pad of row 1's new turn sits mid-sequence."""
+    first = Compaction.from_keep_mask(torch.tensor([[1, 0, 1, 1, 0, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool))
+    segment = Compaction.from_keep_mask(torch.tensor([[1, 1, 0, 1], [0, 1, 1, 0]], dtype=torch.bool))
+    whole = first.followed_by(7, segment)
+    assert whole.prompt_len == 11 and whole.kept_per_row == (8, 9)
+    assert whole.index.tolist() == [[-1, -1, 0, 2, 3, 5, 6, 7, 8, 10], [0, 1, 2, 3, 4, 5, 6, -1, 8, 9]]
+    assert whole.dropped_before.tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2, 3], [0] * 7 + [0, 1, 1]]
+    assert whole.total_dropped.tolist() == [3, 2]
+    ids = torch.arange(24).view(2, 12) + 100  # one token generated after the new turn
+    assert whole.gather(ids, -7).tolist() == [[-7, -7, 100, 102, 103, 105, 106, 107, 108, 110, 111],
+                                              [112, 113, 114, 115, 116, 117, 118, -7, 120, 121, 123]]
+    # equal counts per row but a pad mid-row still needs a mask
+    even = Compaction.from_keep_mask(torch.tensor([[1, 1, 1], [0, 1, 1]], dtype=torch.bool)).followed_by(
+        3, Compaction.from_keep_mask(torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)))
+    assert even.kept_per_row == (5, 5) and even.index.tolist() == [[0, 1, 2, -1, 3, 4], [-1, 1, 2, 3, 4, 5]]
+    assert even.needs_mask and even.gather(torch.ones(2, 6), 0)[:, [0, 3]].tolist() == [[1, 0], [0, 1]]
+
+
 def test_compaction_right_padding_and_3d_positions():
     keep = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
     comp = Compaction.from_keep_mask(keep, left_padded=False)

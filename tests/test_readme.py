@@ -103,13 +103,15 @@ def test_generate_modes_example_runs_on_a_patched_model():
     inputs = processor(images=[tiny.random_image(64, 48)], text=["USER: <image>\nWhat is it? ASSISTANT:"],
                        return_tensors="pt")
     with vlm_prune.pruned(model, "cls_attention", 16) as handle, torch.no_grad():
-        namespace = {"model": model, "inputs": inputs, "processor": processor, "torch": torch}
+        namespace = {"model": model, "inputs": inputs, "processor": processor, "torch": torch,
+                     "other_image": tiny.random_image(48, 64, seed=1)}
         exec(code.replace("max_new_tokens=30", "max_new_tokens=3"), namespace)
-        assert handle.stats == [{"visual_tokens": 64, "kept": 16}]
-    # the second turn generated on the pruned cache, which grew by the unseen tokens only
-    first, ids, second = namespace["first"], namespace["ids"], namespace["second"]
-    assert second.shape[1] == ids.shape[1] + 3
-    assert first.cache.get_seq_length() == ids.shape[1] - (64 - 16) + 2
+        assert handle.stats == [{"visual_tokens": 64, "kept": 16}]  # the third turn's new image
+    # the later turns generated on the pruned cache, which grew by the unseen tokens only, the
+    # new image pruned
+    first, ids, third = namespace["first"], namespace["ids"], namespace["third"]
+    assert third.shape[1] == ids.shape[1] + 3
+    assert first.cache.get_seq_length() == ids.shape[1] - 2 * (64 - 16) + 2
 
 
 def test_labels_example_scores_the_answer_on_a_pruned_model():

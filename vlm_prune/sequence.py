@@ -22,6 +22,8 @@ class Compaction:
     prompt_len:     L, the prompt length before compaction.
     kept_per_row:   host copy of the kept count per row (read once, so the properties and
                     `gather` never wait for the device again).
+    repadded:       some row has new pad columns even though every row keeps as many (in a
+                    compaction `followed_by` another, a row's pad may sit between the two).
     """
 
     index: torch.Tensor
@@ -29,6 +31,7 @@ class Compaction:
     total_dropped: torch.Tensor
     prompt_len: int
     kept_per_row: tuple[int, ...] = ()
+    repadded: bool = False
     _safe_index: torch.Tensor | None = field(default=None, repr=False)  # index.clamp(min=0), made once
 
     @classmethod
@@ -70,7 +73,23 @@ class Compaction:
     def needs_mask(self) -> bool:
         """True when rows were re-padded (rows keep different counts), so an explicit attention
         mask is required."""
-        return len(set(self.kept_per_row)) > 1
+        return self.repadded or len(set(self.kept_per_row)) > 1
+
+    def followed_by(self, length: int, segment: "Compaction") -> "Compaction":
+        """This compaction of a sequence of `length` columns (the prompt and the tokens
+        generated after it, all kept), then `segment`'s compaction of the columns after those:
+        one compaction of the whole (a conversation whose later turn was pruned too)."""
+        index, dropped = self.extended(length)
+        generated = length - self.prompt_len
+        segment_index = torch.where(segment.index >= 0, segment.index + length, -1)
+        return Compaction(
+            torch.cat([index, segment_index], dim=1),
+            torch.cat([dropped, segment.dropped_before + self.total_dropped[:, None]], dim=1),
+            self.total_dropped + segment.total_dropped,
+            length + segment.prompt_len,
+            tuple(a + generated + b for a, b in zip(self.kept_per_row, segment.kept_per_row)),
+            repadded=self.needs_mask or segment.needs_mask,
+        )
 
     def extended(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(index, dropped_before) for a sequence of `length` >= prompt_len whose columns past

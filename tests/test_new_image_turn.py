@@ -106,6 +106,30 @@ def test_a_new_image_in_a_later_turn_is_pruned_on_the_cache(family, given):
     torch.testing.assert_close(third.logits[0], want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["dct", "divprune", "pool", "random", "visionzip", "text_recovery"])
+def test_every_vision_stage_method_prunes_a_new_image_as_a_fresh_prefill_would(method):
+    """LLaVA-NeXT, a padded batch: the new images keep what a fresh pruned prefill of the whole
+    conversation keeps of them. The methods that score an image alone (or merge its tokens)
+    give that prefill's logits; text_recovery reads each image's question, which for the first
+    image differs between the two (the fresh prefill's is the text after the last image)."""
+    model, processor = BUILD["llava_next"]()
+    inputs = two_prompts("llava_next", processor)
+    with vlm_prune.pruned(model, method, 0.25) as handle:
+        first = _generate(model, inputs)
+        turn = _new_turn(processor, 2, "llava_next")
+        ids, mask = _conversation(inputs, first, turn)
+        second = _generate(model, {"input_ids": ids, "attention_mask": mask, "pixel_values": turn["pixel_values"],
+                                   "image_sizes": turn["image_sizes"]}, cache=first.cache)
+        new_kept = handle.kept_indices
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask, position_ids=_generate_positions(mask),
+                         **{k: _interleave(inputs[k], turn[k]) for k in IMAGE_KEYS}).logits[:, -1]
+        fresh_kept = handle.kept_indices[1::2]  # the second image of each row
+    assert len(new_kept) == 2 and all(torch.equal(a, b) for a, b in zip(new_kept, fresh_kept))
+    if method != "text_recovery":
+        torch.testing.assert_close(second.logits[0], want, rtol=1e-4, atol=1e-4)
+
+
 def test_a_new_image_on_an_unpruned_cache_is_checked_against_the_unpatched_model():
     """The first turn ran unpatched; the second, patched, brings an image: only that image is
     pruned, keeping the top [CLS]-attention tokens of an eager copy of the tower, and the logits

@@ -73,6 +73,33 @@ def test_in_llm_methods_with_a_static_cache_generate_what_the_dynamic_cache_does
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method, options", [("cls_attention", {}), ("fastv", {"layer": 2})])
+def test_a_compiled_static_cache_decode_generates_what_the_dynamic_cache_does(method, options):
+    """On a GPU, generate() with a static cache compiles the decode forward (torch.compile,
+    hooks included). Forced here on the CPU (inductor): the same tokens and logits as the
+    uncompiled dynamic cache, also for a second prompt whose images keep other tokens (nothing
+    of the first prompt's pruning is baked into the compiled graph)."""
+    from transformers import CompileConfig
+
+    model, processor = BUILD["llava"](text_layers=4)
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only by default
+    first = two_prompts("llava", processor)
+    second = dict(first, pixel_values=first["pixel_values"].flip(-1))
+    with vlm_prune.pruned(model, method, 0.25, **options) as handle:
+        for inputs in (first, second):
+            dynamic = _generate(model, inputs, do_sample=False)
+            kept = handle.kept_indices
+            compiled = _generate(model, inputs, do_sample=False, cache_implementation="static",
+                                 compile_config=compile_config)
+            assert all(torch.equal(a, b) for a, b in zip(handle.kept_indices, kept))
+            assert hasattr(model, "_compiled_call")  # generate() did compile the decode forward
+            assert torch.equal(compiled.sequences, dynamic.sequences)
+            for got, want in zip(compiled.logits, dynamic.logits):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def _second_turn(processor, inputs, first, with_token_types):
     """The whole conversation after `first` (a generate() output): its sequences + a new
     question, with the mask (and Qwen's token types, when asked) extended to match."""

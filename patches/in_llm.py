@@ -11,6 +11,9 @@ given layers, progressively:
   position ids sliced to the tokens it sees. Kept tokens keep their original positions.
 - decode: each layer's cache holds the tokens that layer saw; the decode mask (built for layer
   0's length) gets its columns sliced the same way per layer.
+- a prompt with images on a non-empty cache (a later turn brings a new image): a prefill of the
+  new tokens whose layers also attend to what their cache holds (`CachedColumns`); the
+  attention rows a method scores with see the cached keys too.
 - generate(use_cache=False): later steps reuse the prompt's selection (generated tokens are
   never dropped), which is what the cached run computes.
 
@@ -21,17 +24,17 @@ the decoder; the padding is masked.
 from __future__ import annotations
 
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from vlm_prune.compat import bind_to_kwargs, cache_length, get_cache, is_static_cache, static_cache_slots
+from vlm_prune.compat import (bind_to_kwargs, cache_length, get_cache, is_static_cache, layer_keys,
+                               static_cache_slots)
 from vlm_prune.config import PruneConfig
 from vlm_prune.kernels import attention_from_rows, transition_variation
 from vlm_prune.methods.transition import stage_budget
-from vlm_prune.registry import get_method
+from vlm_prune.registry import get_family, get_method
 from vlm_prune.timing import clock
 
 from .model_hooks import PatchBase, _is_prepared, _padding_mask, _per_row, _prompt_columns
@@ -56,10 +59,38 @@ class PromptContext:
 class LLMPromptState:
     """What an in-LLM prefill decided, as decode steps on the cache it filled need it."""
 
-    prompt: PromptContext
+    length: int  # L, the prompt's columns (layer 0 holds them all)
     stage_index: list[torch.Tensor]  # per stage: [B, L_s] kept prompt columns, -1 = pad
     stage_padded: list[bool]
     stage_layers: tuple[int, ...]  # each stage's first layer: which layers hold which columns
+
+
+@dataclass
+class CachedColumns:
+    """A prompt with images that continues a KV cache (a later turn brings a new image): what
+    each stage's layers already hold, in layer 0's columns (0 .. length-1)."""
+
+    length: int  # columns before the new tokens
+    stage_keys: list[torch.Tensor]  # per stage: [B, K_s] the columns its layers' cache holds, -1 = pad
+    stage_padded: list[bool]
+    mask2d: torch.Tensor | None  # [B, length] the caller's mask of those columns
+
+    def columns(self, s: int) -> torch.Tensor:
+        """[B, K] the cached columns of stage s's layers (s = -1: the layers before the first
+        stage, which hold every column)."""
+        if s >= 0:
+            return self.stage_keys[s]
+        index = self.stage_keys[0]
+        return torch.arange(self.length, device=index.device).expand(index.shape[0], -1)
+
+    def joined(self, stage_index: list[torch.Tensor], stage_padded: list[bool], length: int,
+               stage_layers: tuple[int, ...]) -> LLMPromptState:
+        """The state of the whole conversation: these columns, then the new tokens' (`stage_index`,
+        counted from the new tokens' first, `length` of them) after them."""
+        index = [torch.cat([keys, torch.where(new >= 0, new + self.length, -1)], dim=1)
+                 for keys, new in zip(self.stage_keys, stage_index)]
+        padded = [a or b for a, b in zip(self.stage_padded, stage_padded)]
+        return LLMPromptState(self.length + length, index, padded, stage_layers)
 
 
 class LLMStagePatch(PatchBase):
@@ -81,6 +112,11 @@ class LLMStagePatch(PatchBase):
         self._visual: tuple[torch.Tensor, torch.Tensor] | None = None  # see _visual_columns
         self.prompt: PromptContext | None = None
         self.stage_index: list[torch.Tensor] = []  # per stage: [B, L_s] kept prompt columns, -1 = pad
+        self._prompt_length = 0  # the columns of the prompt whose cache a decode step continues
+        self._cached: CachedColumns | None = None  # set while a prompt with images continues a cache
+        family = get_family(model)
+        self._continuation_refusal = None if family.continues_with_images else (
+            f"{type(model).__name__}{family.continuation_refusal}")
 
     # -- install / remove -------------------------------------------------------------------
 
@@ -120,17 +156,14 @@ class LLMStagePatch(PatchBase):
                 f"vlm_prune: method {self.config.method!r} needs the slot count of a static cache "
                 f"({type(cache).__name__} does not tell it on this transformers release); use the default cache"
             )
-        self._sliced = self._visual = None  # per-stage slices of the previous forward
+        self._sliced = self._visual = self._cached = None  # per-stage slices of the previous forward
         if past > 0:
             state = self._state_of(cache)
             if self._brings_images(kw):
-                warnings.warn(
-                    f"vlm_prune: {self.config.method!r} prunes a prompt's images inside the LLM at its "
-                    "prefill; the new image of this prompt, which continues a KV cache, is kept whole. "
-                    "Start a new cache for the prompt to prune it", UserWarning, stacklevel=2)
+                return self._continue(kw, past, state)
             self.phase = "off" if state is None else "decode"
             if state is not None:  # the prompt that filled this cache, which need not be the last one
-                self.prompt, self.stage_index, self.stage_padded = state.prompt, state.stage_index, state.stage_padded
+                self._prompt_length, self.stage_index, self.stage_padded = state.length, state.stage_index, state.stage_padded
             self._decode_start = past  # layer 0 holds every token: past = L + generated so far
             return None
         self._filled = True
@@ -142,6 +175,51 @@ class LLMStagePatch(PatchBase):
             return None
         prompt_end = self._prompt_end()
         self._prefilled_in_generate = self._in_generate
+        mask = kw.get("attention_mask")
+        if _is_prepared(mask):  # generate() with a static cache: the padding behind its 4D mask
+            mask = _padding_mask(mask, self._seq_len(kw))
+        self._start_prefill(kw, mask, prompt_end)
+        return None
+
+    def _continue(self, kw: dict[str, Any], past: int, state: LLMPromptState | None):
+        """A prompt with images on a non-empty cache (a later chat turn brings a new image): a
+        prefill of its tokens whose layers also attend to what their cache holds (`state`: what
+        filled it, None for a cache no pruned prefill filled); the cache then carries one state
+        of the whole conversation."""
+        if self._continuation_refusal is not None:
+            raise NotImplementedError(
+                "vlm_prune: a prompt with images that continues a non-empty KV cache is not supported on "
+                f"{self._continuation_refusal}; start a new cache for that prompt"
+            )
+        if self._key_slots is not None:
+            raise NotImplementedError(
+                "vlm_prune: a prompt with images on a static cache that already holds tokens is not "
+                "supported; continue a conversation with the default dynamic cache"
+            )
+        prompt_end = self._prompt_end()
+        if prompt_end is not None and self._generate_cuts:  # counted in the whole conversation
+            prompt_end -= past
+        self._prefilled_in_generate = self._in_generate
+        n_new, mask = self._seq_len(kw), kw.get("attention_mask")
+        if mask is not None and mask.shape[-1] != past + n_new:
+            raise ValueError(
+                f"attention_mask has {mask.shape[-1]} columns; expected {past + n_new} (the cache's "
+                f"{past} tokens + {n_new} new ones)"
+            )
+        if state is None:  # nothing pruned so far: every layer holds every cached column
+            columns = torch.arange(past, device=self._device(kw)).expand(self._batch_size(kw), past)
+            keys, padded = [columns] * len(self.stages), [False] * len(self.stages)
+        else:
+            keys = [_extend(index, past, state.length) for index in state.stage_index]
+            padded = list(state.stage_padded)
+        self._filled = True
+        self._start_prefill(kw, None if mask is None else mask[:, past:], prompt_end)
+        if self.phase == "prefill":
+            self._cached = CachedColumns(past, keys, padded, None if mask is None else mask[:, :past])
+        return None
+
+    def _start_prefill(self, kw: dict[str, Any], mask: torch.Tensor | None, prompt_end: int | None) -> None:
+        """The prompt's facts, and the scores and indices the stages start from."""
         self.stage_index, self.layer_lengths = [], []
         is_image = self.image_token_mask(kw)
         counts = is_image.sum(1).tolist()
@@ -149,11 +227,8 @@ class LLMStagePatch(PatchBase):
             self.phase, self.prompt = "off", None
             self.stats = [{"visual_tokens": int(n), "kept": int(n)} for n in counts]
             self.kept_indices, self.timings = [], {}
-            return None
+            return
         self.phase = "prefill"
-        mask = kw.get("attention_mask")
-        if _is_prepared(mask):  # generate() with a static cache: the padding behind its 4D mask
-            mask = _padding_mask(mask, is_image.shape[1])
         self.prompt = _prompt_context(is_image, mask, counts, prompt_end)
         self._select_s = 0.0
         self._ttv = torch.zeros(is_image.shape, dtype=torch.float32, device=is_image.device)
@@ -164,7 +239,6 @@ class LLMStagePatch(PatchBase):
         self._present = list(self.prompt.image_sizes)
         self._row_len = [is_image.shape[1]] * is_image.shape[0]
         self.stage_padded, self._padded_now = [], False
-        return None
 
     # -- decoder layers ------------------------------------------------------------------------
 
@@ -175,7 +249,9 @@ class LLMStagePatch(PatchBase):
     def _cache_state(self) -> LLMPromptState | None:
         if self.phase != "prefill" or not self.stage_index:
             return None
-        return LLMPromptState(self.prompt, self.stage_index, self.stage_padded, self._stage_layers)
+        if self._cached is not None:
+            return self._cached.joined(self.stage_index, self.stage_padded, self.prompt.length, self._stage_layers)
+        return LLMPromptState(self.prompt.length, self.stage_index, self.stage_padded, self._stage_layers)
 
     def _decodes(self, state: Any) -> bool:
         return isinstance(state, LLMPromptState) and state.stage_layers == self._stage_layers
@@ -299,13 +375,25 @@ class LLMStagePatch(PatchBase):
 
         def sliced():
             out = {"position_embeddings": (_gather_emb(cos, index), _gather_emb(sin, index)),
-                   "attention_mask": self._slice_mask(kwargs.get("attention_mask"), index, index,
-                                                      padded=self._padded_now)}
+                   "attention_mask": self._layer_mask(kwargs.get("attention_mask"), index)}
             if positions is not None:
                 out["position_ids"] = _gather_ids(positions, index)
             return out
 
         return {**kwargs, **self._per_stage((index, cos, sin, positions, kwargs.get("attention_mask")), sliced)}
+
+    def _layer_mask(self, mask, index: torch.Tensor):
+        """The mask of a layer that sees the columns `index` of this forward's tokens: among
+        them, and (continuing a cache) to what the layer's cache holds before them."""
+        cached = self._cached
+        if cached is None:
+            return self._slice_mask(mask, index, index, padded=self._padded_now)
+        s = len(self.stage_index) - 1
+        queries = torch.where(index >= 0, index + cached.length, -1)
+        keys = torch.cat([cached.columns(s), queries], dim=1)
+        # always explicit: the model's own mask is made for layer 0, which holds other columns
+        return self._slice_mask(mask, queries, keys, query_offset=cached.length, padded=True,
+                                queries_padded=self._padded_now)
 
     def _decode_kwargs(self, kwargs: dict[str, Any], s: int) -> dict[str, Any]:
         """Decode: this layer's cache holds stage s's prompt columns + every generated token."""
@@ -314,7 +402,7 @@ class LLMStagePatch(PatchBase):
         mask = kwargs.get("attention_mask")
 
         def sliced():
-            keys = _extend(self.stage_index[s], total, self.prompt.length)
+            keys = _extend(self.stage_index[s], total, self._prompt_length)
             queries = torch.arange(self._decode_start, total, device=keys.device).expand(keys.shape[0], n_new)
             return {"attention_mask": self._slice_mask(mask, queries, keys, query_offset=self._decode_start,
                                                        padded=self.stage_padded[s], queries_padded=False)}
@@ -430,8 +518,28 @@ class LLMStagePatch(PatchBase):
         allowed = (index[:, None, :] <= row_cols[:, :, None]) & (index[:, None, :] >= 0)
         if prompt.mask2d is not None:
             allowed &= _gather(prompt.mask2d.bool(), index, False)[:, None, :]
-        self._attention = attention_from_rows(q_rows, k, allowed, row_valid, module.scaling)
+        n_cached = 0
+        if self._cached is not None:  # the rows attend to the cached tokens too
+            cached_k, cached_allowed = self._cached_keys(module, kwargs, length)
+            n_cached = cached_k.shape[2]
+            k = torch.cat([cached_k.to(k.dtype), k], dim=2)
+            allowed = torch.cat([cached_allowed[:, None, :].expand(-1, allowed.shape[1], -1), allowed], dim=2)
+        self._attention = attention_from_rows(q_rows, k, allowed, row_valid, module.scaling)[:, n_cached:]
         self._select_s += clock(self.model) - start
+
+    def _cached_keys(self, module, kwargs: dict[str, Any], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Continuing a cache: the keys [B, G, K, Dh] (RoPE applied) that the attention layer
+        `module` held before this forward, and which of them [B, K] bool are real tokens."""
+        layer = module.layer_idx
+        keys = layer_keys(get_cache(kwargs), layer)  # updated with this forward's `length` keys
+        columns = self._cached.columns(self._stage_of(layer))
+        if keys.shape[2] - length != columns.shape[1]:
+            raise RuntimeError(
+                f"vlm_prune: layer {layer} holds {keys.shape[2] - length} cached keys, expected {columns.shape[1]}")
+        allowed = columns >= 0
+        if self._cached.mask2d is not None:
+            allowed &= _gather(self._cached.mask2d.bool(), columns, False)
+        return keys[:, :, : columns.shape[1]], allowed
 
 
 # -- helpers ---------------------------------------------------------------------------------

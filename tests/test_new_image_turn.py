@@ -166,14 +166,15 @@ def test_a_new_image_on_an_unpruned_cache_is_checked_against_the_unpatched_model
     torch.testing.assert_close(second.loss, want_loss, rtol=1e-4, atol=1e-4)
 
 
-def test_a_new_image_on_the_cache_misuse_is_refused():
-    """A mask that fits neither the unpruned conversation nor the pruned cache is a ValueError;
-    a static cache, or Qwen (M-RoPE positions of a new image after cached tokens), is a
-    NotImplementedError naming the alternative."""
+@pytest.mark.parametrize("method, options", [("cls_attention", {}), ("fastv", {"layer": 1})])
+def test_a_new_image_on_the_cache_misuse_is_refused(method, options):
+    """A mask that fits neither the conversation nor the cache is a ValueError; a static cache,
+    or Qwen (M-RoPE positions of a new image after cached tokens), is a NotImplementedError
+    naming the alternative -- for both engines."""
     model, processor = BUILD["llava"]()
     inputs = two_prompts("llava", processor)
     turn = _new_turn(processor, 2, "llava")
-    with vlm_prune.pruned(model, "cls_attention", 0.25):
+    with vlm_prune.pruned(model, method, 0.25, **options):
         first = _generate(model, inputs)
         ids, mask = _conversation(inputs, first, turn)
         with pytest.raises(ValueError, match="attention_mask has"):
@@ -186,38 +187,85 @@ def test_a_new_image_on_the_cache_misuse_is_refused():
                       cache=static.cache)
     qwen, qwen_processor = BUILD["qwen2_vl"]()
     batch = two_prompts("qwen2_vl", qwen_processor)
-    with vlm_prune.pruned(qwen, "cls_attention", 0.25):
-        first = _generate(qwen, {k: v for k, v in batch.items()})
+    with vlm_prune.pruned(qwen, method, 0.25, **options):
+        first = _generate(qwen, batch)
         with pytest.raises(NotImplementedError, match="M-RoPE positions of a new image"):
             with torch.no_grad():
                 qwen(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                      image_grid_thw=batch["image_grid_thw"], cache=first.cache)
 
 
-@pytest.mark.parametrize("method, options", [("fastv", {"layer": 2}), ("transition", {})])
-def test_in_llm_methods_keep_a_later_turns_new_image_whole_and_say_so(method, options):
-    """The in-LLM methods prune at a prompt's prefill; a new image on a reused cache is kept
-    whole, with a warning. The new turn in one forward equals feeding its tokens one by one as
-    embeddings (the image's features in place, merged by the model's own code), and every
-    layer's cache grows by all of them."""
-    model, processor = BUILD["llava"](text_layers=4)
-    inputs = processor(images=[tiny.random_image(64, 48, seed=0)], text=["USER: <image>\nWhat is it? ASSISTANT:"],
-                       return_tensors="pt")
-    with torch.no_grad(), vlm_prune.pruned(model, method, 0.25, **options) as handle:
+def _text_turn(processor, rows: int, text: str = " Sure?") -> torch.Tensor:
+    return processor.tokenizer([text] * rows, return_tensors="pt", add_special_tokens=False).input_ids
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_in_llm_pruning_of_a_new_image_continues_the_pruned_cache(family):
+    """transition with TTV alone scores a token by its own hidden-state transitions, which
+    causality makes the same whatever follows it: the first turn pruned, then a turn with a new
+    image on its cache, gives the logits and the kept tokens of a fresh pruned prefill of the
+    whole conversation, at every stage of the schedule (a padded batch of two; on LLaVA-NeXT
+    its rows keep different counts), and so does a text-only third turn."""
+    model, processor = BUILD[family](text_layers=4)
+    inputs = two_prompts(family, processor)
+    with vlm_prune.pruned(model, "transition", 0.25, alpha=1.0) as handle:
         first = _generate(model, inputs)
-        assert handle.layer_lengths[-1] < handle.layer_lengths[0]
-        turn = _new_turn(processor, 1, "llava")
+        lengths = handle.layer_lengths
+        assert lengths[-1] < lengths[1] < lengths[0]  # two stages
+        turn = _new_turn(processor, 2, family)
         ids, mask = _conversation(inputs, first, turn)
-        new = ids[:, first.sequences.shape[1] - 1:]
-        step_by_step = copy.deepcopy(first.cache)
         before = [layer.keys.shape[2] for layer in first.cache.layers]
-        with pytest.warns(UserWarning, match="kept whole"):
-            got = model(input_ids=new, attention_mask=mask, pixel_values=turn["pixel_values"], cache=first.cache)
-        assert [layer.keys.shape[2] - n for layer, n in zip(first.cache.layers, before)] == [new.shape[1]] * 4
-        features = image_features(model, turn["pixel_values"])[0]
-        embeds = model.model.get_input_embeddings()(new)
-        embeds[new == model.config.image_token_id] = features
-        cached = mask.shape[1] - new.shape[1]
-        for j in range(new.shape[1]):
-            want = model(inputs_embeds=embeds[:, j:j + 1], attention_mask=mask[:, :cached + j + 1], cache=step_by_step)
-    torch.testing.assert_close(got.logits[0, -1], want.logits[0, -1], rtol=1e-5, atol=1e-5)
+        second = _generate(model, {"input_ids": ids, "attention_mask": mask,
+                                   **{k: turn[k] for k in IMAGE_KEYS if k in turn}}, cache=first.cache)
+        new_kept = handle.kept_indices
+        if family == "llava":  # each layer holds as many of the new image's tokens as of the first (64 each)
+            grown = [layer.keys.shape[2] - n - 2 for layer, n in zip(second.cache.layers, before)]  # minus 2 decoded
+            assert grown == [turn["input_ids"].shape[1] + 1 - (lengths[0] - n) for n in lengths]
+        whole = {"input_ids": ids, "attention_mask": mask, "position_ids": _generate_positions(mask),
+                 **{k: _interleave(inputs[k], turn[k]) for k in IMAGE_KEYS if k in turn}}
+        with torch.no_grad():
+            want = model(**whole).logits[:, -1]
+        assert all(torch.equal(a, b) for a, b in zip(new_kept, handle.kept_indices[1::2]))
+        torch.testing.assert_close(second.logits[0], want, rtol=1e-4, atol=1e-4)
+        ids3 = torch.cat([second.sequences, _text_turn(processor, 2)], 1)
+        mask3 = torch.cat([mask, torch.ones(2, ids3.shape[1] - mask.shape[1], dtype=torch.long)], 1)
+        third = _generate(model, {"input_ids": ids3, "attention_mask": mask3}, cache=second.cache)
+        with torch.no_grad():
+            want = model(**{**whole, "input_ids": ids3, "attention_mask": mask3,
+                            "position_ids": _generate_positions(mask3)}).logits[:, -1]
+    torch.testing.assert_close(third.logits[0], want, rtol=1e-4, atol=1e-4)
+
+
+def _sharpen_every_other_head(model) -> None:
+    """Random weights attend almost uniformly, so every head gives the cached tokens the same
+    share and scores that left them out of the softmax would rank alike; peaked heads beside
+    flat ones make that share differ between heads."""
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            weight = layer.self_attn.q_proj.weight
+            heads = weight.view(-1, layer.self_attn.head_dim, weight.shape[1])
+            heads[1::2] *= 41
+
+
+@pytest.mark.parametrize("method, options", [("fastv", {"layer": 2}), ("transition", {})])
+def test_in_llm_scores_of_a_new_image_read_the_cached_tokens_too(method, options):
+    """A text-only first turn, then a turn with an image on its cache: fastv's last-token
+    attention and transition's instruction attention over the whole conversation (the cached
+    keys in each softmax) give the kept tokens and logits of a fresh prefill of it all."""
+    model, processor = BUILD["llava"](text_layers=4, seed=1)
+    _sharpen_every_other_head(model)
+    text = processor.tokenizer(["USER: Hello, I will show you some pictures. ASSISTANT: Sure.",
+                                "USER: Hi. ASSISTANT: Hello."], return_tensors="pt", padding=True)
+    with vlm_prune.pruned(model, method, 0.25, **options) as handle:
+        first = _generate(model, text)
+        turn = _new_turn(processor, 2, "llava")
+        ids, mask = _conversation(text, first, turn)
+        second = _generate(model, {"input_ids": ids, "attention_mask": mask, "pixel_values": turn["pixel_values"]},
+                           cache=first.cache)
+        new_kept = handle.kept_indices
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask, position_ids=_generate_positions(mask),
+                         pixel_values=turn["pixel_values"]).logits[:, -1]
+        assert all(torch.equal(a, b) for a, b in zip(new_kept, handle.kept_indices))
+        assert handle.layer_lengths[-1] < handle.layer_lengths[0]
+    torch.testing.assert_close(second.logits[0], want, rtol=1e-4, atol=1e-4)

@@ -47,6 +47,14 @@ def static_cache_slots(cache: Any) -> int | None:
     return None
 
 
+def layer_keys(cache: Any, layer: int) -> torch.Tensor:
+    """[B, G, T, Dh] the keys a dynamic KV cache holds for one layer."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers >= 4.54
+        return layers[layer].keys
+    return cache.key_cache[layer]
+
+
 def bind_to_kwargs(forward: Callable, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Turns positional arguments of a module call into keywords (LLaVA-NeXT passes input_ids
     positionally to its inner model)."""

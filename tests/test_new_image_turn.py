@@ -61,17 +61,19 @@ def _generate(model, inputs, **kw):
                               return_dict_in_generate=True, suppress_tokens=[model.config.image_token_id], **kw)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("family, positions", [("llava", "renumber"), ("llava_next", "renumber"),
+                                               ("llava_next", "original")])
 @pytest.mark.parametrize("given", ["whole", "new only"])
-def test_a_new_image_in_a_later_turn_is_pruned_on_the_cache(family, given):
+def test_a_new_image_in_a_later_turn_is_pruned_on_the_cache(family, positions, given):
     """generate() on the first turn's cache with the whole conversation (or only the new turn,
     with the whole mask) and the new images. cls_attention scores each image alone, so the
     logits must equal a fresh pruned prefill of the whole conversation with both images, for
     the new turn and for a text-only third turn on the cache the second one filled. A padded
-    batch of two whose new images keep different numbers of tokens on LLaVA-NeXT."""
+    batch of two whose new images keep different numbers of tokens on LLaVA-NeXT; kept tokens
+    renumbered or at their original positions."""
     model, processor = BUILD[family]()
     inputs = two_prompts(family, processor)
-    with vlm_prune.pruned(model, "cls_attention", 0.25) as handle:
+    with vlm_prune.pruned(model, "cls_attention", 0.25, positions=positions) as handle:
         first = _generate(model, inputs)
         first_stats = handle.stats
         cached = first.cache.get_seq_length()

@@ -55,6 +55,22 @@ def _generate_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
+def _check_a_text_turn_after(model, processor, answered: torch.Tensor, mask: torch.Tensor, whole: dict,
+                             cache) -> None:
+    """A text-only turn on `cache` (which holds the conversation `answered` but its last token;
+    `mask`: the conversation's before the answer, `whole`: a fresh forward's inputs for it):
+    its next-token logits equal a fresh pruned prefill of the whole conversation."""
+    question = processor.tokenizer([" Sure?"] * answered.shape[0], return_tensors="pt",
+                                   add_special_tokens=False).input_ids
+    ids = torch.cat([answered, question], 1)
+    mask = torch.cat([mask, torch.ones(ids.shape[0], ids.shape[1] - mask.shape[1], dtype=torch.long)], 1)
+    got = _generate(model, {"input_ids": ids, "attention_mask": mask}, cache=cache)
+    with torch.no_grad():
+        want = model(**{**whole, "input_ids": ids, "attention_mask": mask,
+                        "position_ids": _generate_positions(mask)}).logits[:, -1]
+    torch.testing.assert_close(got.logits[0], want, rtol=1e-4, atol=1e-4)
+
+
 def _generate(model, inputs, **kw):
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
@@ -95,17 +111,8 @@ def test_a_new_image_in_a_later_turn_is_pruned_on_the_cache(family, positions, g
             want = model(**whole).logits[:, -1]
         assert [s["kept"] for s in handle.stats] == [a["kept"] + b["kept"] for a, b in zip(first_stats, new_stats)]
         torch.testing.assert_close(second.logits[0], want, rtol=1e-4, atol=1e-4)
-
-        # a third turn, text only, on the cache the second turn filled
-        question = processor.tokenizer([" Sure?"] * 2, return_tensors="pt", add_special_tokens=False).input_ids
         answered = second.sequences if given == "whole" else torch.cat([first.sequences[:, :-1], second.sequences], 1)
-        ids3 = torch.cat([answered, question], 1)
-        mask3 = torch.cat([mask, torch.ones(2, ids3.shape[1] - mask.shape[1], dtype=torch.long)], 1)
-        third = _generate(model, {"input_ids": ids3, "attention_mask": mask3}, cache=second.cache)
-        with torch.no_grad():
-            want = model(**{**whole, "input_ids": ids3, "attention_mask": mask3,
-                            "position_ids": _generate_positions(mask3)}).logits[:, -1]
-    torch.testing.assert_close(third.logits[0], want, rtol=1e-4, atol=1e-4)
+        _check_a_text_turn_after(model, processor, answered, mask, whole, second.cache)
 
 
 @pytest.mark.parametrize("method", ["dct", "divprune", "pool", "random", "visionzip", "text_recovery"])
@@ -197,10 +204,6 @@ def test_a_new_image_on_the_cache_misuse_is_refused(method, options):
                      image_grid_thw=batch["image_grid_thw"], cache=first.cache)
 
 
-def _text_turn(processor, rows: int, text: str = " Sure?") -> torch.Tensor:
-    return processor.tokenizer([text] * rows, return_tensors="pt", add_special_tokens=False).input_ids
-
-
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_in_llm_pruning_of_a_new_image_continues_the_pruned_cache(family):
     """transition with TTV alone scores a token by its own hidden-state transitions, which
@@ -229,13 +232,7 @@ def test_in_llm_pruning_of_a_new_image_continues_the_pruned_cache(family):
             want = model(**whole).logits[:, -1]
         assert all(torch.equal(a, b) for a, b in zip(new_kept, handle.kept_indices[1::2]))
         torch.testing.assert_close(second.logits[0], want, rtol=1e-4, atol=1e-4)
-        ids3 = torch.cat([second.sequences, _text_turn(processor, 2)], 1)
-        mask3 = torch.cat([mask, torch.ones(2, ids3.shape[1] - mask.shape[1], dtype=torch.long)], 1)
-        third = _generate(model, {"input_ids": ids3, "attention_mask": mask3}, cache=second.cache)
-        with torch.no_grad():
-            want = model(**{**whole, "input_ids": ids3, "attention_mask": mask3,
-                            "position_ids": _generate_positions(mask3)}).logits[:, -1]
-    torch.testing.assert_close(third.logits[0], want, rtol=1e-4, atol=1e-4)
+        _check_a_text_turn_after(model, processor, second.sequences, mask, whole, second.cache)
 
 
 def _sharpen_every_other_head(model) -> None:

@@ -29,6 +29,7 @@ instance) and is replaced at each prefill.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -237,21 +238,22 @@ class VisionStagePatch(PatchBase):
             self.state.reduced = None
 
     def _encoder_wrapper(self, original):
-        signature = inspect.signature(original)
-
-        def encoder(*args, **kwargs):
-            call = signature.bind_partial(*args, **kwargs).arguments
-            call.update(call.pop("kwargs", {}))
-            self.before_tower(call)
-            with self.capture_signals() as signals:
-                out = original(*args, **kwargs)
-            # a caller's return_dict=False gives a tuple, which no forward of the model consumes
-            if getattr(out, "pooler_output", None) is not None:
-                self._last_encoded = (out, tuple(out.pooler_output), self.describe_images(out, call, signals))
-            return out
-
+        # a partial of bound methods, not a closure: a deep copy of the model gets its own
+        encoder = functools.partial(self._encode_recording, original, inspect.signature(original))
         encoder.__wrapped__ = original  # generate() reads the signature through this
         return encoder
+
+    def _encode_recording(self, original, signature: inspect.Signature, *args, **kwargs):
+        """The instance's image encoder, recording the method's signals while it runs."""
+        call = signature.bind_partial(*args, **kwargs).arguments
+        call.update(call.pop("kwargs", {}))
+        self.before_tower(call)
+        with self.capture_signals() as signals:
+            out = original(*args, **kwargs)
+        # a caller's return_dict=False gives a tuple, which no forward of the model consumes
+        if getattr(out, "pooler_output", None) is not None:
+            self._last_encoded = (out, tuple(out.pooler_output), self.describe_images(out, call, signals))
+        return out
 
     # -- the hook --------------------------------------------------------------------------
 

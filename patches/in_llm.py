@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -130,14 +131,16 @@ class LLMStagePatch(PatchBase):
         self._hooks.append(inner.register_forward_pre_hook(self._outer_hook, with_kwargs=True))
         self._hooks.append(inner.register_forward_hook(self._tag_cache))
         for i, layer in enumerate(self.layers):
-            self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+            # partials of bound methods, not closures: a deep copy of the model gets its own
+            self._hooks.append(layer.register_forward_pre_hook(partial(self._layer_hook, i), with_kwargs=True))
             if i + 1 in self.transition_layers:
-                self._hooks.append(layer.self_attn.register_forward_hook(self._transition_hook("attn"), with_kwargs=True))
-                self._hooks.append(layer.mlp.register_forward_hook(self._transition_hook("mlp"), with_kwargs=True))
+                hook = self._transition_hook
+                self._hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
+                self._hooks.append(layer.mlp.register_forward_hook(hook, with_kwargs=True))
             if self.rows is not None and i + 1 in self.stage_starts:
                 attn = layer.self_attn
-                self._hooks.append(attn.q_proj.register_forward_hook(self._keep_output("q")))
-                self._hooks.append(attn.k_proj.register_forward_hook(self._keep_output("k")))
+                self._hooks.append(attn.q_proj.register_forward_hook(partial(self._keep_output, "q")))
+                self._hooks.append(attn.k_proj.register_forward_hook(partial(self._keep_output, "k")))
                 self._hooks.append(attn.register_forward_hook(self._attention_rows_hook, with_kwargs=True))
         self._wrap_generate()
         self._hook_labels()
@@ -256,24 +259,22 @@ class LLMStagePatch(PatchBase):
     def _decodes(self, state: Any) -> bool:
         return isinstance(state, LLMPromptState) and state.stage_layers == self._stage_layers
 
-    def _layer_hook(self, i: int):
-        def hook(module, args, kwargs):
-            if self.phase == "off" or i < self.first:
-                if self.phase == "prefill":
-                    self.layer_lengths.append(args[0].shape[1])
-                return None
-            hidden = args[0]
-            if self.phase in ("prefill", "replay") and i in self.stage_starts:
-                hidden = self._enter_stage(self.stage_starts[i], hidden)
-            if self.phase == "decode":
-                kwargs = self._decode_kwargs(kwargs, self._stage_of(i))
-            else:
-                kwargs = self._layer_kwargs(kwargs)
-                if self.phase == "prefill":
-                    self.layer_lengths.append(hidden.shape[1])
-            return (hidden, *args[1:]), kwargs
-
-        return hook
+    def _layer_hook(self, i: int, module, args, kwargs):
+        """Pre-hook of decoder layer i."""
+        if self.phase == "off" or i < self.first:
+            if self.phase == "prefill":
+                self.layer_lengths.append(args[0].shape[1])
+            return None
+        hidden = args[0]
+        if self.phase in ("prefill", "replay") and i in self.stage_starts:
+            hidden = self._enter_stage(self.stage_starts[i], hidden)
+        if self.phase == "decode":
+            kwargs = self._decode_kwargs(kwargs, self._stage_of(i))
+        else:
+            kwargs = self._layer_kwargs(kwargs)
+            if self.phase == "prefill":
+                self.layer_lengths.append(hidden.shape[1])
+        return (hidden, *args[1:]), kwargs
 
     def _stage_of(self, i: int) -> int:
         return sum(1 for stage in self.stages if stage.after_layer <= i) - 1
@@ -470,25 +471,20 @@ class LLMStagePatch(PatchBase):
 
     # -- signals ---------------------------------------------------------------------------
 
-    def _transition_hook(self, part: str):
-        def hook(module, args, kwargs, output):
-            if self.phase != "prefill":
-                return
-            start = clock(self.model)
-            t_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            t_out = output[0] if isinstance(output, tuple) else output
-            self._ttv = self._ttv + transition_variation(
-                t_in, t_out, self._visual_columns(), self.config.options["direction"], self.config.backend)
-            self._select_s += clock(self.model) - start
+    def _transition_hook(self, module, args, kwargs, output):
+        """After a sub-module (attention or MLP) of a scored layer: its tokens' transition."""
+        if self.phase != "prefill":
+            return
+        start = clock(self.model)
+        t_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        t_out = output[0] if isinstance(output, tuple) else output
+        self._ttv = self._ttv + transition_variation(
+            t_in, t_out, self._visual_columns(), self.config.options["direction"], self.config.backend)
+        self._select_s += clock(self.model) - start
 
-        return hook
-
-    def _keep_output(self, name: str):
-        def hook(module, args, output):
-            if self.phase == "prefill":
-                setattr(self, f"_{name}", output)
-
-        return hook
+    def _keep_output(self, name: str, module, args, output):
+        if self.phase == "prefill":
+            setattr(self, f"_{name}", output)
 
     def _attention_rows_hook(self, module, args, kwargs, output):
         """After the attention of a layer that ends a stage: the rows' attention to every token."""

@@ -15,6 +15,7 @@ wrapper, the KV cache tags and the loss of a forward given labels.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -115,21 +116,23 @@ class PatchBase:
         if not hasattr(self.model, "generate"):
             return
         original = self.model.generate
-
-        def generate(*args, **kwargs):
-            _refuse_chunked_prefill(self.model, kwargs)
-            self._in_generate, self._prefilled_in_generate = True, False
-            given = _generate_input(args, kwargs)
-            self._generate_cuts = _cuts_at_cache(given, kwargs)
-            self._prompt_len = given.shape[1] if isinstance(given, torch.Tensor) and given.dim() >= 2 else None
-            try:
-                return original(*args, **self._generate_kwargs(kwargs))
-            finally:
-                self._in_generate = False
-                self._after_generate()
-
+        # a partial of bound methods, not a closure: copy.deepcopy(model) then binds the copy's
+        # wrapper to the copy's patch and the copy's own generate
+        generate = functools.partial(self._generate, original)
         generate.__wrapped__ = original
         self._wrap(self.model, "generate", generate)
+
+    def _generate(self, original, *args, **kwargs):
+        _refuse_chunked_prefill(self.model, kwargs)
+        self._in_generate, self._prefilled_in_generate = True, False
+        given = _generate_input(args, kwargs)
+        self._generate_cuts = _cuts_at_cache(given, kwargs)
+        self._prompt_len = given.shape[1] if isinstance(given, torch.Tensor) and given.dim() >= 2 else None
+        try:
+            return original(*args, **self._generate_kwargs(kwargs))
+        finally:
+            self._in_generate = False
+            self._after_generate()
 
     def _hook_labels(self) -> None:
         """A forward given `labels`: the logits cover only the columns the pruning kept, so the

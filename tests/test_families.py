@@ -179,6 +179,30 @@ def test_multi_image_prompt_and_unpatch(models, family):
     assert torch.equal(logits(model, inputs), expected)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["cls_attention", "transition"])
+def test_a_deep_copy_runs_its_own_weights_under_its_own_patch(family, method):
+    """copy.deepcopy of a patched model (test_llava.py has the details): with the copy's
+    lm_head doubled, its pruned logits and its generate() are the original's doubled, and
+    unpatching the copy leaves the original pruning."""
+    model, processor = BUILD[family](text_layers=4)
+    inputs = make_inputs(processor, family, SIZES, QUESTIONS)
+    unpruned = logits(model, inputs)
+    with vlm_prune.pruned(model, method, 0.25):
+        want = logits(model, inputs)
+        clone = copy.deepcopy(model)
+        with torch.no_grad():
+            clone.lm_head.weight.mul_(2.0)
+            generated = clone.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                                       output_logits=True, return_dict_in_generate=True)
+        got = logits(clone, inputs)
+        torch.testing.assert_close(got, 2 * want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(generated.logits[0], got[:, -1], rtol=1e-4, atol=1e-4)
+        vlm_prune.unpatch(clone)
+        assert torch.equal(logits(model, inputs), want)
+    torch.testing.assert_close(logits(clone, inputs), 2 * unpruned, rtol=1e-4, atol=1e-4)
+
+
 # -- LLaVA-NeXT specifics ------------------------------------------------------------------------
 
 

@@ -179,18 +179,21 @@ def test_multi_image_prompt_and_unpatch(models, family):
     assert torch.equal(logits(model, inputs), expected)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["llava", *FAMILIES])
 @pytest.mark.parametrize("method", ["cls_attention", "transition"])
 def test_a_deep_copy_runs_its_own_weights_under_its_own_patch(family, method):
-    """copy.deepcopy of a patched model (test_llava.py has the details): with the copy's
-    lm_head doubled, its pruned logits and its generate() are the original's doubled, and
-    unpatching the copy leaves the original pruning."""
+    """copy.deepcopy of a patched model: every hook, wrapper and the handle of the copy belong
+    to the copy (its generate() ran the original model, its encoder recorded into the
+    original's patch). With the copy's lm_head doubled, its pruned logits and its generate()
+    are the original's doubled, and unpatching the copy leaves the original pruning."""
     model, processor = BUILD[family](text_layers=4)
-    inputs = make_inputs(processor, family, SIZES, QUESTIONS)
+    inputs = two_prompts(family, processor)
     unpruned = logits(model, inputs)
-    with vlm_prune.pruned(model, method, 0.25):
+    with vlm_prune.pruned(model, method, 0.25) as handle:
         want = logits(model, inputs)
         clone = copy.deepcopy(model)
+        copied = vlm_prune.get_handle(clone)
+        assert copied is not handle and copied.active and handle.active
         with torch.no_grad():
             clone.lm_head.weight.mul_(2.0)
             generated = clone.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,34 +124,6 @@ def test_unpatch_restores_and_other_instances_stay_untouched(llava):
     assert not handle.active and "generate" not in vars(model)
     assert torch.equal(logits(model, inputs), expected)
     assert torch.equal(greedy(model, inputs), greedy(twin, inputs))
-
-
-@pytest.mark.parametrize("method, options", [("cls_attention", {}), ("fastv", {"layer": 1})])
-def test_a_deep_copy_of_a_patched_model_is_patched_on_its_own(llava, method, options):
-    """copy.deepcopy(patched model): every hook, wrapper and the handle of the copy belong to
-    the copy (its generate() ran the original model, its encoder recorded into the original's
-    patch). Its lm_head doubled, the copy's pruned logits are the original's doubled, its
-    generate() starts from them, and unpatching either one leaves the other patched."""
-    model, processor = llava
-    inputs = llava_inputs(processor, PROMPTS, SIZES)
-    unpruned = logits(model, inputs)
-    handle = vlm_prune.patch(model, method, 5, **options)
-    want = logits(model, inputs)
-    clone = copy.deepcopy(model)
-    with torch.no_grad():
-        clone.lm_head.weight.mul_(2.0)
-        generated = clone.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False,
-                                   output_logits=True, return_dict_in_generate=True)
-    got = logits(clone, inputs)
-    torch.testing.assert_close(got, 2 * want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(generated.logits[0], got[:, -1], rtol=1e-5, atol=1e-5)
-    copied = vlm_prune.get_handle(clone)
-    assert copied is not handle and copied.active and handle.active
-    vlm_prune.unpatch(clone)
-    assert "generate" not in vars(clone) and torch.equal(logits(model, inputs), want)
-    torch.testing.assert_close(logits(clone, inputs), 2 * unpruned, rtol=1e-5, atol=1e-5)
-    vlm_prune.unpatch(model)
-    assert torch.equal(logits(model, inputs), unpruned)
 
 
 def test_patching_twice_replaces_the_config(llava):

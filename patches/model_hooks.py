@@ -123,6 +123,7 @@ class PatchBase:
         self._wrap(self.model, "generate", generate)
 
     def _generate(self, original, *args, **kwargs):
+        """The patched instance's generate(): `original` with the call's facts noted."""
         _refuse_chunked_prefill(self.model, kwargs)
         self._in_generate, self._prefilled_in_generate = True, False
         given = _generate_input(args, kwargs)

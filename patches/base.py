@@ -52,7 +52,7 @@ class PromptState:
     """What the prefill decided, reused by decode steps and no-cache generate steps."""
 
     compaction: Compaction
-    keep: torch.Tensor  # [B, L] bool, prompt columns kept
+    keep: torch.Tensor | None  # [B, L] bool, prompt columns kept; None where no replay can follow
     reduced: ReducedImages | None  # the visual tokens passed on; None once no replay can follow
     prompt_mask: torch.Tensor | None  # [B, L'] compacted mask, None when none is needed
     renumber: bool = True  # kept tokens numbered consecutively (positions="renumber")
@@ -80,7 +80,6 @@ class CachedPart:
     compaction: Compaction  # of the cached prompt (whose generated tokens follow it, all kept)
     length: int  # columns of the unpruned conversation so far
     mask: torch.Tensor  # [B, past] the mask of the cached columns
-    keep: torch.Tensor  # [B, length] bool, the unpruned conversation's columns in the cache
     full_mask: torch.Tensor | None  # [B, length + new] the caller's unpruned mask, if given so
 
     def joined(self, new: Any, renumber: bool) -> tuple[PromptState, torch.Tensor]:
@@ -91,8 +90,8 @@ class CachedPart:
             shift = self.compaction.total_dropped.view(*([1] * (positions.dim() - 2)), -1, 1)
             positions = (positions - shift).clamp(min=0)
         mask = torch.cat([self.mask, new.mask.to(self.mask.dtype)], dim=1)
-        state = PromptState(self.compaction.followed_by(self.length, new.compaction),
-                            torch.cat([self.keep, new.keep], dim=1), None, mask, renumber=renumber)
+        state = PromptState(self.compaction.followed_by(self.length, new.compaction), None, None, mask,
+                            renumber=renumber)
         return state, positions
 
 
@@ -264,13 +263,12 @@ class VisionStagePatch(PatchBase):
         past = cache_length(cache)
         if past > 0:
             state = self._state_of(cache)
-            prompt_end = self._prompt_end()
             if state is not None and self._in_generate and not self._prefilled_in_generate:
                 kw = self._drop_cached_columns(kw, state, past)
+            new_kw = self._continue(kw, past, state) if self._brings_images(kw) else (
+                None if state is None else self._decode(kw, past, state))
             self._prefilled_in_generate = self._in_generate
-            if self._brings_images(kw):
-                return (), self._continue(kw, past, state, prompt_end)
-            return None if state is None else ((), self._decode(kw, past, state))
+            return None if new_kw is None else ((), new_kw)
         self._filled = True  # the output's cache gets this prefill's state (None: nothing pruned)
         if self._is_replay() and self.state is not None:
             return (), self._apply(kw, self.state, self.image_token_mask(kw))
@@ -281,27 +279,17 @@ class VisionStagePatch(PatchBase):
         self._prefilled_in_generate = self._in_generate
         return None if new_kw is None else ((), new_kw)
 
-    def _continue(self, kw: dict[str, Any], past: int, state: PromptState | None,
-                  prompt_end: int | None) -> dict[str, Any]:
+    def _continue(self, kw: dict[str, Any], past: int, state: PromptState | None) -> dict[str, Any]:
         """A prompt with images on a non-empty cache (a later chat turn brings a new image): its
         images are reduced as a prefill's are, its tokens numbered after the cached ones, and the
         cache it fills gets one compaction of the whole conversation (`state`: that of the cached
         part, None for a cache no pruned prefill filled)."""
-        if not self.continues_with_images:
-            raise NotImplementedError(
-                f"vlm_prune: a prompt with images that continues a non-empty KV cache is not supported on "
-                f"{type(self.model).__name__}{self.continuation_refusal}; start a new cache for that prompt"
-            )
         mask = kw.get("attention_mask")
-        if _is_prepared(mask):
-            raise NotImplementedError(
-                "vlm_prune: a prompt with images on a static cache that already holds tokens is not "
-                "supported; continue a conversation with the default dynamic cache"
-            )
+        self._refuse_continuation(static_cache=_is_prepared(mask))
         n_new, device = self._seq_len(kw), self._device(kw)
         if state is None:  # nothing pruned so far: every cached column kept
             keep = torch.ones(self._batch_size(kw), past, dtype=torch.bool, device=device)
-            state = PromptState(Compaction.from_keep_mask(keep, kept_per_row=[past] * keep.shape[0]), keep,
+            state = PromptState(Compaction.from_keep_mask(keep, kept_per_row=[past] * keep.shape[0]), None,
                                 None, None)
         comp = state.compaction
         length = comp.prompt_len + past - comp.index.shape[1]  # the unpruned conversation so far
@@ -321,11 +309,8 @@ class VisionStagePatch(PatchBase):
             )
         if mask is not None:
             kw = {**kw, "attention_mask": mask[:, -n_new:]}
-        if prompt_end is not None and self._generate_cuts:  # counted in the whole conversation
-            prompt_end -= length
-        keep = torch.cat([state.keep, state.keep.new_ones(state.keep.shape[0], length - comp.prompt_len)], dim=1)
         self._filled = True  # the output's cache gets the joined state
-        return self._prefill(kw, CachedPart(comp, length, cached, keep, full_mask), prompt_end)
+        return self._prefill(kw, CachedPart(comp, length, cached, full_mask), self._prompt_end(length))
 
     def _drop_cached_columns(self, kw: dict[str, Any], state: PromptState, past: int) -> dict[str, Any]:
         """The first forward of a generate() call on a pruned cache: generate() cut the full

@@ -35,7 +35,7 @@ from vlm_prune.compat import (bind_to_kwargs, cache_length, get_cache, is_static
 from vlm_prune.config import PruneConfig
 from vlm_prune.kernels import attention_from_rows, transition_variation
 from vlm_prune.methods.transition import stage_budget
-from vlm_prune.registry import get_family, get_method
+from vlm_prune.registry import get_method
 from vlm_prune.timing import clock
 
 from .model_hooks import PatchBase, _is_prepared, _padding_mask, _per_row, _prompt_columns
@@ -115,9 +115,6 @@ class LLMStagePatch(PatchBase):
         self.stage_index: list[torch.Tensor] = []  # per stage: [B, L_s] kept prompt columns, -1 = pad
         self._prompt_length = 0  # the columns of the prompt whose cache a decode step continues
         self._cached: CachedColumns | None = None  # set while a prompt with images continues a cache
-        family = get_family(model)
-        self._continuation_refusal = None if family.continues_with_images else (
-            f"{type(model).__name__}{family.continuation_refusal}")
 
     # -- install / remove -------------------------------------------------------------------
 
@@ -189,19 +186,8 @@ class LLMStagePatch(PatchBase):
         prefill of its tokens whose layers also attend to what their cache holds (`state`: what
         filled it, None for a cache no pruned prefill filled); the cache then carries one state
         of the whole conversation."""
-        if self._continuation_refusal is not None:
-            raise NotImplementedError(
-                "vlm_prune: a prompt with images that continues a non-empty KV cache is not supported on "
-                f"{self._continuation_refusal}; start a new cache for that prompt"
-            )
-        if self._key_slots is not None:
-            raise NotImplementedError(
-                "vlm_prune: a prompt with images on a static cache that already holds tokens is not "
-                "supported; continue a conversation with the default dynamic cache"
-            )
-        prompt_end = self._prompt_end()
-        if prompt_end is not None and self._generate_cuts:  # counted in the whole conversation
-            prompt_end -= past
+        self._refuse_continuation(static_cache=self._key_slots is not None)
+        prompt_end = self._prompt_end(past)
         self._prefilled_in_generate = self._in_generate
         n_new, mask = self._seq_len(kw), kw.get("attention_mask")
         if mask is not None and mask.shape[-1] != past + n_new:

@@ -22,6 +22,7 @@ import torch
 
 from vlm_prune.compat import CACHE_KWARGS
 from vlm_prune.config import PruneConfig
+from vlm_prune.registry import get_family
 
 # the attribute by which a KV cache filled by a pruned prefill carries that prefill's state
 CACHE_STATE = "_vlm_prune_prompt"
@@ -180,11 +181,29 @@ class PatchBase:
     def _after_generate(self) -> None:
         """Called when a generate() call returns (or raises)."""
 
-    def _prompt_end(self) -> int | None:
-        """For the first forward of a generate() call: the prompt's length. Assisted decoding
-        (`assistant_model=`) appends the draft's first candidate tokens to that forward; they are
-        not part of the instruction a method reads, nor its last token. None: all of it is."""
-        return self._prompt_len if self._in_generate and not self._prefilled_in_generate else None
+    def _prompt_end(self, cached: int = 0) -> int | None:
+        """For the first forward of a generate() call: where the prompt ends among its tokens.
+        Assisted decoding (`assistant_model=`) appends the draft's first candidate tokens to that
+        forward; they are not part of the instruction a method reads, nor its last token. None:
+        all of it is. `cached`: the conversation's columns a reused cache holds, which generate()
+        cut off the front of the input it was given."""
+        if not self._in_generate or self._prefilled_in_generate or self._prompt_len is None:
+            return None
+        return self._prompt_len - cached if self._generate_cuts else self._prompt_len
+
+    def _refuse_continuation(self, static_cache: bool) -> None:
+        """A prompt with images on a non-empty cache: the cases neither engine continues."""
+        family = get_family(self.model)
+        if not family.continues_with_images:
+            raise NotImplementedError(
+                f"vlm_prune: a prompt with images that continues a non-empty KV cache is not supported on "
+                f"{type(self.model).__name__}{family.continuation_refusal}; start a new cache for that prompt"
+            )
+        if static_cache:
+            raise NotImplementedError(
+                "vlm_prune: a prompt with images on a static cache that already holds tokens is not "
+                "supported; continue a conversation with the default dynamic cache"
+            )
 
     def _is_replay(self) -> bool:
         """A forward of generate(use_cache=False) after the first: the whole sequence again."""

@@ -113,7 +113,8 @@ def kernel_rows(device: str, repeats: int, sizes: dict[str, int], dtype: torch.d
         kept_feats = torch.randn(keep, 4096, device=device, dtype=dtype)
         prompt_mask = torch.ones_like(ids)
         compact_args = (is_image, kept_visual, kept_feats, [64 + keep], True)
-        compact_kw = dict(input_ids=ids, mask=prompt_mask, want_mask=True, renumber=True)
+        compact_kw = dict(input_ids=ids, mask=prompt_mask, want_mask=True, renumber=True,
+                          features_per_placeholder=False)
 
         def compact_ref():
             return compact_prompt_ref(*compact_args, table, **compact_kw).embeds
@@ -233,6 +234,34 @@ def _language_model_inputs(model, prefill) -> dict:
     return {k: v for k, v in seen.items() if k not in ("cache", "past_key_values")}
 
 
+# the backends, and the Triton backend with every launch through Triton's own launcher instead of
+# `launch.launch`'s cache (what the cache saves, measured in the same rounds)
+VARIANTS = ("torch", "triton", "triton uncached-launches")
+
+
+def _launches(variant: str):
+    if variant.endswith("uncached-launches"):
+        from .launch import uncached
+
+        return uncached()
+    return contextlib.nullcontext()
+
+
+def _models_own_positions(model, inputs: dict):
+    """Qwen's M-RoPE position ids as the unpruned forward computes them (transformers'
+    `get_rope_index`), as a callable; None for models without them. The pruned prefill computes
+    its own instead (`positions_s`), so this is what its stretch replaces."""
+    inner = model.model
+    if not hasattr(inner, "get_rope_index") or "mm_token_type_ids" not in inputs:
+        return None
+    extra = {k: inputs[k] for k in ("image_grid_thw", "attention_mask") if k in inputs}
+
+    def run():
+        with torch.inference_mode():
+            inner.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], **extra)
+    return run
+
+
 def overhead_rows(device: str, repeats: int, dtype: torch.dtype, smoke: bool, keep: float = 0.25,
                   rounds: int = 4) -> list[dict]:
     """Per 7B shape, batch and backend, the pruning overhead, each against the prefill of the
@@ -290,17 +319,21 @@ def overhead_rows(device: str, repeats: int, dtype: torch.dtype, smoke: bool, ke
                 got.setdefault(key, []).extend(samples)
 
             lm_unpruned = language_model_alone(_language_model_inputs(model, prefill))
+            own_positions = _models_own_positions(model, inputs)
             calls = {"unpruned": _host_calls(prefill)}
             for _ in range(rounds):
                 with _sync_timings(False):
                     add("prefill", sample(prefill, per_round, warmup=1))
                     add("vision", sample(vision_alone, per_round, warmup=1))
                     add("lm", sample(lm_unpruned, per_round, warmup=1))
-                for backend in ("torch", "triton"):
+                    if own_positions is not None:
+                        add("own_positions", sample(own_positions, per_round, warmup=1))
+                for backend in VARIANTS:
                     if backend in failed:
                         continue
                     try:
-                        with vlm_prune.pruned(model, "cls_attention", keep, backend=backend) as handle:
+                        with vlm_prune.pruned(model, "cls_attention", keep, backend=backend.split()[0]) as handle, \
+                                _launches(backend):
                             timings = []
 
                             def pruned_prefill():
@@ -325,7 +358,7 @@ def overhead_rows(device: str, repeats: int, dtype: torch.dtype, smoke: bool, ke
             med = {key: statistics.median(values) for key, values in got.items()}
             unpruned_ms, vision_alone_ms, lm_unpruned_ms = med["prefill"], med["vision"], med["lm"]
             glue_unpruned = unpruned_ms - vision_alone_ms - lm_unpruned_ms
-            for backend in ("torch", "triton"):
+            for backend in VARIANTS:
                 if backend in failed:
                     continue
                 vision_ms, select_ms = med[backend, True, "vision"], med[backend, True, "select"]
@@ -352,6 +385,10 @@ def overhead_rows(device: str, repeats: int, dtype: torch.dtype, smoke: bool, ke
                     e2e_overhead_ms=glue_pruned - glue_unpruned,
                     e2e_overhead_pct=100 * (glue_pruned - glue_unpruned) / full_pruned_e2e,
                     select_host_pct=100 * med[backend, False, "select"] / full_pruned_e2e,
+                    # the stretch less the position ids the unpruned forward computes itself
+                    positions_unpruned_ms=med.get("own_positions", 0.0),
+                    select_host_net_pct=100 * (med[backend, False, "select"] - med.get("own_positions", 0.0))
+                    / full_pruned_e2e,
                     prefill_unpruned_e2e_ms=full_unpruned_e2e, prefill_pruned_e2e_ms=full_pruned_e2e,
                     speedup_e2e=full_unpruned_e2e / full_pruned_e2e,
                     host_ops_unpruned=calls["unpruned"].ops, host_ops=calls[backend].ops,
@@ -487,13 +524,15 @@ def main(argv: list[str] | None = None) -> int:
           "computes too)\n")
     print("| model | batch | backend | vision alone ms | LLM alone unpruned -> pruned ms | prefill unpruned -> "
           "pruned ms | glue unpruned -> pruned ms | full depth unpruned -> pruned ms | pruning on the host ms "
-          "(share) | of which position ids ms |\n|---|---|---|---|---|---|---|---|---|---|")
+          "(share) | of which position ids ms | the unpruned forward's own position ids ms | share net of "
+          "those |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in overhead:
         print(f"| {r['model']} | {r['batch']} | {r['backend']} | {r['vision_alone_ms']:.2f} | "
               f"{r['lm_unpruned_ms']:.2f} -> {r['lm_pruned_ms']:.2f} | {r['measured_unpruned_ms']:.2f} -> "
               f"{r['pruned_e2e_ms']:.2f} | {r['glue_unpruned_ms']:.2f} -> {r['glue_pruned_ms']:.2f} | "
               f"{r['prefill_unpruned_e2e_ms']:.2f} -> {r['prefill_pruned_e2e_ms']:.2f} | "
-              f"{r['select_host_ms']:.3f} ({r['select_host_pct']:.2f}%) | {r['positions_host_ms']:.3f} |")
+              f"{r['select_host_ms']:.3f} ({r['select_host_pct']:.2f}%) | {r['positions_host_ms']:.3f} | "
+              f"{r['positions_unpruned_ms']:.3f} | {r['select_host_net_pct']:.2f}% |")
     print("\nHost calls of one prefill (counted, not timed): PyTorch ops that are not views, Triton launches, "
           "device reads\n")
     print("| model | batch | backend | ops unpruned -> pruned | Triton launches | device reads unpruned -> pruned |"

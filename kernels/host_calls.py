@@ -97,17 +97,26 @@ def count_host_calls() -> Iterator[HostCalls]:
         import triton.runtime.interpreter as interpreter
         import triton.runtime.jit as jit
 
-        # the launch entry points of compiled and interpreted kernels, restored on exit
-        for cls in (jit.JITFunction, interpreter.InterpretedFunction):
-            patched.append((cls, cls.run))
-            cls.run = counting(cls.run)
+        from . import launch as launcher
+
+        # the launch entry points of compiled and interpreted kernels, and the cached launches
+        # of `launch.launch` that bypass them; restored on exit
+        for owner, name in ((jit.JITFunction, "run"), (interpreter.InterpretedFunction, "run"),
+                            (launcher, "_launch_cached")):
+            patched.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, counting(getattr(owner, name)))
     except ImportError:  # no Triton: no launches to count
         pass
     tolist = torch.Tensor.tolist
 
-    def counted_tolist(self):  # on a CPU tensor, tolist reads memory without an ATen op
+    def counted_tolist(self):
+        # on a GPU tensor, tolist dispatches a `_to_copy` to the host (counted as an op and a
+        # read above); on a CPU tensor it reads memory without an ATen op: counted as the same
+        # op, so that both devices give the same counts
         if not in_launch[0] and self.device.type == "cpu":
             calls.reads += 1
+            calls.ops += 1
+            calls.op_names["_to_copy"] = calls.op_names.get("_to_copy", 0) + 1
         return tolist(self)
 
     torch.Tensor.tolist = counted_tolist
@@ -116,5 +125,5 @@ def count_host_calls() -> Iterator[HostCalls]:
             yield calls
     finally:
         torch.Tensor.tolist = tolist
-        for cls, run in patched:
-            cls.run = run
+        for owner, name, original in patched:
+            setattr(owner, name, original)

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from . import buffers
 from .grid import cdiv, next_power_of_2
+from .launch import launch
 
 LOG2E = 1.4426950408889634
 
@@ -198,7 +199,7 @@ def attention_received_rotary(query: torch.Tensor, keys: torch.Tensor, cos: torc
     lse, part = (buffers.empty(heads, total, dtype=torch.float32, device=device) for _ in range(2))
     out = buffers.empty(total // unit, dtype=torch.float32, device=device)
     half = head_dim // 2
-    _rotate_kernel[(heads, cdiv(total, 32))](
+    launch(_rotate_kernel, (heads, cdiv(total, 32)),
         query, keys, cos, sin, rotated, total, heads, half, query.stride(0), query.stride(1), keys.stride(0),
         keys.stride(1), cos.stride(0), BLOCK_T=32, BLOCK_HALF=max(16, next_power_of_2(half)))
     chunk_a, chunk_b = head_dim_chunks(head_dim)
@@ -209,11 +210,11 @@ def attention_received_rotary(query: torch.Tensor, keys: torch.Tensor, cos: torc
                 BLOCK_S=block_s, IEEE=query.dtype == torch.float32,
                 **pipeline_options(query.dtype))
     grid = (heads, cdiv(total, block))
-    _received_row_stats_kernel[grid](rotated, cu_seqlens, lse, *common, **meta)
-    _received_columns_kernel[grid](rotated, cu_seqlens, lse, part, *common, **meta)
+    launch(_received_row_stats_kernel, grid, rotated, cu_seqlens, lse, *common, **meta)
+    launch(_received_columns_kernel, grid, rotated, cu_seqlens, lse, part, *common, **meta)
     merged = max(1, total // unit)
     combine = 128
-    _received_combine_kernel[(cdiv(merged, combine),)](
+    launch(_received_combine_kernel, (cdiv(merged, combine),),
         part, cu_seqlens, out, total, heads, cu_seqlens.numel(), UNIT=unit, BLOCK=combine,
         BLOCK_H=next_power_of_2(heads), BLOCK_S=block_s)
     return out

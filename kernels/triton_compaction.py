@@ -19,6 +19,7 @@ import triton.language as tl
 
 from . import buffers
 from .grid import cdiv, next_power_of_2
+from .launch import launch
 
 
 @triton.jit
@@ -170,7 +171,7 @@ def compact_prompt(is_image, kept_visual, features, row_lengths, left_padded, *,
     if want_mask:
         mask_out = buffers.empty(batch, width, dtype=mask.dtype if mask is not None else torch.long, device=device)
     block = min(1024, next_power_of_2(max(length, 16)))
-    _compact_index_kernel[(batch,)](
+    launch(_compact_index_kernel, (batch,),
         img, kept_flags, planes, mask_in, keep, index, dropped, total, feature_row, pos_out,
         _bytes(mask_out) if mask_out is not None else index, batch, length, width, img.stride(0),
         planes.stride(0) if positions is not None else 0, planes.stride(1) if positions is not None else 0,
@@ -186,7 +187,7 @@ def compact_prompt(is_image, kept_visual, features, row_lengths, left_padded, *,
     feature_src = features if features.numel() else embeds  # no row is read when none is kept
     ids = (input_ids if input_ids.stride(-1) == 1 else input_ids.contiguous()) if input_ids is not None else index
     block_w, block_d = 16, min(256, next_power_of_2(dim))
-    _compact_rows_kernel[(batch, cdiv(width, block_w), cdiv(dim, block_d))](
+    launch(_compact_rows_kernel, (batch, cdiv(width, block_w), cdiv(dim, block_d)),
         index, feature_row, ids, text, feature_src, embeds, width, dim, pad_id, ids.stride(0),
         text.stride(0) if table is None else 0, text.stride(-2), feature_src.stride(0) if features.numel() else 0,
         FROM_TABLE=table is not None, BLOCK_W=block_w, BLOCK_D=block_d)

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from . import buffers
 from .grid import cdiv, next_power_of_2
+from .launch import launch
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -99,14 +100,14 @@ def cls_attention_scores(query: torch.Tensor, keys: torch.Tensor, scale: float) 
     pmax = buffers.empty(batch * heads, n_blocks, dtype=torch.float32, device=keys.device)
     psum = buffers.empty(*pmax.shape, dtype=torch.float32, device=pmax.device)
     out = buffers.empty(batch, length, dtype=torch.float32, device=keys.device)
-    _cls_logits_kernel[(batch * heads, n_blocks)](
+    launch(_cls_logits_kernel, (batch * heads, n_blocks),
         query, keys, logits, pmax, psum, length, head_dim, heads, n_blocks, float(scale),
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         BLOCK_T=block_t, BLOCK_D=next_power_of_2(head_dim),
     )
     block_h, block_nb = next_power_of_2(heads), next_power_of_2(n_blocks)
     combine_t = max(16, min(256, 4096 // block_h))  # a [heads, keys] tile of at most 4096 values
-    _cls_combine_kernel[(batch, cdiv(length, combine_t))](
+    launch(_cls_combine_kernel, (batch, cdiv(length, combine_t)),
         logits, pmax, psum, out, length, heads, n_blocks, out.stride(0),
         BLOCK_T=combine_t, BLOCK_H=block_h, BLOCK_NB=block_nb, num_warps=4 if block_h * block_nb <= 4096 else 8,
     )
@@ -162,9 +163,9 @@ def topk_slots(scores: torch.Tensor, k: int | torch.Tensor, out: torch.Tensor | 
     # one k for all rows goes in as a scalar argument: no host-to-device copy per call
     k_rows = k.to(device=scores.device, dtype=torch.int32).contiguous() if per_row else scores
     block = next_power_of_2(length)
-    _topk_slots_kernel[(rows,)](scores, k_rows, 0 if per_row else int(k), out, length, scores.stride(0), out.stride(0),
-                                PER_ROW_K=per_row, BLOCK_N=block,
-                                num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16)
+    launch(_topk_slots_kernel, (rows,), scores, k_rows, 0 if per_row else int(k), out, length, scores.stride(0),
+           out.stride(0), PER_ROW_K=per_row, BLOCK_N=block,
+           num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16)
     return out
 
 
@@ -205,9 +206,9 @@ def compact_gather(features: torch.Tensor, slots: torch.Tensor, width: int,
     block_n, block_d = 32, min(128, next_power_of_2(max(dim, 1)))
     # dim 0 (indices only, `top_k_in_order`): one feature block still writes the indices
     grid = (batch, cdiv(length, block_n), max(1, cdiv(dim, block_d)))
-    _compact_gather_kernel[grid](features, slots, index, out, length, dim, features.stride(0), features.stride(1),
-                                 slots.stride(0), index.stride(0), out.stride(0), out.stride(1),
-                                 BLOCK_N=block_n, BLOCK_D=block_d)
+    launch(_compact_gather_kernel, grid, features, slots, index, out, length, dim, features.stride(0),
+           features.stride(1), slots.stride(0), index.stride(0), out.stride(0), out.stride(1),
+           BLOCK_N=block_n, BLOCK_D=block_d)
     return out, index
 
 
@@ -278,12 +279,12 @@ def transition_variation(t_in: torch.Tensor, t_out: torch.Tensor, visual: torch.
     n_blocks = cdiv(length, block_l)
     pmax = buffers.empty(batch, n_blocks, dtype=torch.float32, device=t_in.device)
     psum = buffers.empty(*pmax.shape, dtype=torch.float32, device=pmax.device)
-    _ttv_change_kernel[(batch, n_blocks)](
+    launch(_ttv_change_kernel, (batch, n_blocks),
         t_in, t_out, visual, result, pmax, psum, length, dim, n_blocks, t_in.stride(0), t_in.stride(1),
         t_out.stride(0), t_out.stride(1), visual.stride(0), result.stride(0),
         SIGNED=direction != "abs", BLOCK_L=block_l, BLOCK_D=min(256, next_power_of_2(dim)))
     weight_l = 1024
-    _ttv_weight_kernel[(batch, cdiv(length, weight_l))](
+    launch(_ttv_weight_kernel, (batch, cdiv(length, weight_l)),
         visual, result, pmax, psum, length, n_blocks, visual.stride(0), result.stride(0),
         BLOCK_L=weight_l, BLOCK_NB=next_power_of_2(n_blocks))
     return result[:, :length]

@@ -29,7 +29,7 @@ if [ "${KERNEL_TESTS:-1}" != 0 ]; then
   start=$(date +%s)
   shard() { local name=$1; shift; timeout 200 python3 -m pytest -q -p no:cacheprovider "$@" > "$OUT/kernel_tests_$name.txt" 2>&1; }
   shard a tests/test_kernels.py -k "(transition or compact_gather or topk) and not compiles and not end_to_end" &
-  shard b tests/test_kernels.py -k "(cls_attention_row or attention_received or end_to_end or bench or straight or host_calls or cached_launch) and not compiles" &
+  shard b tests/test_kernels.py -k "(cls_attention_row or attention_received or end_to_end or bench or straight or host_calls or cached_launch or launch_signature) and not compiles" &
   shard c tests/test_kernel_compaction.py &
   wait
   tail -n 4 "$OUT"/kernel_tests_*.txt

@@ -11,11 +11,14 @@ wrapper, the KV cache tags and the loss of a forward given labels.
   its own decisions, and a cache no pruned prefill filled passes through untouched.
 - labels: the pruned forward's logits cover the kept columns only; the loss is computed on the
   labels of those columns.
+- threads: a patch holds one call's state (the prompt's decisions, where the call is), so the
+  generate() calls of one patched model run one at a time.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
 import torch
@@ -46,6 +49,8 @@ class PatchBase:
         self._filled = False  # set by a prefill's pre-hook, read by the post-hook that tags the cache
         self._generate_cuts = False  # see _cuts_at_cache
         self._prompt_len: int | None = None  # columns of the prompt the current generate() call got
+        # see the module docstring; re-entrant, so that a generate() inside one does not deadlock
+        self._generate_lock = threading.RLock()
         # read once: a transformers config attribute costs microseconds, and the prefill path is
         # host-bound on a GPU
         self._image_token_id = getattr(model.config, "image_token_id", None)
@@ -53,6 +58,16 @@ class PatchBase:
         self._text_layers = getattr(text_config, "num_hidden_layers", 0)
         self._pad_id = next((int(c.pad_token_id) for c in (text_config, model.config)
                              if getattr(c, "pad_token_id", None) is not None), 0)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copy.deepcopy / pickle of a patched model: a lock is neither; the copy gets its own
+        state = self.__dict__.copy()
+        del state["_generate_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._generate_lock = threading.RLock()
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -124,17 +139,19 @@ class PatchBase:
         self._wrap(self.model, "generate", generate)
 
     def _generate(self, original, *args, **kwargs):
-        """The patched instance's generate(): `original` with the call's facts noted."""
+        """The patched instance's generate(): `original` with the call's facts noted. Calls from
+        other threads wait: the prefill's decisions and the call's flags live on this patch."""
         _refuse_chunked_prefill(self.model, kwargs)
-        self._in_generate, self._prefilled_in_generate = True, False
-        given = _generate_input(args, kwargs)
-        self._generate_cuts = _cuts_at_cache(given, kwargs)
-        self._prompt_len = given.shape[1] if isinstance(given, torch.Tensor) and given.dim() >= 2 else None
-        try:
-            return original(*args, **self._generate_kwargs(kwargs))
-        finally:
-            self._in_generate = False
-            self._after_generate()
+        with self._generate_lock:
+            self._in_generate, self._prefilled_in_generate = True, False
+            given = _generate_input(args, kwargs)
+            self._generate_cuts = _cuts_at_cache(given, kwargs)
+            self._prompt_len = given.shape[1] if isinstance(given, torch.Tensor) and given.dim() >= 2 else None
+            try:
+                return original(*args, **self._generate_kwargs(kwargs))
+            finally:
+                self._in_generate = False
+                self._after_generate()
 
     def _hook_labels(self) -> None:
         """A forward given `labels`: the logits cover only the columns the pruning kept, so the

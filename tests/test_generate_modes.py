@@ -294,3 +294,36 @@ def test_assisted_decoding_generates_what_greedy_does(method, options):
         assert handle.layer_lengths[-1] < handle.layer_lengths[0] or method in ("text_recovery", "cls_attention")
     assert torch.equal(assisted.sequences, greedy.sequences)
     torch.testing.assert_close(assisted.logits[0], greedy.logits[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method, options", [("cls_attention", {}), ("fastv", {"layer": 2})])
+def test_generate_from_several_threads_equals_one_at_a_time(method, options):
+    """A patch holds one call's state (the prompt's decisions, where the call is): generate()
+    calls on one patched model from two threads at once must each give what it gives alone
+    (without the patch's lock they interleave and fail or mix the prompts' decisions)."""
+    import threading
+
+    model, processor = BUILD["llava"](text_layers=4)
+    prompts = [processor(images=[tiny.random_image(64, 48, seed=seed)], text=[text], return_tensors="pt")
+               for seed, text in [(0, "USER: <image>\nWhat is it? ASSISTANT:"),
+                                  (1, "USER: <image>\nHow many green triangles are there in the picture? ASSISTANT:")]]
+    with torch.no_grad(), vlm_prune.pruned(model, method, 0.25, **options):
+        alone = [model.generate(**p, max_new_tokens=12, min_new_tokens=12, do_sample=False) for p in prompts]
+        start, outcomes = threading.Barrier(2), [[], []]
+
+        def run(i):
+            start.wait()
+            for _ in range(4):
+                try:
+                    with torch.no_grad():
+                        out = model.generate(**prompts[i], max_new_tokens=12, min_new_tokens=12, do_sample=False)
+                    outcomes[i].append(torch.equal(out, alone[i]))
+                except Exception as exc:  # noqa: BLE001 -- a thread's error must reach the assertion
+                    outcomes[i].append(repr(exc))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert outcomes == [[True] * 4, [True] * 4]

@@ -4,8 +4,9 @@ Times (CUDA events, median of --repeats after warm-up) at LLaVA-1.5 (576 tokens)
 (2880) and Qwen2-VL (16384) sizes, then the end-to-end pruning overhead -- scoring plus
 selection and compaction as a share of prefill -- for 7B-shaped LLaVA-1.5 and Qwen2-VL (real
 vision towers; the LLM measured on a few decoder layers and scaled to its real depth), with
-backend="torch" and "triton". Prints Markdown tables; --json writes the numbers, --profile FILE
-torch.profiler op tables of one pruned prefill.
+backend="torch" and "triton", and "triton" with every launch through Triton's own launcher
+instead of `launch.launch`'s cache. Prints Markdown tables; --json writes the numbers, --profile
+FILE torch.profiler op tables of one pruned prefill.
 
 `--smoke` runs tiny sizes on CPU through the Triton interpreter (set TRITON_INTERPRET=1 before
 starting Python) to check the script itself; its timings mean nothing.

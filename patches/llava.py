@@ -20,6 +20,7 @@ import torch
 
 from vlm_prune.kernels import cls_attention_scores
 from vlm_prune.timing import clock
+from vlm_prune.vision_layers import resolve_score_layers
 
 from .base import VisionStagePatch
 from .image_tokens import ImageTokens, Region
@@ -68,16 +69,9 @@ class LlavaPatch(VisionStagePatch):
         return produced_by
 
     def _resolve_layers(self, layers: tuple[int, ...] | None) -> tuple[int, ...]:
-        n = len(self.vision_layers)
         if layers is None:
             return (self._feature_producing_layer(),)
-        bad = [layer for layer in layers if not -n <= layer < n]
-        if bad:
-            raise ValueError(f"layers={list(layers)}: {bad} out of range for a vision tower of {n} layers ([-{n}, {n - 1}])")
-        resolved = tuple(sorted(layer % n for layer in layers))
-        if len(set(resolved)) != len(resolved):
-            raise ValueError(f"layers={list(layers)} names the same layer twice")
-        return resolved
+        return resolve_score_layers(layers, len(self.vision_layers))  # transformers runs every layer
 
     # -- family hooks ------------------------------------------------------------------------
 

@@ -34,10 +34,14 @@ import torch
 from vlm_prune.compat import cache_length, get_cache, vision_window_index
 from vlm_prune.kernels.attention_received import attention_received_rotary
 from vlm_prune.timing import clock
+from vlm_prune.vision_layers import refuse_layers
 
 from .base import VisionStagePatch
 from .image_tokens import ImageTokens, Region
 from .mrope import image_rope_index
+
+
+QWEN_SCORED_BY = "the attention each token receives in the last vision block"
 
 
 def merge_unit_mean(values: torch.Tensor, unit: int, window_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,6 +70,7 @@ class Qwen2VLPatch(VisionStagePatch):
     continuation_refusal = " (the M-RoPE positions of a new image after cached tokens)"
 
     def check_model(self) -> None:
+        refuse_layers(self.config.options.get("layers"), "Qwen-VL", QWEN_SCORED_BY)
         # image_grid_thw as read by prepare(), that tensor, and Qwen2.5's window permutation of it
         self._grids_of, self._grids, self._window_index = None, [], None
         self._fast_rope: bool | None = None  # image_rope_index checked against the model's (None: not yet)

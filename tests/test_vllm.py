@@ -111,6 +111,9 @@ def test_keep_all_equals_vllm_without_the_plugin(model_dir):
 @pytest.mark.parametrize("config, message", [
     ({"method": "transition", "keep": 0.25}, "prunes inside the LLM"),
     ({"method": "cls_attention", "keep": 0}, "keep=0"),
+    # the same validation as vlm_prune.patch (vlm_prune.vision_layers), naming the typed value
+    ({"method": "cls_attention", "keep": 16, "layers": [10]}, "layers=[10]: [10] out of range for a vision tower of 3"),
+    ({"method": "cls_attention", "keep": 16, "layers": [-1]}, "layers=[-1]: [-1] come after the layer that produces"),
 ])
 def test_bad_config_fails_at_startup(model_dir, config, message):
     spec = {"model": str(model_dir), "requests": REQUESTS[:1], "overrides": {"vlm_prune": config}}

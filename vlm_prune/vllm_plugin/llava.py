@@ -29,6 +29,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from ..kernels import cls_attention_scores
 from ..patches.image_tokens import ImageTokens, Region, reduce_images
 from ..registry import get_method
+from ..vision_layers import resolve_score_layers
 from .config import plugin_config
 
 
@@ -61,13 +62,10 @@ class ClipTowerScoring:
         layers = self.vision_tower.vision_model.encoder.layers
         self.score_layers: tuple[int, ...] = ()
         if self.prune_method.needs & {"cls_attention", "keys"}:
-            wanted = self.prune_config.options.get("layers")
-            full_depth = self.config.vision_config.num_hidden_layers
-            resolved = (len(layers) - 1,) if wanted is None else tuple(sorted(i % full_depth for i in wanted))
-            beyond = [i for i in resolved if i >= len(layers)]
-            if beyond:
-                raise ValueError(f"vlm_prune: layers {beyond} come after the feature layer; vLLM does not run them")
-            self.score_layers = resolved
+            # vLLM builds the tower up to the feature layer: the last layer it runs produces the features
+            self.score_layers = resolve_score_layers(
+                self.prune_config.options.get("layers"), self.config.vision_config.num_hidden_layers,
+                len(layers) - 1, runs=len(layers), engine="vLLM")
 
     def _tower_with_signals(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """pixel_values [I, 3, H, W] (images or crops) -> (the tower's features [I, N, Dv], [CLS]

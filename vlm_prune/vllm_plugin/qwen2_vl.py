@@ -59,8 +59,9 @@ from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from ..kernels import attention_received
 from ..patches.image_tokens import ImageTokens, Region, reduce_images
-from ..patches.qwen2_vl import merge_unit_mean
+from ..patches.qwen2_vl import QWEN_SCORED_BY, merge_unit_mean
 from ..registry import get_method
+from ..vision_layers import refuse_layers
 from .config import plugin_config
 
 FAMILY = "qwen2_vl"
@@ -178,8 +179,7 @@ class _PrunedQwenMixin:
             raise ValueError("vlm_prune on Qwen-VL needs vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0")
         self.prune_method = get_method(self.prune_config.method)()
         self.needs_tower = bool(self.prune_method.needs & {"cls_attention", "keys"})
-        if "layers" in self.prune_config.options and self.prune_config.options["layers"] is not None:
-            raise ValueError("vlm_prune on Qwen-VL scores with the last vision block; 'layers' is not supported")
+        refuse_layers(self.prune_config.options.get("layers"), "Qwen-VL", QWEN_SCORED_BY)
         tp = vllm_config.parallel_config.tensor_parallel_size
         if self.needs_tower and tp > 1 and not self.use_data_parallel:
             raise ValueError(

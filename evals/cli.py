@@ -43,7 +43,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--pope-splits", help="comma-separated POPE splits (default random,popular,adversarial)")
     p.add_argument("--sqa-split", default="test", help="ScienceQA split (default test)")
-    p.add_argument("--mmbench-circular", action="store_true", help="MMBench circular evaluation")
+    p.add_argument("--mmbench-circular", action="store_true",
+                   help="MMBench circular evaluation (headline = circular_accuracy, the published number)")
+    p.add_argument("--lenient-parsing", action="store_true",
+                   help="score with forgiving answer readers instead of the official scorers' (not comparable "
+                        "with published numbers; evals/README.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -60,7 +64,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     from .backend import make_backend
     from .report import write_report
     from .runner import run_benchmark
-    from .tasks import load_items
+    from .tasks import load_bench
 
     try:
         configs = _configs(args)
@@ -75,16 +79,19 @@ def run_from_args(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     status = 0
     try:
-        loaded = {t.name: load_items(t, args.data, options, args.on_error, args.limit) for t in tasks}
+        loaded = {t.name: load_bench(t, args.data, options, args.on_error, args.limit) for t in tasks}
         backend = make_backend(args.backend, str(args.model), device=args.device, dtype=args.dtype)
         try:
             for config in configs:
                 for task in tasks:
-                    items, errors = loaded[task.name]
-                    s = run_benchmark(backend, task, config, items, args.out, args.batch_size, args.prompt_suffix,
-                                      args.max_new_tokens, args.on_error, errors, progress=not args.no_progress)
+                    bench = loaded[task.name]
+                    s = run_benchmark(backend, task, config, bench.items, args.out, args.batch_size,
+                                      args.prompt_suffix, args.max_new_tokens, args.on_error, bench.errors,
+                                      progress=not args.no_progress, data_fingerprint=bench.fingerprint,
+                                      lenient=args.lenient_parsing)
                     print(f"{config.name} / {task.name}: {s['primary']} = {s['score']} "
-                          f"({s['n_answered']}/{s['n_items']} answered, {s['skipped']} skipped)")
+                          f"({s['n_answered']}/{s['n_items']} answered, {s['skipped']} skipped"
+                          + (", lenient parsing)" if args.lenient_parsing else ")"))
         finally:
             backend.close()
     except KeyboardInterrupt:
@@ -93,7 +100,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         status = 2
-    except (NotImplementedError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (NotImplementedError, ValueError, OSError, RuntimeError) as e:  # OSError: unreadable files, full disk
         print(f"error: {e}", file=sys.stderr)
         status = 1
     report = write_report(args.out)

@@ -37,7 +37,7 @@ import math
 from pathlib import Path
 from typing import Iterator
 
-from .data import DataError, Item, field_of, find_one, read_json, read_tsv, require
+from .data import DataError, Item, field_of, find_one, list_field, read_json, read_tsv, require
 from .rows import convert, parquet_files, parquet_rows
 
 LETTERS = "ABCDEFGHIJ"
@@ -57,12 +57,14 @@ def mc_question(question: str, options: dict[str, str], hint: str | None = None,
 
 
 def _sqa_item(id_: str, r: dict, image, where: str, split: str) -> Item:
-    choices = field_of(r, "choices", where)
+    choices = list_field(r, "choices", where)
+    if not 2 <= len(choices) <= len(LETTERS):
+        raise DataError(f"{where}: {len(choices)} choices (2 to {len(LETTERS)} expected)")
     options = {LETTERS[i]: str(c) for i, c in enumerate(choices)}
     answer = r.get("answer")
-    target = LETTERS[int(answer)] if answer is not None else None
-    if target is not None and target not in options:
-        raise DataError(f"{where}: answer {answer} is outside the {len(options)} choices")
+    if answer is not None and (not isinstance(answer, int) or not 0 <= answer < len(options)):
+        raise DataError(f"{where}: answer {answer!r} is not the index of one of the {len(options)} choices")
+    target = LETTERS[answer] if answer is not None else None
     return Item(id=id_, question=mc_question(field_of(r, "question", where), options, r.get("hint"), "Context: "),
                 image=image, target=target, where=where, meta={"options": options, "split": split})
 
@@ -75,17 +77,25 @@ def load_scienceqa(root: Path, options: dict) -> Iterator[Item | DataError]:
         return
     problems_path = require(root / "problems.json", "ScienceQA problems.json")
     problems = read_json(problems_path)
-    splits = read_json(require(root / "pid_splits.json", "ScienceQA pid_splits.json"))
+    splits_path = require(root / "pid_splits.json", "ScienceQA pid_splits.json")
+    splits = read_json(splits_path)
+    for path, obj in ((problems_path, problems), (splits_path, splits)):
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}: expected an object {{id: ...}}, got {type(obj).__name__}")
     if split not in splits:
-        raise DataError(f"{root / 'pid_splits.json'}: no split {split!r} (has {', '.join(splits)})")
+        raise DataError(f"{splits_path}: no split {split!r} (has {', '.join(splits)})")
+    pids = list_field(splits, split, str(splits_path))
 
     def rows():
-        for pid in splits[split]:
+        for pid in pids:
             where = f"{problems_path}: problem {pid}"
-            if pid not in problems:
+            problem = problems.get(pid) if isinstance(pid, str) else None
+            if problem is None:
                 yield where, DataError(f"{where}: listed in pid_splits.json[{split!r}] but missing")
-            elif problems[pid].get("image"):  # the IMG subset
-                yield where, (pid, problems[pid])
+            elif not isinstance(problem, dict):
+                yield where, DataError(f"{where}: expected an object, got {type(problem).__name__}")
+            elif problem.get("image"):  # the IMG subset
+                yield where, (pid, problem)
 
     yield from convert(rows(), lambda where, rec: _sqa_item(
         rec[0], rec[1], root / "images" / split / rec[0] / rec[1]["image"], where, split))

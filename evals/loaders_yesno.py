@@ -8,6 +8,9 @@ POPE (github.com/RUCAIBox/POPE, output/coco/; one JSON object per line despite t
       coco_pope_adversarial.json   # (.jsonl accepted too; splits: option pope_splits)
       val2014/COCO_val2014_000000310196.jpg   # COCO val2014 images (or images/)
 
+The split files may also sit in pope/coco/ (LLaVA's playground layout: pope/coco/coco_pope_*.json
+next to pope/val2014/) or pope/output/coco/ (the POPE repository's). Labels must be yes / no.
+
 MME (MME_Benchmark_release_version, as distributed by its authors)::
 
     mme/                              # or mme/MME_Benchmark_release_version/
@@ -31,7 +34,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-from .data import DataError, Item, field_of, read_jsonl, require
+from .data import DataError, Item, field_of, note_read, read_jsonl, require
 from .metrics import MME_COGNITION, MME_PERCEPTION
 from .rows import convert, image_folder, parquet_files, parquet_rows
 
@@ -45,7 +48,7 @@ def load_pope(root: Path, options: dict) -> Iterator[Item | DataError]:
         def make_pq(where, r):
             split = str(field_of(r, "category", where))
             return Item(id=f"{split}/{field_of(r, 'question_id', where)}", question=field_of(r, "question", where),
-                        image=field_of(r, "image", where), target=str(r.get("answer", "")).lower() or None,
+                        image=field_of(r, "image", where), target=_pope_label({"label": r.get("answer")}, where),
                         where=where, meta={"split": split})
 
         yield from (i for i in convert(parquet_rows(files), make_pq)
@@ -54,7 +57,7 @@ def load_pope(root: Path, options: dict) -> Iterator[Item | DataError]:
     images = image_folder(root, ["val2014", "images"])
     found = False
     for split in splits:
-        path = next((p for p in (root / f"coco_pope_{split}.json", root / f"coco_pope_{split}.jsonl") if p.exists()), None)
+        path = _pope_file(root, split)
         if path is None:
             if options.get("pope_splits"):  # asked for explicitly: its file must be there
                 require(root / f"coco_pope_{split}.json", f"POPE {split} split")
@@ -63,12 +66,33 @@ def load_pope(root: Path, options: dict) -> Iterator[Item | DataError]:
 
         def make(where, r, split=split):
             return Item(id=f"{split}/{field_of(r, 'question_id', where)}", question=field_of(r, "text", where),
-                        image=images / field_of(r, "image", where), target=str(r.get("label", "")).lower() or None,
+                        image=images / field_of(r, "image", where), target=_pope_label(r, where),
                         where=where, meta={"split": split})
 
         yield from convert(read_jsonl(path), make)
     if not found:
-        raise DataError(f"{root}: no POPE split file (coco_pope_{{{','.join(splits)}}}.json)")
+        raise DataError(f"{root}: no POPE split file (coco_pope_{{{','.join(splits)}}}.json, "
+                        "also looked in coco/ and output/coco/)")
+
+
+def _pope_file(root: Path, split: str) -> Path | None:
+    """The split's file in pope/, pope/coco/ (LLaVA) or pope/output/coco/ (POPE's repository)."""
+    for folder in (root, root / "coco", root / "output" / "coco"):
+        for name in (f"coco_pope_{split}.json", f"coco_pope_{split}.jsonl"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _pope_label(r: dict, where: str) -> str | None:
+    """"yes" / "no" (any case), None if absent; anything else is bad data (the official scorer
+    would silently count it as yes)."""
+    if r.get("label") in (None, ""):
+        return None
+    label = str(r["label"]).strip().lower()
+    if label not in ("yes", "no"):
+        raise DataError(f"{where}: label {r['label']!r} is not yes/no")
+    return label
 
 
 def _mme_base(root: Path) -> Path:
@@ -88,7 +112,12 @@ def _mme_rows(base: Path) -> Iterator[tuple[str, object]]:
         for txt in sorted(txt_dir.glob("*.txt")):
             image = next((img_dir / (txt.stem + s) for s in _IMAGE_SUFFIXES if (img_dir / (txt.stem + s)).exists()),
                          img_dir / (txt.stem + ".jpg"))  # missing: the item's image error names it
-            for lineno, line in enumerate(txt.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                text = note_read(txt).read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{txt}", DataError(f"{txt}: not UTF-8 text (byte {e.start})")
+                continue
+            for lineno, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue
                 where = f"{txt}:{lineno}"

@@ -2,72 +2,75 @@
 
 A record is one line of predictions.jsonl: {"id", "prediction": str, "target", "meta": {...},
 "group": str, ...}. Every metric returns a flat {name: float} dict (scores in percent, counts
-as ints); the task table names which key is the headline (`primary`). Records whose target is
-None (unlabelled splits) are not scored.
+as ints); the task table names which key is the headline (`Task.primary` / `Task.prefer`).
+Records whose target is None (unlabelled splits) are not scored.
+
+By default each metric is its benchmark's official scorer, quirks included (the readers are in
+parsers.py, the VQA normalisation in normalize.py, the sources in their docstrings and in
+evals/README.md). `lenient=True` (`--lenient-parsing`) swaps in forgiving readers that are not
+official; numbers made that way are not comparable with published ones.
 """
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
-from typing import Iterable
+from typing import Callable, Iterable
 
-from .normalize import normalize_vqa
+from . import parsers
+from .normalize import evalai_answer, normalize_vqa
 
 # ------------------------------------------------------------------------ per-answer scores
 
 
-def vqa_accuracy(prediction: str, answers: list[str]) -> float:
-    """VQA accuracy in [0, 1]: min(1, matches / 3) over each of the leave-one-out subsets of the
-    human answers (10 subsets of 9 for the usual 10 answers), averaged; both sides normalised."""
-    pred = normalize_vqa(prediction)
-    gts = [normalize_vqa(a) for a in answers]
-    if not gts:
-        raise ValueError("vqa_accuracy needs at least one human answer")
+def leave_one_out(prediction: str, answers: list[str]) -> float:
+    """VQA accuracy in [0, 1] of an already normalised prediction: min(1, matches / 3) over each
+    of the leave-one-out subsets of the human answers (10 subsets of 9 for the usual 10), averaged."""
+    if not answers:
+        raise ValueError("VQA accuracy needs at least one human answer")
     scores = []
-    for left_out in range(len(gts)):
-        matches = sum(1 for j, gt in enumerate(gts) if j != left_out and gt == pred)
+    for left_out in range(len(answers)):
+        matches = sum(1 for j, gt in enumerate(answers) if j != left_out and gt == prediction)
         scores.append(min(1.0, matches / 3))
     return sum(scores) / len(scores)
 
 
-def exact_match(prediction: str, answer: str) -> bool:
-    """GQA: lower case, trailing period and whitespace removed, then equal (LLaVA's GQA eval)."""
-    return prediction.strip().rstrip(".").strip().lower() == str(answer).strip().lower()
+def _spaced(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
-def yes_no(prediction: str) -> str:
-    """POPE's reading of a free answer: "no" if the first sentence has the word no / not, else "yes"."""
-    words = prediction.split(".")[0].replace(",", " ").lower().split()
-    return "no" if ("no" in words or "not" in words) else "yes"
+def vqa_eval_accuracy(prediction: str, answers: list[str]) -> float:
+    """GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py: newlines and tabs to
+    spaces and strip on every string; if the human answers are not all the same, normalise them
+    and the prediction (normalize_vqa); compare exactly. Quirk kept: when the humans agree,
+    nothing is normalised ("Two" scores 0 against ten "2")."""
+    pred, gts = _spaced(prediction), [_spaced(a) for a in answers]
+    if len(set(gts)) > 1:
+        pred, gts = normalize_vqa(pred), [normalize_vqa(a) for a in gts]
+    return leave_one_out(pred, gts)
 
 
-def mme_label(prediction: str) -> str:
-    """MME's reading: "yes" / "no" if the answer is that word or starts with it (first 4
-    characters, lower case, periods removed), else "other" (always wrong)."""
-    text = prediction.lower().strip().replace(".", "")
-    if text in ("yes", "no"):
-        return text
-    head = text[:4]
-    return "yes" if "yes" in head else "no" if "no" in head else "other"
+def vqav2_accuracy(prediction: str, answers: list[str]) -> float:
+    """VQAv2 as LLaVA scores it: its answer processor on the prediction
+    (scripts/convert_vqav2_for_submission.py), then GT-Vision-Lab's scorer (vqa_eval_accuracy)."""
+    return vqa_eval_accuracy(evalai_answer(prediction), answers)
 
 
-_LETTER_PATTERNS = [
-    re.compile(r"^\(?([A-Z])\)?(?:$|[\s.:,)])"),  # "B", "B.", "(B)", "B: red"
-    re.compile(r"answer is:?\s*\(?([A-Z])\)?\b", re.IGNORECASE),  # "The answer is (C)"
-]
+def textvqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """TextVQA as LLaVA scores it (llava/eval/m4c_evaluator.py TextVQAAccuracyEvaluator, also
+    lmms-eval's textvqa): the answer processor on the prediction and on every human answer."""
+    return leave_one_out(evalai_answer(prediction), [evalai_answer(a) for a in answers])
 
 
-def option_letter(prediction: str, options: dict[str, str]) -> str | None:
-    """The option letter a multiple-choice answer gives: a leading letter ("B", "(B)", "B. red"),
-    "the answer is B", or the full text of exactly one option; None if none of these."""
-    text = prediction.strip()
-    for pattern in _LETTER_PATTERNS:
-        m = pattern.search(text)
-        if m and m.group(1).upper() in options:
-            return m.group(1).upper()
-    hits = [k for k, v in options.items() if text.lower().rstrip(".") == str(v).strip().lower()]
-    return hits[0] if len(hits) == 1 else None
+def lenient_vqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """--lenient-parsing: both sides always normalised (lmms-eval's vqav2 rule)."""
+    return leave_one_out(normalize_vqa(_spaced(prediction)), [normalize_vqa(_spaced(a)) for a in answers])
+
+
+def gqa_correct(prediction: str, answer: str, lenient: bool = False) -> bool:
+    """GQA: LLaVA's reading (parsers.gqa_answer) equal to the answer as released."""
+    if lenient:
+        return parsers.lenient_gqa(prediction) == str(answer).strip().lower()
+    return parsers.gqa_answer(prediction) == str(answer)
 
 
 # ------------------------------------------------------------------------ per-benchmark metrics
@@ -81,16 +84,24 @@ def _pct(num: float, den: int) -> float:
     return 100.0 * num / den if den else 0.0
 
 
-def vqa_metric(records: list[dict]) -> dict:
-    """VQAv2 / TextVQA: mean VQA accuracy (%), n scored."""
+def _mean_score(records: list[dict], score: Callable[[str, list[str]], float]) -> dict:
     rs = _scored(records)
-    return {"accuracy": _pct(sum(vqa_accuracy(r["prediction"], r["target"]) for r in rs), len(rs)), "n": len(rs)}
+    return {"accuracy": _pct(sum(score(r["prediction"], r["target"]) for r in rs), len(rs)), "n": len(rs)}
 
 
-def exact_match_metric(records: list[dict]) -> dict:
+def vqav2_metric(records: list[dict], lenient: bool = False) -> dict:
+    """VQAv2: mean VQA accuracy (%), n scored."""
+    return _mean_score(records, lenient_vqa_accuracy if lenient else vqav2_accuracy)
+
+
+def textvqa_metric(records: list[dict], lenient: bool = False) -> dict:
+    """TextVQA: mean VQA accuracy (%), n scored."""
+    return _mean_score(records, lenient_vqa_accuracy if lenient else textvqa_accuracy)
+
+
+def gqa_metric(records: list[dict], lenient: bool = False) -> dict:
     """GQA: exact-match accuracy (%)."""
-    rs = _scored(records)
-    return {"accuracy": _pct(sum(exact_match(r["prediction"], r["target"]) for r in rs), len(rs)), "n": len(rs)}
+    return _mean_score(records, lambda p, t: float(gqa_correct(p, t, lenient)))
 
 
 def pope_counts(pairs: Iterable[tuple[str, str]]) -> dict:
@@ -103,7 +114,7 @@ def pope_counts(pairs: Iterable[tuple[str, str]]) -> dict:
 
 
 def pope_scores(c: dict) -> dict:
-    """accuracy, precision, recall, F1, yes-ratio (%) from confusion counts."""
+    """accuracy, precision, recall, F1, yes-ratio (% of predictions that are yes) from counts."""
     n = c["tp"] + c["fp"] + c["tn"] + c["fn"]
     precision = _pct(c["tp"], c["tp"] + c["fp"])
     recall = _pct(c["tp"], c["tp"] + c["fn"])
@@ -112,12 +123,15 @@ def pope_scores(c: dict) -> dict:
             "f1": f1, "yes_ratio": _pct(c["tp"] + c["fp"], n), "n": n}
 
 
-def pope_metric(records: list[dict]) -> dict:
+def pope_metric(records: list[dict], lenient: bool = False) -> dict:
     """POPE: per split `{split}/{accuracy,precision,recall,f1,yes_ratio,n}`, and their mean over
-    splits as `accuracy`, `f1`, ... (what papers report as the POPE number is `f1` or `accuracy`)."""
+    splits as `accuracy`, `f1`, ... (what papers report as the POPE number is `f1` or `accuracy`).
+    A label other than "no" is positive (eval_pope.py); the loader accepts yes / no only."""
+    read = parsers.lenient_yes_no if lenient else parsers.pope_answer
     by_split: dict[str, list] = defaultdict(list)
     for r in _scored(records):
-        by_split[r["meta"]["split"]].append((yes_no(r["prediction"]), str(r["target"]).strip().lower()))
+        label = "no" if str(r["target"]).strip().lower() == "no" else "yes"
+        by_split[r["meta"]["split"]].append((read(r["prediction"]), label))
     out: dict = {}
     per = {split: pope_scores(pope_counts(pairs)) for split, pairs in sorted(by_split.items())}
     for split, scores in per.items():
@@ -133,15 +147,20 @@ MME_PERCEPTION = ["existence", "count", "position", "color", "posters", "celebri
 MME_COGNITION = ["commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"]
 
 
-def mme_metric(records: list[dict]) -> dict:
+def mme_metric(records: list[dict], lenient: bool = False) -> dict:
     """MME: per subtask score = 100 * (acc + acc+), acc over questions, acc+ over images whose
     questions (normally a yes and a no) are all right; `perception` / `cognition` = sums over the
-    subtasks present (full sets: max 2000 / 800), `total` = both."""
+    subtasks present (full sets: max 2000 / 800), `total` = both; `unparsed` = answers read as
+    "other" (neither yes nor no: always wrong)."""
+    read = parsers.lenient_mme if lenient else parsers.mme_answer
     questions: dict[str, list[bool]] = defaultdict(list)
     images: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    unparsed = 0
     for r in _scored(records):
         sub = r["meta"]["category"]
-        ok = mme_label(r["prediction"]) == str(r["target"]).strip().lower()
+        label = read(r["prediction"])
+        unparsed += label == "other"
+        ok = label == str(r["target"]).strip().lower()
         questions[sub].append(ok)
         images[sub][r["group"]].append(ok)
     out: dict = {}
@@ -153,24 +172,37 @@ def mme_metric(records: list[dict]) -> dict:
     out["cognition"] = sum(out.get(f"{s}/score", 0.0) for s in MME_COGNITION)
     out["total"] = out["perception"] + out["cognition"]
     out["n"] = sum(len(v) for v in questions.values())
+    out["unparsed"] = unparsed
     return out
 
 
-def mc_correct(record: dict) -> bool:
-    return option_letter(record["prediction"], record["meta"]["options"]) == record["target"]
-
-
-def mc_metric(records: list[dict]) -> dict:
-    """ScienceQA-IMG / MMBench: multiple-choice accuracy (%). If the records form circular groups
-    (MMBench: one question with its options rotated), also `circular_accuracy`: a question
-    counts only if every rotation is right; `accuracy` is then over the unrotated items."""
+def _mc_metric(records: list[dict], read: Callable[[str, dict], str | None]) -> dict:
+    """Multiple-choice accuracy (%) with `read` giving the letter of an answer (None: unparsed,
+    wrong). If the records form circular groups (MMBench: one question with its options rotated),
+    also `circular_accuracy`: a question counts only if every rotation is right (VLMEvalKit
+    vlmeval/dataset/utils/multiple_choice.py, mcq_circular_eval); `accuracy` is then over the
+    unrotated items."""
     rs = _scored(records)
-    plain = [r for r in rs if r["meta"].get("rotation", 0) == 0]
-    out = {"accuracy": _pct(sum(mc_correct(r) for r in plain), len(plain)), "n": len(plain)}
+    letters = [read(r["prediction"], r["meta"]["options"]) for r in rs]
+    right = [letter == r["target"] for letter, r in zip(letters, rs)]
+    plain = [i for i, r in enumerate(rs) if r["meta"].get("rotation", 0) == 0]
+    out = {"accuracy": _pct(sum(right[i] for i in plain), len(plain)), "n": len(plain),
+           "unparsed": sum(letters[i] is None for i in plain)}
     groups: dict[str, list[bool]] = defaultdict(list)
-    for r in rs:
-        groups[r["group"]].append(mc_correct(r))
+    for r, ok in zip(rs, right):
+        groups[r["group"]].append(ok)
     if any(len(g) > 1 for g in groups.values()):
         out["circular_accuracy"] = _pct(sum(all(g) for g in groups.values()), len(groups))
         out["n_circular"] = len(groups)
     return out
+
+
+def sqa_metric(records: list[dict], lenient: bool = False) -> dict:
+    """ScienceQA-IMG: accuracy (%) with LLaVA's letter reading (parsers.sqa_letter)."""
+    return _mc_metric(records, parsers.lenient_letter if lenient else parsers.sqa_letter)
+
+
+def mmbench_metric(records: list[dict], lenient: bool = False) -> dict:
+    """MMBench: accuracy (%) with VLMEvalKit's matching (parsers.mmbench_letter), and
+    circular_accuracy (the published number) when the rotations were asked."""
+    return _mc_metric(records, parsers.lenient_letter if lenient else parsers.mmbench_letter)

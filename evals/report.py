@@ -20,9 +20,12 @@ def collect(out: Path) -> list[dict]:
 
 
 def _baseline(s: dict, summaries: list[dict]) -> dict | None:
+    """The "none" summary of the same benchmark and model, scored the same way (same headline
+    key, e.g. MMBench circular or not, and same answer parsing)."""
     model = s["setup"].get("model")
     return next((b for b in summaries if b["method"] == "none" and b["bench"] == s["bench"]
-                 and b["setup"].get("model") == model), None)
+                 and b["setup"].get("model") == model and b["primary"] == s["primary"]
+                 and b.get("parsing", "official") == s.get("parsing", "official")), None)
 
 
 def add_retention(summaries: list[dict]) -> None:
@@ -58,7 +61,8 @@ def markdown(summaries: list[dict]) -> str:
         top = {k: v for k, v in s["metrics"].items() if "/" not in k}
         details.append(f"- {s['bench']} / {s['config']}: " + ", ".join(
             f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in top.items())
-            + (f" (skipped {s['skipped']})" if s["skipped"] else ""))
+            + (f" (skipped {s['skipped']})" if s["skipped"] else "")
+            + (" (lenient parsing: not comparable with published numbers)" if s.get("parsing") == "lenient" else ""))
     return "\n".join(lines + details) + "\n"
 
 

@@ -44,10 +44,14 @@ class PredictionStore:
         with open(self.path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{self.path}:{lineno}: malformed prediction line ({e.msg}); "
                                     "delete the line to re-run that item") from None
+                if not isinstance(record, dict) or "id" not in record:
+                    raise DataError(f"{self.path}:{lineno}: a prediction line without an item id; "
+                                    "delete the line to re-run that item")
+                records.append(record)
         return records
 
     def append(self, record: dict) -> None:

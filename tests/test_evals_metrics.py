@@ -1,10 +1,11 @@
-"""Golden values for every evaluation metric, computed by hand from the published definitions."""
+"""Golden values for every evaluation metric, computed by hand from the published definitions
+(the official scorers' adversarial cases are in test_evals_official.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from vlm_prune.evals import metrics
+from vlm_prune.evals import metrics, parsers
 from vlm_prune.evals.normalize import normalize_vqa
 
 
@@ -39,22 +40,24 @@ def test_vqa_normalisation_is_what_matching_uses():
 ])
 def test_vqa_leave_one_out_accuracy(matches, expected):
     answers = ["dog"] * matches + ["cat", "cow", "pig", "hen", "fox", "owl", "bee", "elk", "emu", "ant"][: 10 - matches]
-    assert metrics.vqa_accuracy("dog", answers) == pytest.approx(expected)
+    assert metrics.vqav2_accuracy("dog", answers) == pytest.approx(expected)
+    assert metrics.textvqa_accuracy("dog", answers) == pytest.approx(expected)
 
 
-def test_vqa_accuracy_normalises_both_sides():
+def test_vqa_accuracy_normalises_both_sides_when_humans_disagree():
     answers = ["2", "2", "two", "3", "3", "3", "3", "3", "3", "3"]
-    assert metrics.vqa_accuracy("Two.", answers) == pytest.approx(0.9)
+    assert metrics.vqav2_accuracy("Two.", answers) == pytest.approx(0.9)
     records = [{"prediction": "Two", "target": answers}, {"prediction": "3", "target": answers},
                {"prediction": "x", "target": None}]  # unlabelled: not scored
-    assert metrics.vqa_metric(records) == {"accuracy": pytest.approx(95.0), "n": 2}
+    assert metrics.vqav2_metric(records) == {"accuracy": pytest.approx(95.0), "n": 2}
+    assert metrics.textvqa_metric(records) == {"accuracy": pytest.approx(95.0), "n": 2}
 
 
 def test_gqa_exact_match():
-    assert metrics.exact_match("Yes.", "yes")
-    assert metrics.exact_match(" left ", "left")
-    assert not metrics.exact_match("the left", "left")  # no VQA normalisation on GQA
-    out = metrics.exact_match_metric([{"prediction": "Table", "target": "table"}, {"prediction": "chair", "target": "desk"}])
+    assert metrics.gqa_correct("Yes.", "yes")
+    assert metrics.gqa_correct(" left ", "left")
+    assert not metrics.gqa_correct("the left", "left")  # no VQA normalisation on GQA
+    out = metrics.gqa_metric([{"prediction": "Table", "target": "table"}, {"prediction": "chair", "target": "desk"}])
     assert out == {"accuracy": 50.0, "n": 2}
 
 
@@ -63,7 +66,8 @@ def test_gqa_exact_match():
     ("There is no dog in the image.", "no"), ("It is not there", "no"), ("Yes. No other dogs.", "yes"),
 ])
 def test_pope_reading(text, label):
-    assert metrics.yes_no(text) == label
+    assert parsers.pope_answer(text) == label
+    assert parsers.lenient_yes_no(text) == label
 
 
 def test_pope_confusion_and_scores():
@@ -93,7 +97,8 @@ def test_pope_metric_per_split_and_mean():
 @pytest.mark.parametrize("text, label", [("Yes", "yes"), ("yes.", "yes"), ("No, it is not", "no"),
                                          ("Maybe", "other"), ("It is yes", "other")])
 def test_mme_reading(text, label):
-    assert metrics.mme_label(text) == label
+    assert parsers.mme_answer(text) == label
+    assert parsers.lenient_mme(text) == label
 
 
 def test_mme_acc_plus_and_sums():
@@ -111,6 +116,7 @@ def test_mme_acc_plus_and_sums():
     assert out["count/score"] == 200.0
     assert out["code_reasoning/acc"] == 50.0 and out["code_reasoning/acc_plus"] == 0.0
     assert out["perception"] == 325.0 and out["cognition"] == 50.0 and out["total"] == 375.0
+    assert out["unparsed"] == 1  # "Maybe"
 
 
 OPTIONS = {"A": "red", "B": "green", "C": "blue"}
@@ -120,22 +126,30 @@ OPTIONS = {"A": "red", "B": "green", "C": "blue"}
     ("B", "B"), ("B.", "B"), ("(C)", "C"), ("C. blue", "C"), ("The answer is A.", "A"),
     ("blue", "C"), ("Green.", "B"), ("D", None), ("purple", None), ("", None),
 ])
-def test_option_letter(text, letter):
-    assert metrics.option_letter(text, OPTIONS) == letter
+def test_lenient_option_letter(text, letter):
+    """--lenient-parsing's reader (not official: see test_evals_official.py for those)."""
+    assert parsers.lenient_letter(text, OPTIONS) == letter
 
 
 def test_mc_accuracy():
-    rec = lambda p, t: {"prediction": p, "target": t, "meta": {"options": OPTIONS}, "group": p + t}
-    out = metrics.mc_metric([rec("A", "A"), rec("(B)", "B"), rec("C", "A"), rec("nonsense", "C")])
-    assert out == {"accuracy": 50.0, "n": 4}  # no circular groups: no circular score
+    def rec(p, t):
+        return {"id": p + t, "prediction": p, "target": t, "meta": {"options": OPTIONS}, "group": p + t}
+
+    records = [rec("A", "A"), rec("(B)", "B"), rec("C", "A"), rec("nonsense", "C")]
+    # LLaVA's ScienceQA reader does not read "(B)": 1 of 4 right, 2 unparsed
+    assert metrics.sqa_metric(records) == {"accuracy": 25.0, "n": 4, "unparsed": 2}
+    # VLMEvalKit's matching reads "(B)" (brackets are separators): no circular groups, no circular score
+    assert metrics.mmbench_metric(records) == {"accuracy": 50.0, "n": 4, "unparsed": 1}
+    assert metrics.sqa_metric(records, lenient=True) == {"accuracy": 50.0, "n": 4, "unparsed": 1}
 
 
 def test_mmbench_circular():
     def rec(p, t, group, rot):
-        return {"prediction": p, "target": t, "group": group, "meta": {"options": OPTIONS, "rotation": rot}}
+        return {"id": f"{group}@{rot}", "prediction": p, "target": t, "group": group,
+                "meta": {"options": OPTIONS, "rotation": rot}}
 
     records = [rec("A", "A", "1", 0), rec("C", "C", "1", 1), rec("B", "B", "1", 2),  # q1: every pass right
                rec("B", "B", "2", 0), rec("B", "A", "2", 1), rec("C", "C", "2", 2)]  # q2: rotation 1 wrong
-    out = metrics.mc_metric(records)
+    out = metrics.mmbench_metric(records)
     assert out["accuracy"] == 100.0 and out["n"] == 2  # the unrotated passes
     assert out["circular_accuracy"] == 50.0 and out["n_circular"] == 2

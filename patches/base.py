@@ -29,6 +29,7 @@ instance) and is replaced at each prefill.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass
@@ -117,13 +118,20 @@ class VisionStagePatch(PatchBase):
             )
         super().__init__(model, config)
         self.method = method_cls()
-        self.positions = config.positions or self.default_positions
-        if self.positions not in self.position_policies:
+        allowed = self.allowed_positions()
+        release = self.method.release_positions
+        self.positions = config.positions or (release if release in allowed else self.default_positions)
+        if self.positions not in allowed:
             raise ValueError(
-                f"positions={self.positions!r} is not supported on {type(model).__name__}; "
-                f"allowed: {list(self.position_policies)}"
+                f"positions={self.positions!r} is not supported on {type(model).__name__} with method "
+                f"{config.method!r}; allowed: {list(allowed)}"
             )
-        self.budget = config.budget or "per_image"
+        self.budget = config.budget or self.method.default_budget
+        if self.budget == "pooled" and self.method.output_is_grid:
+            raise ValueError(f"budget='pooled' puts an image's tokens in one pool without a grid; method "
+                             f"{config.method!r} makes a coarser grid: use budget='per_image' or 'per_crop'")
+        # the options `reduce` runs with: "auto" values resolved for this position policy
+        self.run_config = dataclasses.replace(config, options=self.method.resolve_options(config.options, self.positions))
         self.state: PromptState | None = None
         self._input_compaction: Compaction | None = None  # of the last prefill's tokens
         self._signal_s = 0.0
@@ -183,6 +191,18 @@ class VisionStagePatch(PatchBase):
     def before_tower(self, call: dict[str, Any]) -> None:
         """Called with the image encoder's arguments just before it runs (in the prefill or in
         generate()'s own call): the place for host-side layout work that reads small inputs."""
+
+    def allowed_positions(self) -> tuple[str, ...]:
+        """The position policies this family can keep with this method."""
+        return self.position_policies
+
+    def reduced_positions(self, positions: torch.Tensor, comp: Compaction, is_image: torch.Tensor,
+                          mask: torch.Tensor | None, images: list[ImageTokens] | None) -> torch.Tensor:
+        """The compacted sequence's position ids [..., B, W], given those the engine made
+        (`positions`: the base positions gathered, renumbered or not); a family that numbers a
+        reduced image otherwise (Qwen-VL: an image of the coarser grid) replaces them. is_image,
+        mask: [B, T] of the uncompacted sequence; images: the prefill's (None in a replay)."""
+        return positions
 
     def base_positions(self, kw: dict[str, Any], length: int) -> torch.Tensor:
         """Position ids [..., B, L] the unpruned model would use for the whole sequence."""
@@ -346,7 +366,7 @@ class VisionStagePatch(PatchBase):
         images = _recorded_images(last, out) if last is not None else None
         if images is None:  # encoded before the patch: no signals were recorded
             images = self.describe_images(out, kw, {})
-        missing = self.method.needs - set(images[0].signals if images else ()) - {"question"}
+        missing = self.method.needs - self.method.optional_needs - set(images[0].signals if images else ()) - {"question"}
         if missing:
             raise ValueError(
                 f"method {self.config.method!r} needs {sorted(missing)} from the vision tower, but the "
@@ -415,7 +435,8 @@ class VisionStagePatch(PatchBase):
             # until then, since with the tower's output as their source that is a large tensor
             self.state = PromptState(out.compaction, out.keep, reduced if self._in_generate else None, out.mask,
                                      renumber=self.positions == "renumber")
-            new_kw = self._inputs(kw, out.embeds, out.positions, out.mask, out.compaction)
+            positions = self.reduced_positions(out.positions, out.compaction, is_image, mask, images)
+            new_kw = self._inputs(kw, out.embeds, positions, out.mask, out.compaction)
         else:
             self.state, positions = earlier.joined(out, self.positions == "renumber")
             new_kw = self._inputs(kw, out.embeds, positions, self.state.prompt_mask, out.compaction)
@@ -447,7 +468,7 @@ class VisionStagePatch(PatchBase):
             start += image.features.shape[0]
 
     def _reduce(self, images: list[ImageTokens]) -> ReducedImages:
-        return reduce_image_tokens(self.method, self.config, images, self.budget, self.project)
+        return reduce_image_tokens(self.method, self.run_config, images, self.budget, self.project)
 
     def _apply(self, kw: dict[str, Any], state: PromptState, is_image: torch.Tensor) -> dict[str, Any]:
         """The language model's inputs for the whole sequence (prompt + tokens generated so far)."""
@@ -462,6 +483,7 @@ class VisionStagePatch(PatchBase):
         embeds, positions = compacted_inputs(
             comp, is_image & keep, state.features, self.embedding(), kw.get("input_ids"), kw.get("inputs_embeds"),
             self.pad_token_id, self.base_positions(kw, length), self.positions == "renumber")
+        positions = self.reduced_positions(positions, comp, is_image, kw.get("attention_mask"), None)
         mask = kw.get("attention_mask")
         if mask is not None:
             mask = state.prompt_mask if not extra and state.prompt_mask is not None else comp.gather(mask, 0)

@@ -24,8 +24,9 @@ class Region:
     """
 
     def __init__(self, slots: torch.Tensor | None, grid: tuple[int, int], start: int | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, crop: int | None = None):
         self.grid = grid
+        self.crop = crop  # the tower input (image or crop) the region is, where it is exactly one
         self.start = start  # set by `span`: the slots are start, start+1, ..., read as a slice
         self._slots = slots
         self._device = device
@@ -34,11 +35,11 @@ class Region:
             raise ValueError(f"a {grid[0]}x{grid[1]} region needs {grid[0] * grid[1]} tokens, got {self.size}")
 
     @classmethod
-    def span(cls, start: int, stop: int, grid: tuple[int, int], device=None) -> "Region":
+    def span(cls, start: int, stop: int, grid: tuple[int, int], device=None, crop: int | None = None) -> "Region":
         """The consecutive tokens start..stop-1 as a region."""
         if stop - start != grid[0] * grid[1]:
             raise ValueError(f"a {grid[0]}x{grid[1]} region needs {grid[0] * grid[1]} tokens, got {stop - start}")
-        return cls(None, grid, start, device)
+        return cls(None, grid, start, device, crop)
 
     @property
     def slots(self) -> torch.Tensor:
@@ -61,13 +62,18 @@ class ImageTokens:
               image_newline tokens) are always kept.
     signals:  per-token method signals, each [N, ...] aligned with `features` ("cls_attention",
               "keys", and "pre_projection": the tokens before the projector, [N, Dv]).
-    context:  per-image signals ("question": [D]).
+    context:  per-image signals ("question": [D]), and per tower input ("cls_feature":
+              [crops, Dv], read by the regions that are one crop, `Region.crop`).
     """
 
     features: torch.Tensor
     regions: list[Region]
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     context: dict[str, torch.Tensor] = field(default_factory=dict)  # per image, not per token
+
+
+# context signals given per tower input (image or crop), read by the region that is that input
+PER_CROP_CONTEXT = frozenset({"cls_feature"})
 
 
 def region_budgets(config: PruneConfig, regions: list[Region], budget: str = "per_image") -> list[int]:
@@ -157,8 +163,13 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
             name: _stack([(images[i].signals[name], r) for i, r in members])
             for name in method.needs if name in images[members[0][0]].signals
         }
+        if pre_projection and "llm_features" in method.needs:  # the same tokens, projected
+            signals["llm_features"] = _stack([(images[i].features, r) for i, r in members])
         for name in method.needs:
-            if name in images[members[0][0]].context:
+            if name in PER_CROP_CONTEXT:
+                if all(name in images[i].context and r.crop is not None for i, r in members):
+                    signals[name] = torch.stack([images[i].context[name][r.crop] for i, r in members])
+            elif name in images[members[0][0]].context:
                 signals[name] = torch.stack([images[i].context[name] for i, _ in members])
         with use_backend(config.backend):
             reductions.append((members, feats, method.reduce(feats, grid, k, signals, config.options)))

@@ -38,6 +38,7 @@ class LlavaPatch(VisionStagePatch):
             getattr(getattr(inner.vision_tower, "vision_model", None), "embeddings", None), "class_embedding"
         )
         self.score_layers: tuple[int, ...] = ()
+        self.one_head = False  # the [CLS] row as one head over the full width (Recoverable Compression)
         if "cls_attention" in self.method.needs:
             if not self.has_cls:
                 raise ValueError(
@@ -45,7 +46,8 @@ class LlavaPatch(VisionStagePatch):
                     f"{type(inner.vision_tower).__name__} has none; use a method without "
                     "[CLS] signals (e.g. 'pool', 'random')"
                 )
-            self.score_layers = self._resolve_layers(self.config.options.get("layers"))
+            layers, self.one_head = self.method.cls_score(self.config.options)
+            self.score_layers = self._resolve_layers(layers)
         self._score_attention = [self.vision_layers[i].self_attn for i in self.score_layers]
 
     # -- layers ----------------------------------------------------------------------------
@@ -67,6 +69,14 @@ class LlavaPatch(VisionStagePatch):
                 "produces them, so pass layers=[...] to cls_attention"
             )
         return produced_by
+
+    def _feature_layers(self) -> tuple[int, ...]:
+        """Indices into encoder.layers of the layers whose outputs are the LLM's features (in
+        the order LLaVA concatenates them); () when one of them is the embeddings."""
+        feature_layer = self.model.config.vision_feature_layer
+        wanted = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+        produced_by = [f % (len(self.vision_layers) + 1) - 1 for f in wanted]
+        return () if min(produced_by) < 0 else tuple(produced_by)
 
     def _resolve_layers(self, layers: tuple[int, ...] | None) -> tuple[int, ...]:
         if layers is None:
@@ -110,6 +120,8 @@ class LlavaPatch(VisionStagePatch):
                      if name in ("cls_attention", "keys")}
         if "pre_projection" in signals:
             per_token["pre_projection"] = signals["pre_projection"]  # the projector's input
+        # the [CLS] feature, which the "default" strategy drops (with "full" it is a token already)
+        cls_feature = signals.get("cls_feature") if not full else None
         images = []
         for i, feats in enumerate(features):
             if feats.shape[0] - n_prefix != side * side:
@@ -117,8 +129,9 @@ class LlavaPatch(VisionStagePatch):
                     f"image {i} gives {feats.shape[0]} visual tokens; expected a {side}x{side} patch "
                     f"grid{' plus [CLS]' if n_prefix else ''}"
                 )
-            region = Region.span(n_prefix, feats.shape[0], (side, side), feats.device)
-            images.append(ImageTokens(feats, [region], {name: value[i] for name, value in per_token.items()}))
+            region = Region.span(n_prefix, feats.shape[0], (side, side), feats.device, crop=0)
+            context = {"cls_feature": cls_feature[i:i + 1]} if cls_feature is not None else {}
+            images.append(ImageTokens(feats, [region], {name: value[i] for name, value in per_token.items()}, context))
         return images
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
@@ -131,8 +144,10 @@ class LlavaPatch(VisionStagePatch):
     def _capture_tower_signals(self):
         """Yields a dict that holds, once the tower ran (I = images or crops, T = tokens incl. [CLS]):
         "cls_attention": [I, T] float32, the [CLS] attention rows of `score_layers` summed;
-        "keys": [I, T, D] keys of the last score layer (methods that need keys);
-        "pre_projection": [I, N, Dv] the projector's input (methods that use it)."""
+        "keys": [I, T, Dh] keys of the last score layer averaged over heads (methods that need keys);
+        "pre_projection": [I, N, Dv] the projector's input (methods that use it);
+        "cls_feature": [I, Dv] the [CLS] token's feature of the feature layer(s), before the
+        projector (methods that use it; concatenated over the layers as LLaVA concatenates)."""
         result: dict[str, torch.Tensor] = {}
         captured: dict[Any, dict[str, torch.Tensor]] = {}
         handles = []
@@ -141,6 +156,10 @@ class LlavaPatch(VisionStagePatch):
             # q: only the [CLS] row is kept; k: all keys. Both are the layer's own projections.
             handles.append(attn.q_proj.register_forward_hook(_store(slot, "q", first_row=True)))
             handles.append(attn.k_proj.register_forward_hook(_store(slot, "k")))
+        feature_layers = self._feature_layers() if "cls_feature" in self.method.needs and self.has_cls else ()
+        for layer_idx in feature_layers:
+            slot = captured.setdefault(("feature", layer_idx), {})
+            handles.append(self.vision_layers[layer_idx].register_forward_hook(_store_cls(slot)))
         if self.method.uses_pre_projection:
             slot = captured.setdefault("projector", {})
             handles.append(self.model.model.multi_modal_projector.register_forward_pre_hook(
@@ -152,21 +171,35 @@ class LlavaPatch(VisionStagePatch):
                 h.remove()
         if "projector" in captured:
             result["pre_projection"] = captured["projector"]["input"]
+        if feature_layers:
+            result["cls_feature"] = torch.cat([captured[("feature", i)]["cls"] for i in feature_layers], dim=-1)
         if not self.score_layers:
             return
         start = clock(self.model)
         total = None
         for layer_idx, attn in zip(self.score_layers, self._score_attention):
             q, k = captured[layer_idx]["q"], captured[layer_idx]["k"]
-            heads, head_dim = attn.num_heads, attn.head_dim
+            heads, head_dim, scale = attn.num_heads, attn.head_dim, attn.scale
+            if self.one_head:  # the raw projections, one head over the width, 1 / sqrt(width)
+                heads, head_dim, scale = 1, q.shape[-1], q.shape[-1] ** -0.5
             query = q.view(q.shape[0], heads, head_dim)
             keys = k.view(k.shape[0], k.shape[1], heads, head_dim).transpose(1, 2)
-            row = cls_attention_scores(query, keys, attn.scale, self.config.backend)
+            row = cls_attention_scores(query, keys, scale, self.config.backend)
             total = row if total is None else total + row
         result["cls_attention"] = total
         if "keys" in self.method.needs:
-            result["keys"] = captured[self.score_layers[-1]]["k"]
+            k = captured[self.score_layers[-1]]["k"]
+            heads = 1 if self.one_head else self._score_attention[-1].num_heads
+            result["keys"] = k.view(*k.shape[:-1], heads, -1).mean(-2)  # VisionZip: heads averaged
         self._signal_s += clock(self.model) - start
+
+
+def _store_cls(slot: dict[str, torch.Tensor]):
+    def hook(module, inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        slot["cls"] = hidden[:, 0]
+
+    return hook
 
 
 def _store(slot: dict[str, torch.Tensor], key: str, first_row: bool = False):

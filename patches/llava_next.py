@@ -8,9 +8,11 @@ the features whatever the unpadding removed, and nothing after the tower reads t
 `image_newline` tokens are always kept.
 
 Regions a method reduces: the base image (side x side) and either the whole unpadded crop grid
-(budget="per_image", the default: `keep` counts the image's tokens, split between base and grid
-in proportion to their size) or each crop's share of it (budget="per_crop": `keep` applies to
-the base image and to each crop, as FasterVLM does).
+(budget="per_image": `keep` counts the image's tokens, split between base and grid in proportion
+to their size) or each crop's share of it (budget="per_crop": `keep` applies to the base image
+and to each crop, as FasterVLM's and VisionZip's releases do); or budget="pooled": all the
+image's tokens, newlines included, as one pool with no grid (DivPrune's and TransPrune's
+releases). Each method's default is its release's (`VisionMethod.default_budget`).
 """
 
 from __future__ import annotations
@@ -83,11 +85,13 @@ class PackedLayout:
              in the images' per-crop tokens flattened (after each crop's [CLS] token, or without
              one); 0 for an image_newline (no region reads it).
     lengths: packed tokens per image; regions: per image, the base image, then the crop grid
-             (budget "per_image") or each crop's part of it ("per_crop").
+             (budget "per_image") or each crop's part of it ("per_crop"); or one region of all
+             the image's tokens ("pooled"). crops: per image, its tower inputs (base + crops).
     """
 
-    def __init__(self, rows: dict[bool, torch.Tensor], lengths: list[int], regions: list[list[Region]]):
-        self.rows, self.lengths, self.regions = rows, lengths, regions
+    def __init__(self, rows: dict[bool, torch.Tensor], lengths: list[int], regions: list[list[Region]],
+                 crops: list[int]):
+        self.rows, self.lengths, self.regions, self.crops = rows, lengths, regions, crops
 
     @classmethod
     def of(cls, config, image_sizes, budget: str, device, pack=None) -> "PackedLayout":
@@ -110,7 +114,7 @@ class PackedLayout:
         tokens, regions, first_crop = [], [], 0
         for n_crops, numbers_i in zip(crops, packed):
             token = numbers_i[:, 0].numpy().round().astype(np.int64)  # -1: image_newline
-            regions.append([_region(slots, grid, device) for slots, grid in _regions(token, side, budget)])
+            regions.append([_region(slots, grid, device, crop) for slots, grid, crop in _regions(token, side, budget)])
             tokens.append(np.where(token >= 0, token + first_crop * per_crop, -1))
             first_crop += n_crops
         token = np.concatenate(tokens)
@@ -118,7 +122,7 @@ class PackedLayout:
         rows = {False: np.where(newline, 0, token),
                 True: np.where(newline, 0, token + token // per_crop + 1)}  # each crop's [CLS] first
         return cls({key: torch.from_numpy(value).to(device) for key, value in rows.items()},
-                   [len(t) for t in tokens], regions)
+                   [len(t) for t in tokens], regions, crops)
 
     def pack(self, per_crop: torch.Tensor, after_cls: bool) -> list[torch.Tensor]:
         """[crops, T, ...] a signal per crop token ([CLS] first when `after_cls`) -> per image
@@ -129,42 +133,49 @@ class PackedLayout:
     def images(self, features: list[torch.Tensor], signals: dict[str, torch.Tensor]) -> list[ImageTokens]:
         """features: per image [N_i, D], packed (the model's own packing); signals: per crop,
         "cls_attention" [crops, T], "keys" [crops, T, Dv] (the tower's, [CLS] first, which the
-        "default" strategy drops) and "pre_projection" [crops, T - 1, Dv] -> the images, with
-        their signals in packed order."""
+        "default" strategy drops), "pre_projection" [crops, T - 1, Dv] and "cls_feature"
+        [crops, Dv] -> the images, with their signals in packed order ("cls_feature": per
+        image [its crops, Dv], the base image first)."""
         packed = {name: self.pack(value, after_cls=name != "pre_projection") for name, value in signals.items()
                   if name in ("cls_attention", "keys", "pre_projection")}
+        cls_features = signals["cls_feature"].split(self.crops) if "cls_feature" in signals else None
         images = []
         for i, (feats, regions) in enumerate(zip(features, self.regions)):
             if self.lengths[i] != feats.shape[0]:
                 raise ValueError(f"image {i}: {feats.shape[0]} features but the packed layout has {self.lengths[i]} tokens")
             image_signals = {name: value[i] if name == "cls_attention" else value[i].to(feats.dtype)
                              for name, value in packed.items()}
-            images.append(ImageTokens(feats, regions, image_signals))
+            context = {"cls_feature": cls_features[i]} if cls_features is not None else {}
+            images.append(ImageTokens(feats, regions, image_signals, context))
         return images
 
 
-def _region(slots: np.ndarray, grid: tuple[int, int], device) -> Region:
+def _region(slots: np.ndarray, grid: tuple[int, int], device, crop: int | None) -> Region:
     """A region on `device`; a span (read as a slice, no index tensor) when its slots are consecutive."""
     if len(slots) and slots[-1] - slots[0] == len(slots) - 1:
-        return Region.span(int(slots[0]), int(slots[-1]) + 1, grid, device)
-    return Region(torch.from_numpy(slots).to(device), grid)
+        return Region.span(int(slots[0]), int(slots[-1]) + 1, grid, device, crop)
+    return Region(torch.from_numpy(slots).to(device), grid, crop=crop)
 
 
-def _regions(token: np.ndarray, side: int, budget: str) -> list[tuple[np.ndarray, tuple[int, int]]]:
-    """(slots, grid) of one image's regions from its packed token numbers (-1: image_newline)."""
+def _regions(token: np.ndarray, side: int, budget: str) -> list[tuple[np.ndarray, tuple[int, int], int | None]]:
+    """(slots, grid, crop) of one image's regions from its packed token numbers (-1:
+    image_newline); crop: the image's crop the region is (0: the base image), None for the
+    grid of several crops."""
+    if budget == "pooled":  # every token, newlines included, in one pool without a grid
+        return [(np.arange(len(token)), (1, len(token)), None)]
     per_crop = side * side
     crop = np.where(token >= 0, token // per_crop, -1)
-    regions = [(np.flatnonzero(crop == 0), (side, side))]
+    regions = [(np.flatnonzero(crop == 0), (side, side), 0)]
     grid_slots = np.flatnonzero(crop >= 1)
     if len(grid_slots) == 0:
         return regions
     if budget == "per_image":
         newline_slots = np.flatnonzero(crop < 0)
         width = int(newline_slots[newline_slots > grid_slots[0]][0] - grid_slots[0])
-        regions.append((grid_slots, (len(grid_slots) // width, width)))
+        regions.append((grid_slots, (len(grid_slots) // width, width), None))
         return regions
     for c in np.unique(crop[grid_slots]):
         slots = np.flatnonzero(crop == c)
         within = token[slots] % per_crop
-        regions.append((slots, (len(np.unique(within // side)), len(np.unique(within % side)))))
+        regions.append((slots, (len(np.unique(within // side)), len(np.unique(within % side))), int(c)))
     return regions

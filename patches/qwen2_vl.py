@@ -37,7 +37,7 @@ from vlm_prune.timing import clock
 from vlm_prune.vision_layers import refuse_layers
 
 from .base import VisionStagePatch
-from .image_tokens import ImageTokens, Region
+from .image_tokens import ImageTokens, Region, region_budgets
 from .mrope import image_rope_index
 
 
@@ -69,8 +69,13 @@ class Qwen2VLPatch(VisionStagePatch):
     continues_with_images = False
     continuation_refusal = " (the M-RoPE positions of a new image after cached tokens)"
 
+    def allowed_positions(self) -> tuple[str, ...]:
+        # a method whose output is a coarser grid can be numbered as an image of that grid
+        return ("original", "renumber") if self.method.output_is_grid else ("original",)
+
     def check_model(self) -> None:
         refuse_layers(self.config.options.get("layers"), "Qwen-VL", QWEN_SCORED_BY)
+        self._reduced_grids: list[list[int]] = []  # per image of the last prefill, its (t, h, w) after reduction
         # image_grid_thw as read by prepare(), that tensor, and Qwen2.5's window permutation of it
         self._grids_of, self._grids, self._window_index = None, [], None
         self._fast_rope: bool | None = None  # image_rope_index checked against the model's (None: not yet)
@@ -85,6 +90,10 @@ class Qwen2VLPatch(VisionStagePatch):
         return self.model.model.get_image_features(kw["pixel_values"], kw.get("image_grid_thw"), return_dict=True)
 
     def prepare(self, kw: dict[str, Any]) -> None:
+        if self.positions == "renumber" and kw.get("video_grid_thw") is not None:
+            raise NotImplementedError(
+                "vlm_prune: positions='renumber' (images numbered as their coarse grid) with a video in the "
+                "prompt is not supported on Qwen-VL; use positions='original'")
         grid_thw = kw.get("image_grid_thw")
         if grid_thw is not None:
             self._grids_of, self._grids = grid_thw, grid_thw.tolist()
@@ -131,6 +140,30 @@ class Qwen2VLPatch(VisionStagePatch):
             positions, deltas = models_own()
         inner.rope_deltas = deltas  # what the unpruned forward would have stored
         return positions
+
+    def reduced_positions(self, positions, comp, is_image, mask, images):
+        """positions="renumber" (methods whose output is a coarser grid, Fourier-VLM's release):
+        each reduced image is numbered as an image of its coarse grid (t, r, c) -- grid_thw
+        shrinks -- and the text after it continues from that smaller extent; rope_deltas
+        follow, so decode steps continue the same numbering."""
+        if self.positions != "renumber":
+            return positions
+        merge = self.visual.spatial_merge_size
+        if images is not None:
+            self._reduced_grids = [self._reduced_grid(img, merge) for img in images]
+        valid = torch.ones_like(is_image, dtype=torch.long) if mask is None else mask
+        types, valid = comp.gather(is_image.long(), 0), comp.gather(valid, 0)
+        grid, deltas = image_rope_index(types, valid, self._reduced_grids, merge)
+        self.model.model.rope_deltas = deltas
+        if positions.dim() == 3 and positions.shape[0] > 3:  # generate()'s text plane first: compacted index
+            return torch.cat([positions[:-3], grid])
+        return grid
+
+    def _reduced_grid(self, image: ImageTokens, merge: int) -> list[int]:
+        """(t, h, w) in patches of an image whose frames were each reduced to the coarse grid."""
+        k = region_budgets(self.run_config, image.regions, self.budget)[0]
+        rows, cols = self.method.output_grid(k, image.regions[0].grid, self.run_config.options)
+        return [len(image.regions), rows * merge, cols * merge]
 
     def _generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         cache = get_cache(kwargs)
@@ -187,7 +220,7 @@ class Qwen2VLPatch(VisionStagePatch):
     def _capture_attention_received(self):
         """Yields a dict that holds, once the tower ran, per merged token of all images of the
         call (raster order): "cls_attention" [T / 4] float32, the attention received in the last
-        block; "keys" [T / 4, D], that block's keys (methods that need them)."""
+        block; "keys" [T / 4, Dh], that block's keys averaged over heads (methods that need them)."""
         result: dict[str, torch.Tensor] = {}
         attn = self.visual.blocks[-1].attn
         seen: dict[str, Any] = {}
@@ -224,8 +257,8 @@ class Qwen2VLPatch(VisionStagePatch):
             grid_thw = grid_seen["grid_thw"]
             window_index = (self._window_index if grid_thw is self._grids_of
                             else vision_window_index(self.visual, grid_thw)).to(qkv.device)
-        if "keys" in self.method.needs:  # VisionZip's key similarity: the block's keys, pre-rotary
-            result["keys"] = merge_unit_mean(k.reshape(total, -1), self.merge_unit, window_index)
+        if "keys" in self.method.needs:  # VisionZip's key similarity: the block's keys, pre-rotary, heads averaged
+            result["keys"] = merge_unit_mean(k.mean(1), self.merge_unit, window_index)
         if "cls_attention" in self.method.needs:
             cos, sin = seen["position_embeddings"]
             # fused (rotary, scores, unit means) on the Triton backend; the reference uses the

@@ -273,7 +273,7 @@ def test_llava_next_per_image_budget_counts_the_whole_image(models):
 
 @pytest.mark.parametrize("method, keep, options", [
     ("cls_attention", 0.25, {}), ("pool", 0.3, {"budget": "per_crop"}), ("dct", 5, {"budget": "per_crop"}),
-    ("visionzip", 0.2, {}),
+    ("visionzip", 0.2, {}), ("divprune", 0.2, {}),
 ])
 def test_llava_next_kept_count_is_known_from_the_image_size(models, method, keep, options):
     """What the vLLM plugin reserves before the encoder runs: the layout of an image size alone
@@ -286,7 +286,7 @@ def test_llava_next_kept_count_is_known_from_the_image_size(models, method, keep
     model, processor = models["llava_next"]
     handle = vlm_prune.patch(model, method, keep, **options)
     try:
-        budget = handle.config.budget or "per_image"
+        budget = handle._patch.budget  # the method's default where none is given (visionzip: per crop)
         for size in [(280, 196), (100, 300), (250, 90), (56, 56), (400, 130)]:
             inputs = make_inputs(processor, "llava_next", [size], QUESTIONS[:1])
             logits(model, inputs)
@@ -295,7 +295,7 @@ def test_llava_next_kept_count_is_known_from_the_image_size(models, method, keep
             assert all(torch.equal(alone.rows[c], own.rows[c]) for c in (False, True))
             n_tokens = handle.stats[0]["visual_tokens"]
             assert alone.lengths == [n_tokens]
-            counted = passed_on_count(get_method(method)(), handle.config, alone.regions[0], n_tokens, budget)
+            counted = passed_on_count(get_method(method)(), handle._patch.run_config, alone.regions[0], n_tokens, budget)
             assert counted == handle.stats[0]["kept"] < n_tokens, size
     finally:
         handle.remove()

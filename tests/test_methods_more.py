@@ -14,7 +14,6 @@ from vlm_prune import tiny
 from vlm_prune.methods.dct import DCT, dct_matrix, low_pass
 from vlm_prune.methods.divprune import max_min_diverse
 from vlm_prune.methods.text_recovery import TextRecovery, local_outlier_factor
-from vlm_prune.methods.visionzip import VisionZip
 
 from .conftest import llava_inputs
 from .reference import image_features, reference_logits
@@ -92,30 +91,6 @@ def test_divprune_prefers_distinct_tokens():
     assert sorted({int(i) // 5 for i in picked}) == [0, 1, 2, 3]
 
 
-# -- VisionZip -------------------------------------------------------------------------------------
-
-
-def test_visionzip_dominant_then_contextual_means():
-    n = 16
-    attention = torch.arange(n, dtype=torch.float32)[None]  # the last tokens dominate
-    keys = torch.zeros(1, n, 2)
-    keys[0, :6] = torch.tensor([1.0, 0.0])  # two key clusters among the rest
-    keys[0, 6:] = torch.tensor([0.0, 1.0])
-    feats = torch.arange(n, dtype=torch.float32).view(1, n, 1).repeat(1, 1, 3)
-    red = VisionZip().reduce(feats, (4, 4), 12, {"cls_attention": attention, "keys": keys}, {})
-    # 12 -> round(12 * 10 / 64) = 2 contextual, 10 dominant (tokens 6..15)
-    assert red.index[0].tolist() == [0, 5] + list(range(6, 16))
-    # rest = tokens 0..5, targets at 0 and 5 (uniform); keys all in one cluster -> the first target
-    # most similar wins ties; group means:
-    rest_feats = torch.arange(6, dtype=torch.float32)
-    unit = torch.nn.functional.normalize(keys[0, :6], dim=-1)
-    group = (unit @ unit[[0, 5]].T).argmax(-1)
-    group[[0, 5]] = torch.tensor([0, 1])
-    expected = [float(rest_feats[group == g].mean()) for g in (0, 1)]
-    assert red.features[0, :2, 0].tolist() == pytest.approx(expected)
-    assert red.features[0, 2:, 0].tolist() == list(range(6, 16))
-
-
 # -- text recovery ------------------------------------------------------------------------------
 
 
@@ -145,7 +120,7 @@ def test_text_recovery_fixed_budget():
     feats = torch.zeros(1, n, dim)
     feats[0, :, 0] = 1.0
     feats[0, 10] = torch.tensor([0.0, 0.0, 0.0, 1.0])  # the token the question asks for
-    options = {"mode": "fixed", "keep_share": 0.67}
+    options = {"mode": "fixed", "keep_share": 0.67, "layout": "raster"}
     red = TextRecovery().reduce(feats, (3, 4), 4, {"cls_attention": attention, "question": question}, options)
     # keep 4 = 1 summary + 3 survivors: round(3 * 0.67) = 2 by attention (2, 7), 1 recovered (10)
     survivors = [2, 7, 10]
@@ -162,8 +137,8 @@ def test_text_recovery_adaptive_counts_outliers():
     attention[0, [3, 17, 30]] = torch.tensor([0.3, 0.25, 0.2])
     feats = torch.randn(1, n, 6)
     question = torch.randn(1, 6)
-    red = TextRecovery().reduce(feats, (5, 8), 30, {"cls_attention": attention, "question": question},
-                                {"mode": "adaptive", "keep_share": 0.75})
+    signals = {"cls_attention": attention, "question": question, "keys": torch.randn(1, n, 5)}
+    red = TextRecovery().reduce(feats, (5, 8), 30, signals, {"mode": "adaptive", "keep_share": 0.75, "layout": "raster"})
     kept = red.index[0].tolist() if isinstance(red.index, torch.Tensor) else red.index[0].tolist()
     assert {3, 17, 30} <= set(kept) and len(kept) < 30
 
@@ -172,7 +147,7 @@ def test_text_recovery_adaptive_counts_outliers():
 
 
 NEW_METHODS = [("dct", {}), ("divprune", {}), ("visionzip", {}), ("text_recovery", {}),
-               ("text_recovery", {"mode": "adaptive"})]
+               ("text_recovery", {"mode": "fixed"}), ("dct", {"rescale": True})]
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +202,8 @@ def test_contracts_on_every_family(family_models, family, method_options):
 
 
 def test_dct_on_llava_runs_before_the_projector(family_models):
-    """LLaVA-1.5: low-pass of the projector's input, then the projector, equals the patched model."""
+    """LLaVA-1.5: low-pass of the projector's input, then the projector, equals the patched model
+    (the release's form: orthonormal DCT, an inverse of the coarse size, no rescaling)."""
     model, processor = family_models["llava"]
     inputs = llava_inputs(processor, ["USER: <image>\nWhat is it? ASSISTANT:"], [(280, 196)])
     seen = {}
@@ -236,7 +212,7 @@ def test_dct_on_llava_runs_before_the_projector(family_models):
     hook.remove()
     pre = seen["x"][0].view(8, 8, -1)  # [h, w, Dv]
     a8, a4 = (torch.stack([cosine_basis(n, u) for u in range(n)]) for n in (8, 4))
-    coarse = torch.einsum("rh,hwd,cw->rcd", a4.T @ a8[:4], pre, a4.T @ a8[:4]) * math.sqrt(16 / 64)
+    coarse = torch.einsum("rh,hwd,cw->rcd", a4.T @ a8[:4], pre, a4.T @ a8[:4])  # the release: no rescaling
     with torch.no_grad():
         kept_features = model.model.multi_modal_projector(coarse.reshape(16, -1))
     centres = [8 * (2 * r) + 2 * c for r in range(4) for c in range(4)]
@@ -254,7 +230,7 @@ def test_text_recovery_question_is_the_instruction_embedding(family_models):
     picks = []
     for question in ["What is it?", "How many green triangles are there in the picture?"]:
         inputs = llava_inputs(processor, [f"USER: <image>\n{question} ASSISTANT:"], [(280, 196)])
-        handle = vlm_prune.patch(model, "text_recovery", 16, keep_share=0.0)  # all recovered by the question
+        handle = vlm_prune.patch(model, "text_recovery", 16, mode="fixed", keep_share=0.0)  # all recovered by the question
         _logits(model, inputs)
         picks.append(handle.kept_indices[0].tolist())
     handle.remove()

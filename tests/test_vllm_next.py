@@ -67,9 +67,11 @@ def hf_generate(model_dir, config=None) -> list[dict]:
 
 
 @pytest.mark.parametrize("config", [
-    {"method": "cls_attention", "keep": 0.25},  # budget per_image: split between base and crop grid
-    {"method": "dct", "keep": 8, "budget": "per_crop"},  # before the projector, every crop on its own
-], ids=["cls_attention-per_image", "dct-per_crop"])
+    {"method": "cls_attention", "keep": 0.25},  # FasterVLM's release: per crop, the base image too
+    {"method": "dct", "keep": 8, "budget": "per_image"},  # split between base and crop grid
+    {"method": "visionzip", "keep": 6},  # per crop, each crop's [CLS] token, merged before the projector
+    {"method": "divprune", "keep": 0.3},  # DivPrune's release: one pool, newlines included
+], ids=["cls_attention-per_crop", "dct-per_image", "visionzip-per_crop", "divprune-pooled"])
 def test_vllm_llava_next_equals_transformers(model_dir, config):
     got = run_vllm(model_dir, {"vlm_prune": config}, requests=REQUESTS, max_tokens=MAX_TOKENS, logprobs=True)
     expected = hf_generate(model_dir, config)

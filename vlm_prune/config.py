@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 POSITION_POLICIES = ("renumber", "original")
-BUDGET_POLICIES = ("per_image", "per_crop")
+BUDGET_POLICIES = ("per_image", "per_crop", "pooled")
 BACKENDS = ("auto", "torch", "triton")
 COMMON_OPTIONS = ("positions", "budget", "backend")
 
@@ -131,8 +131,11 @@ class PruneConfig:
         positions: "renumber" (kept tokens numbered consecutively) or "original" (kept tokens
             keep their position ids); None = the model family's default.
         budget: "per_image" (`keep` counts an image's tokens; split over its crops in proportion
-            to their size) or "per_crop" (`keep` applies to the base image and to each crop);
-            only LLaVA-NeXT images have crops. None = "per_image".
+            to their size), "per_crop" (`keep` applies to the base image and to each crop) or
+            "pooled" (`keep` counts the image's tokens, which compete as one pool: base image,
+            crops and row-end newline tokens together); only LLaVA-NeXT images have crops.
+            None = the method's default (its release's: FasterVLM and VisionZip per crop,
+            DivPrune pooled, the others per image).
         backend: "auto" (Triton on CUDA when available, else PyTorch), "torch" or "triton".
         options: method options; unknown names are rejected, missing ones take defaults.
     """
@@ -156,10 +159,13 @@ class PruneConfig:
                 f"positions={self.positions!r} is not allowed; choose one of {list(POSITION_POLICIES)}"
             )
         if self.positions is not None and method_cls.stage != "vision":
-            raise ValueError(
-                f"positions={self.positions!r} applies to vision-stage methods only; "
-                f"{self.method!r} prunes inside the LLM and always keeps original positions"
-            )
+            allowed = getattr(method_cls, "position_policies", ())
+            if self.positions not in allowed:
+                raise ValueError(
+                    f"positions={self.positions!r} is not an option of {self.method!r}, which prunes inside the LLM: "
+                    + (f"choose one of {list(allowed)}" if allowed else
+                       f"{getattr(method_cls, 'position_note', 'it keeps original positions')} (leave positions unset)")
+                )
         if self.budget is not None and self.budget not in BUDGET_POLICIES:
             raise ValueError(f"budget={self.budget!r} is not allowed; choose one of {list(BUDGET_POLICIES)}")
         if self.backend not in BACKENDS:

@@ -15,18 +15,27 @@ from ..config import COMMON_OPTIONS, Option
 # Signals a family patch can provide to a vision-stage method, per image:
 #   "cls_attention": [I, N] attention of the vision tower's [CLS] query to each visual token
 #                    (heads averaged; summed over the layers in the `layers` option).
-#   "keys":          [I, N, Dk] keys of the same vision layer (LLaVA) / last block (Qwen)
+#   "keys":          [I, N, Dk] keys of the same vision layer (LLaVA) / last block (Qwen),
+#                    averaged over heads
 #   "question":      [I, D] per image: mean LLM input embedding of the instruction tokens
-SIGNALS = ("cls_attention", "keys", "question")
+#   "cls_feature":   [I, Dv] per image (LLaVA-NeXT: per crop): the tower's [CLS] feature at the
+#                    feature layer, before the projector (towers with a [CLS] token only)
+#   "llm_features":  [I, N, D] the tokens in the LLM's space, for methods that reduce the
+#                    tokens before the projector (`uses_pre_projection`) but compare in that space
+SIGNALS = ("cls_attention", "keys", "question", "cls_feature", "llm_features")
 
 
 class Reduction:
     """The visual tokens that go on to the LLM, for a group of images of equal token count.
 
-    features: [I, K, D] tokens in raster order (kept tokens, or merged ones).
-    index:    [I, K] int64, strictly increasing per row: the original token each output
-              token stands for (its own index when kept; a representative when merged).
-              Position ids under positions="original" come from here.
+    features: [I, K, D] tokens in the order the LLM receives them: raster order (kept tokens,
+              or merged ones), unless the method orders them otherwise under renumbered
+              positions (VisionZip's release layout).
+    index:    [I, K] int64, strictly increasing per row: the slots the output tokens occupy,
+              i.e. the original token each output token stands for (its own index when kept;
+              a representative when merged). Position ids under positions="original" come
+              from here, so a method that orders its tokens otherwise does so only under
+              renumbered positions.
     Methods whose count varies per image give lists of [K_i, D] / [K_i] instead.
 
     `Reduction.of(selection)` wraps a top-k that keeps tokens unchanged
@@ -59,8 +68,12 @@ class Method:
     name: ClassVar[str]
     stage: ClassVar[str]  # "vision" (before the LLM) or "llm" (inside the decoder)
     needs: ClassVar[frozenset[str]] = frozenset()
+    # signals of `needs` used when a family can provide them, and done without otherwise
+    optional_needs: ClassVar[frozenset[str]] = frozenset()
     options: ClassVar[Mapping[str, Option]] = {}
     paper: ClassVar[str] = ""
+    # the released code the default follows: "github owner/repo @ commit, files"
+    release: ClassVar[str] = ""
 
     @classmethod
     def validate_options(cls, given: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +98,31 @@ class VisionMethod(Method):
     # True: the method prefers the vision features before the projector where a family can
     # project its output afterwards (LLaVA-1.5); elsewhere it gets the LLM-space tokens.
     uses_pre_projection: ClassVar[bool] = False
+    # the budget policy when the user sets none (it matters for LLaVA-NeXT's crops only)
+    default_budget: ClassVar[str] = "per_image"
+    # whether `reduce` outputs a coarser grid (pool, dct): such methods need a region's grid,
+    # and an M-RoPE family can number their output as an image of that grid
+    output_is_grid: ClassVar[bool] = False
+    # the position policy of the release where a family allows more than one; None: the family's
+    release_positions: ClassVar[str | None] = None
+
+    def cls_score(self, options: Mapping[str, Any]) -> tuple[tuple[int, ...] | None, bool]:
+        """How the family computes "cls_attention" for this method: (vision layers, summed --
+        None: the layer that produces the LLM's features -- and whether the [CLS] row is one
+        head over the layer's full width instead of the heads' average). Towers without a
+        [CLS] token use their own fallback score."""
+        return options.get("layers"), False
+
+    def resolve_options(self, options: Mapping[str, Any], positions: str) -> dict[str, Any]:
+        """The options `reduce` runs with under the engine's position policy ("renumber" or
+        "original"): "auto" values resolved, combinations the policy cannot number refused
+        (ValueError). Called once, when a model is patched or a vLLM engine starts."""
+        return dict(options)
+
+    def output_grid(self, k: int, grid: tuple[int, int], options: Mapping[str, Any]) -> tuple[int, int] | None:
+        """(rows, cols) of the coarser grid `reduce` outputs for budget k on `grid` (methods with
+        `output_is_grid`), else None."""
+        return None
 
     def output_count(self, k: int, grid: tuple[int, int], options: Mapping[str, Any]) -> int | None:
         """Tokens `reduce` returns per image for budget k on `grid`, known before the image is

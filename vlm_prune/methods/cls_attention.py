@@ -21,6 +21,9 @@ class ClsAttention(VisionMethod):
     name = "cls_attention"
     needs = frozenset({"cls_attention"})
     paper = "FasterVLM (arXiv 2412.01818); VTC-CLS (arXiv 2412.05819)"
+    release = ("github Theia-4869/FasterVLM @ f5d5f12, llava/model/llava_arch.py encode_images; "
+               "github THU-MIG/VTC-CLS @ e41ac9b (layers ensemble)")
+    default_budget = "per_crop"  # FasterVLM on LLaVA-NeXT: top-k of each crop, the base image too
     options = {
         "layers": Option(
             None,

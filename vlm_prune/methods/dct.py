@@ -1,21 +1,30 @@
 """`dct`: Fourier-VLM -- low-pass the visual feature grid in the frequency domain.
 
-The h x w grid of D-dim features goes through an orthonormal 2D DCT-II; the top-left r x c
-block of low frequencies is kept and an orthonormal inverse DCT of size r x c turns it back into
-r x c spatial tokens on a coarser grid. (r, c) is the largest grid within the budget whose
-aspect is closest to h / w (the same rule as `pool`). Both transforms are small matmuls with
-bases cached per size: out = C_r^T[:r] ... i.e. out = B_r (A_h X A_w^T)[:r, :c] B_c^T.
+The released rules (Fourier Compressor, github whyisverysmart/Fourier-Compressor @ 1f98b38;
+`fourier_compressor/compress.py`, `integrations/qwen_vl/helpers.py`, `integrations/llava/`):
+the h x w grid of D-dim features goes through an orthonormal 2D DCT-II; the top-left r x c block
+of low frequencies is kept and an orthonormal inverse DCT of size r x c turns it back into
+r x c spatial tokens on a coarser grid, in raster order. Both transforms are small matmuls with
+bases cached per size: out = (B_r^T A_h[:r]) X (B_c^T A_w[:c])^T.
+
+- LLaVA-1.5: on the vision features before the projector (24x24 -> 12x12 by default).
+- Qwen2-VL / 2.5-VL: on the merger's output, per frame; the image's grid_thw shrinks to the
+  coarse grid, so M-RoPE numbers the output as an image of that smaller grid and the text after
+  it continues from the smaller extent (positions="renumber", the default there);
+  positions="original" instead gives each output token the position of the centre token of its
+  cell and leaves the text's positions as the unpruned model has them.
+- LLaVA-NeXT: the release has no anyres path; here each region (budget policy) is low-passed on
+  the LLM-space tokens after the projector.
+
+(r, c) is the largest grid within the budget whose aspect is closest to h / w (the same rule as
+`pool`); the release sets r = int(h * ratio) per axis (ratio 2/3 on Qwen, r = 12 on LLaVA):
+pick `keep` accordingly to reproduce a release setting.
 
 An N-point orthonormal DCT followed by an r-point inverse scales a constant signal by
-sqrt(N / r) per axis; `rescale=True` (default) multiplies by sqrt(r c / (h w)) so a constant
-grid stays constant (and the mean keeps its magnitude); `rescale=False` is the raw published
-form. The paper fine-tunes with the compressor; used training-free, rescaling is what keeps the
-LLM's input statistics -- measure both on your model.
-
-Each output token stands for the centre token of its cell of the coarse grid (positions under
-positions="original": the coarse grid scaled into the original extent). On LLaVA-1.5 the DCT
-runs on the vision features before the projector, as in the paper; on LLaVA-NeXT and
-Qwen2-VL / 2.5-VL on the LLM-space tokens after the projector / merger, per frame.
+sqrt(N / r) per axis; the release keeps that scaling (rescale=False, the default: its models
+are fine-tuned with the compressor). `rescale=True` (a departure, for training-free use)
+multiplies by sqrt(r c / (h w)) so a constant grid stays constant and the LLM's input keeps its
+magnitude -- measure both on your model.
 """
 
 from __future__ import annotations
@@ -66,8 +75,12 @@ class DCT(CoarseGridMethod):
     name = "dct"
     uses_pre_projection = True
     paper = "Fourier-VLM: Compressing Vision Tokens in the Frequency Domain (2025)"
+    release = "github whyisverysmart/Fourier-Compressor @ 1f98b38, fourier_compressor/compress.py + integrations/"
+    release_positions = "renumber"  # Qwen-VL: grid_thw shrinks to the coarse grid
     options = {
-        "rescale": Option(True, choice(True, False), "multiply by sqrt(r c / (h w)) so a constant grid stays constant"),
+        "rescale": Option(False, choice(True, False),
+                          "multiply by sqrt(r c / (h w)) so a constant grid stays constant (a departure: the "
+                          "release keeps the transform's scaling)"),
     }
 
     def reduce(self, features, grid, k, signals, options) -> Reduction:

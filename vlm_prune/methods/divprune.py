@@ -38,6 +38,9 @@ def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
 class DivPrune(VisionMethod):
     name = "divprune"
     paper = "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models (CVPR 2025)"
+    release = "github vbdi/divprune @ 799e2d9, LLaVA/llava/model/llava_arch.py DivPrune"
+    # LLaVA-NeXT: the release selects from the whole image (base, crops, newlines) as one pool
+    default_budget = "pooled"
 
     def reduce(self, features, grid, k, signals, options) -> Reduction:
         return gather_tokens(features, max_min_diverse(features, k))

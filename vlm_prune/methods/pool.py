@@ -47,6 +47,11 @@ def coarse_grid(k: int, grid: tuple[int, int], n_images: int, device) -> tuple[i
 class CoarseGridMethod(VisionMethod):
     """Methods whose output is a coarser grid: the count is known from the budget alone."""
 
+    output_is_grid = True
+
+    def output_grid(self, k, grid, options):
+        return pooled_grid(k, *grid)
+
     def output_count(self, k, grid, options):
         rows, cols = pooled_grid(k, *grid)
         return rows * cols

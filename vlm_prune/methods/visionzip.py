@@ -1,11 +1,36 @@
 """`visionzip`: VisionZip -- dominant tokens by [CLS] attention + contextual tokens merged by key similarity.
 
-Of the budget k, round(k * 10 / 64) are contextual (VisionZip's 54 + 10 at 64, proportional
-at other budgets) and the rest dominant: the tokens the [CLS] query attends to most. The
-remaining tokens are merged into the contextual ones: targets are spread uniformly over the
-remaining tokens (every m-th in raster order), every other remaining token joins the target
-whose key is most similar (cosine), and a contextual token is the mean of its group. Keys come
-from the same vision layer as the attention (Qwen: the last block, pooled per 2x2 unit).
+The released rules (github dvlab-research/VisionZip, commit 3151f6d; `visionzip/utils.py` and
+`visionzip/clip_encoder.py`, unchanged since a9a3258), for a budget of k tokens per image (crop):
+
+- counts: C = round(k * 10 / 64) contextual tokens (the release's 54 + 10 at 64; 108 + 20 and
+  162 + 30 at 128 and 192, the paper's settings) and D = k - C "dominant" ones, the [CLS] token
+  included: the [CLS] feature + the D - 1 patches its query attends to most (attention of the
+  feature layer, heads summed -- the same ranking as averaged);
+- the R remaining patches (raster order) are candidates; targets are every step-th of them,
+  step = max(1, R // C), the first C; every other candidate joins the target whose key is most
+  similar (the layer's keys averaged over heads, L2-normalised, dot product; ties to the first
+  target); a contextual token = its target + the mean of the others that joined it (the target
+  alone when none did);
+- all of this on the tower's features of the feature layer, before the projector (the family
+  projects the result);
+- the LLM receives [CLS], the dominant patches in raster order, then the contextual tokens in
+  target order.
+
+Where the engine keeps original position ids (positions="original", Qwen-VL's only policy) the
+tokens must sit at positions of their own: the [CLS] token has none, so it is left out (its
+slot goes to one more dominant patch), and tokens are in raster order of the patch each stands
+for (a contextual token: its target). This is the `layout` option's "raster"; "release" is the
+layout above, "auto" (default) picks "release" under renumbered positions and "raster" under
+original ones. Towers without [CLS] (Qwen-VL) get D dominant patches.
+
+Edge cases: fewer candidates than C (the release leaves R // C == 0 undefined: step 1 and
+only R targets) gives C = R; a budget of all the tokens keeps them all unchanged (keep=1.0
+changes nothing).
+
+`Reduction.index` lists the slots the k output tokens occupy, increasing: the patches the tokens
+stand for, and with the [CLS] token one more slot (the first free one) that carries it -- under
+renumbered positions only how many slots are kept matters.
 """
 
 from __future__ import annotations
@@ -13,6 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..config import Option, choice
 from ..registry import register_method
 from .base import Reduction, VisionMethod, keep_top_k
 
@@ -20,48 +46,95 @@ CONTEXTUAL_OF_64 = 10
 
 
 def contextual_count(k: int) -> int:
+    """Contextual tokens of a budget of k (the release: 10 of 64)."""
     return min(k - 1, round(k * CONTEXTUAL_OF_64 / 64)) if k > 1 else 0
 
 
 def merge_into_targets(features: torch.Tensor, keys: torch.Tensor, rest: torch.Tensor, n_targets: int):
-    """Merges the `rest` tokens [I, R] into n_targets spread uniformly over them.
+    """The contextual tokens of the candidates `rest` [I, R] (raster order).
 
-    Returns (merged features [I, n_targets, D], target indices [I, n_targets]).
-    """
+    features: [I, N, D]; keys: [I, N, Dk] (heads averaged). Targets are rest[:, ::step][:, :n_targets]
+    with step = max(1, R // n_targets). Returns (contextual [I, C, D] float32, targets [I, C])."""
     n_images, n_rest = rest.shape
-    picks = torch.linspace(0, n_rest - 1, n_targets, device=rest.device).round().long()
+    step = max(1, n_rest // n_targets)
+    picks = torch.arange(0, n_rest, step, device=rest.device)[:n_targets]
+    n_targets = picks.numel()
     targets = rest[:, picks]
     dim = features.shape[-1]
     rest_feats = features.gather(1, rest[..., None].expand(-1, -1, dim)).float()
-    rest_keys = F.normalize(keys.gather(1, rest[..., None].expand(-1, -1, keys.shape[-1])).float(), dim=-1)
-    similarity = rest_keys @ rest_keys[:, picks].transpose(1, 2)  # [I, R, n_targets]
-    group = similarity.argmax(-1)
-    group[:, picks] = torch.arange(n_targets, device=rest.device)  # a target is in its own group
+    unit = keys.gather(1, rest[..., None].expand(-1, -1, keys.shape[-1])).float()
+    unit = unit / unit.norm(dim=-1, keepdim=True)  # the release divides by the norm (no epsilon)
+    others = torch.ones(n_rest, dtype=torch.bool, device=rest.device)
+    others[picks] = False
+    similarity = unit[:, others] @ unit[:, picks].transpose(1, 2)  # [I, R - C, C]
+    group = similarity.argmax(-1)  # first maximum on ties
     sums = torch.zeros(n_images, n_targets, dim, device=features.device).scatter_add_(
-        1, group[..., None].expand(-1, -1, dim), rest_feats)
+        1, group[..., None].expand(-1, -1, dim), rest_feats[:, others])
     counts = torch.zeros(n_images, n_targets, device=features.device).scatter_add_(
         1, group, torch.ones_like(group, dtype=torch.float32))
-    return (sums / counts[..., None]).to(features.dtype), targets
+    return rest_feats[:, picks] + sums / counts.clamp(min=1)[..., None], targets
 
 
 @register_method
 class VisionZip(VisionMethod):
     name = "visionzip"
-    needs = frozenset({"cls_attention", "keys"})
+    needs = frozenset({"cls_attention", "keys", "cls_feature"})
+    optional_needs = frozenset({"cls_feature"})
+    uses_pre_projection = True
+    default_budget = "per_crop"  # the release runs on each LLaVA-NeXT crop, the base image too, with k each
     paper = "VisionZip: Longer is Better but Not Necessary in Vision Language Models (CVPR 2025)"
+    release = "github dvlab-research/VisionZip @ 3151f6d, visionzip/utils.py + clip_encoder.py"
+    options = {
+        "layout": Option("auto", choice("auto", "release", "raster"),
+                         "'release': [CLS], dominant (raster), contextual (target order); 'raster': no [CLS], "
+                         "tokens in raster order of what they stand for; 'auto': release under renumbered "
+                         "positions, raster under original ones"),
+    }
+
+    def resolve_options(self, options, positions):
+        layout = options["layout"]
+        if layout == "auto":
+            layout = "release" if positions == "renumber" else "raster"
+        elif layout == "release" and positions == "original":
+            raise ValueError("visionzip layout='release' puts the [CLS] token and the contextual tokens out of "
+                             "raster order, which positions='original' cannot number; use layout='raster' or "
+                             "positions='renumber'")
+        return {**options, "layout": layout}
 
     def reduce(self, features, grid, k, signals, options) -> Reduction:
         n_images, n_tokens, dim = features.shape
-        n_context = contextual_count(k) if k < n_tokens else 0
-        dominant = keep_top_k(signals["cls_attention"], k - n_context)
-        if n_context == 0:
-            index = dominant
-            return Reduction(features.gather(1, index[..., None].expand(-1, -1, dim)), index)
-        taken = torch.zeros(n_images, n_tokens, dtype=torch.bool, device=features.device)
-        taken.scatter_(1, dominant, True)
-        rest = (~taken).nonzero()[:, 1].view(n_images, -1)
-        merged, targets = merge_into_targets(features, signals["keys"], rest, n_context)
-        index = torch.cat([dominant, targets], 1)
-        feats = torch.cat([features.gather(1, dominant[..., None].expand(-1, -1, dim)), merged], 1)
-        order = index.argsort(dim=1)
-        return Reduction(feats.gather(1, order[..., None].expand(-1, -1, dim)), index.gather(1, order))
+        if k >= n_tokens:  # keep everything: the identity (keep=1.0 changes nothing)
+            index = torch.arange(n_tokens, device=features.device).expand(n_images, -1)
+            return Reduction(features, index)
+        release = options["layout"] == "release"
+        cls = signals.get("cls_feature") if release else None  # [I, D]
+        n_context = contextual_count(k)
+        n_context = min(n_context, n_tokens - (k - n_context))  # never more targets than candidates
+        n_dominant = k - n_context - (cls is not None)  # patches, the [CLS] token not counted
+        dominant = keep_top_k(signals["cls_attention"], n_dominant)  # [I, D'] raster order
+        parts = [features.gather(1, dominant[..., None].expand(-1, -1, dim)).float()]
+        slots = [dominant]
+        if n_context:
+            taken = torch.zeros(n_images, n_tokens, dtype=torch.bool, device=features.device)
+            taken.scatter_(1, dominant, True)
+            rest = (~taken).nonzero()[:, 1].view(n_images, -1)
+            merged, targets = merge_into_targets(features, signals["keys"], rest, n_context)
+            parts.append(merged)
+            slots.append(targets)
+        index = torch.cat(slots, 1)
+        out = torch.cat(parts, 1)
+        if not release:  # raster order of what each token stands for
+            order = index.argsort(dim=1)
+            return Reduction(out.gather(1, order[..., None].expand(-1, -1, dim)).to(features.dtype),
+                             index.gather(1, order))
+        if cls is not None:
+            out = torch.cat([cls.float()[:, None], out], 1)
+            index = torch.cat([_first_free(index, n_tokens)[:, None], index], 1)
+        return Reduction(out.to(features.dtype), index.sort(dim=1).values)
+
+
+def _first_free(used: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """[I] the lowest slot not in `used` [I, K] (K < n_tokens)."""
+    free = torch.ones(used.shape[0], n_tokens, dtype=torch.bool, device=used.device)
+    free.scatter_(1, used, False)
+    return free.to(torch.int8).argmax(1)

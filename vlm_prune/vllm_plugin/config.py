@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -58,6 +59,8 @@ def plugin_config(hf_config: Any, family: str) -> PruneConfig | None:
             "tokens that depends on the image; vLLM needs a fixed budget"
         )
     allowed_positions = {"llava": ("renumber",), "llava_next": ("renumber",), "qwen2_vl": ("original",)}[family]
+    if family == "qwen2_vl" and method.output_is_grid:  # numbered as an image of the coarse grid
+        allowed_positions = ("original", "renumber")
     if config.positions is not None and config.positions not in allowed_positions:
         raise ValueError(
             f"vlm_prune: positions={config.positions!r} is not available for this model on vLLM; "
@@ -65,4 +68,8 @@ def plugin_config(hf_config: Any, family: str) -> PruneConfig | None:
         )
     if config.budget == "per_crop" and family != "llava_next":
         raise ValueError("vlm_prune: budget='per_crop' applies to LLaVA-NeXT only")
-    return config
+    # the defaults and option values vlm_prune.patch resolves for the same policy
+    positions = config.positions or (
+        method.release_positions if method.release_positions in allowed_positions else allowed_positions[0])
+    return dataclasses.replace(config, positions=positions, budget=config.budget or method.default_budget,
+                               options=method.resolve_options(config.options, positions))

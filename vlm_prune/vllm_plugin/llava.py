@@ -70,21 +70,26 @@ class ClipTowerScoring:
     def _tower_with_signals(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """pixel_values [I, 3, H, W] (images or crops) -> (the tower's features [I, N, Dv], [CLS]
         dropped; signals with the [CLS] token first: "cls_attention" [I, T] float32 summed over
-        the score layers, "keys" [I, T, Dv] of the last)."""
-        captured: dict[int, torch.Tensor] = {}
+        the score layers, "keys" [I, T, Dh] of the last, heads averaged; and "cls_feature"
+        [I, Dv], the [CLS] token's feature, for methods that need them)."""
+        captured: dict[Any, torch.Tensor] = {}
         layers = self.vision_tower.vision_model.encoder.layers
         hooks = [
             layers[i].self_attn.qkv_proj.register_forward_hook(
                 lambda module, args, output, i=i: captured.__setitem__(i, output[0]))
             for i in self.score_layers
         ]
+        if "cls_feature" in self.prune_method.needs:  # vLLM's tower ends at the feature layer
+            hooks.append(layers[-1].register_forward_hook(
+                lambda module, args, output: captured.__setitem__("cls", _hidden(output)[:, 0])))
         try:
             features = self._image_pixels_to_features(self.vision_tower, pixel_values)
         finally:
             for hook in hooks:
                 hook.remove()
+        signals = {"cls_feature": captured["cls"]} if "cls" in captured else {}
         if not self.score_layers:
-            return features, {}
+            return features, signals
         heads = self.config.vision_config.num_attention_heads
         total = None
         for i in self.score_layers:
@@ -94,9 +99,10 @@ class ClipTowerScoring:
             keys = k.reshape(k.shape[0], k.shape[1], heads, head_dim).transpose(1, 2)
             row = cls_attention_scores(query, keys, head_dim**-0.5, self.prune_config.backend)
             total = row if total is None else total + row
-        signals = {"cls_attention": total}
-        if "keys" in self.prune_method.needs:
-            signals["keys"] = captured[self.score_layers[-1]].chunk(3, dim=-1)[1]
+        signals["cls_attention"] = total
+        if "keys" in self.prune_method.needs:  # heads averaged, as on transformers
+            k = captured[self.score_layers[-1]].chunk(3, dim=-1)[1]
+            signals["keys"] = k.view(*k.shape[:-1], heads, -1).mean(-2)
         return features, signals
 
 
@@ -115,11 +121,18 @@ class PrunedLlavaForConditionalGeneration(ClipTowerScoring, LlavaForConditionalG
         features = self.multi_modal_projector(pre_projection)
         n_tokens = features.shape[1]
         side = math.isqrt(n_tokens)
-        region = Region.span(0, n_tokens, (side, side), features.device)
+        region = Region.span(0, n_tokens, (side, side), features.device, crop=0)
+        cls_feature = signals.pop("cls_feature", None)
         images = [
             ImageTokens(features[i], [region], {name: value[i, 1:] for name, value in signals.items()}
-                        | {"pre_projection": pre_projection[i]})
+                        | {"pre_projection": pre_projection[i]},
+                        {"cls_feature": cls_feature[i:i + 1]} if cls_feature is not None else {})
             for i in range(features.shape[0])
         ]
         _, kept = reduce_images(self.prune_method, self.prune_config, images, project=self.multi_modal_projector)
         return kept
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    """An encoder layer's output hidden states (some releases return a tuple)."""
+    return output[0] if isinstance(output, tuple) else output

@@ -217,11 +217,13 @@ class _PrunedQwenMixin:
             if feature.modality == "image":  # placeholders wait for recompute_mrope_positions
                 length = feature.mm_position.length
                 span = np.full((3, length), base, dtype=np.int64)
+                if self.prune_config.positions == "renumber":  # the text continues after the coarse grid
+                    grid = np.indices((t, *self._reduced_grid(h, w)))
             else:
                 length = t * h * w
                 span = grid.reshape(3, -1) + base
             pieces.append(span)
-            next_position = base + int(grid.max()) + 1  # the unpruned extent
+            next_position = base + int(grid.max()) + 1  # the image's extent (unpruned, or its coarse grid)
             st = offset + length
         if st < len(input_tokens):
             text_len = len(input_tokens) - st
@@ -262,6 +264,11 @@ class _PrunedQwenMixin:
                 cursor = start + length
             return out, positions, int(positions.max()) + 1 - n
 
+    def _reduced_grid(self, rows: int, cols: int) -> tuple[int, int]:
+        """The coarse grid a frame of rows x cols merged tokens is reduced to (grid methods)."""
+        k = self.prune_config.budget_for(rows * cols)
+        return self.prune_method.output_grid(k, (rows, cols), self.prune_config.options)
+
     # -- images -------------------------------------------------------------------------------
 
     def _run_tower(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -294,7 +301,12 @@ class _PrunedQwenMixin:
         out = []
         for slots_kept, feats, (t, h, w) in zip(kept, features, grids):
             rows, cols = h // merge, w // merge
-            slots = slots_kept.nonzero().flatten().cpu()
+            if self.prune_config.positions == "renumber":  # numbered as an image of the coarse grid
+                coarse = self._reduced_grid(rows, cols)
+                slots = torch.arange(t * coarse[0] * coarse[1])
+                rows, cols = coarse
+            else:
+                slots = slots_kept.nonzero().flatten().cpu()
             coords = torch.stack([slots // (rows * cols), (slots % (rows * cols)) // cols, slots % cols], dim=1)
             out.append(torch.cat([feats, encode_positions(coords, feats.dtype).to(feats.device)], dim=1))
         return tuple(out)
@@ -305,7 +317,7 @@ class _PrunedQwenMixin:
     def _capture_signals(self, grids: list[list[int]]):
         """Yields a dict filled, once the tower ran, with per merged token of all images (raster
         order): "cls_attention" [T / 4] float32 (attention received in the last block) and, for
-        methods that need them, "keys" [T / 4, D] (that block's keys, before the rotary)."""
+        methods that need them, "keys" [T / 4, Dh] (that block's keys, before the rotary, heads averaged)."""
         result: dict[str, torch.Tensor] = {}
         if not self.needs_tower:
             yield result
@@ -339,7 +351,7 @@ class _PrunedQwenMixin:
             return merge_unit_mean(values, unit, window_index)
 
         if "keys" in self.prune_method.needs:
-            result["keys"] = per_merged_token(k.reshape(total, -1))
+            result["keys"] = per_merged_token(k.mean(1))  # heads averaged, as on transformers
         if "cls_attention" in self.prune_method.needs:
             rotated = attn.apply_rotary_emb(torch.stack([q, k]).contiguous(), seen["cos"], seen["sin"])
             q_rot, k_rot = rotated.unbind(0)

@@ -27,10 +27,11 @@ def transition_variation_ref(
     """TransPrune's TTV of one sub-module.
 
     t_in: [B, L, D] the sub-module's normed input; t_out: [B, L, D] its output (before the
-    residual add); visual: [B, L] bool, the tokens the softmax runs over.
-    Returns [B, L] float32: softmax over the row's visual tokens of the direction change
+    residual add); visual: [B, L] bool, the tokens the softmax runs over (the row's visual
+    tokens, or all its real tokens: TransPrune's release takes the whole sequence).
+    Returns [B, L] float32: softmax over the row's `visual` tokens of the direction change
     (1 - cos, or 1 - |cos| for direction="abs") times the magnitude ratio ||t_out|| / ||t_in||;
-    0 at non-visual tokens.
+    0 outside them.
     """
     t_in, t_out = t_in.float(), t_out.float()
     norm_in = t_in.norm(dim=-1)

@@ -5,12 +5,19 @@ made them, and layer 0's cache holds every token. Inside the decoder, tokens are
 given layers, progressively:
 
 - prefill: forward hooks gather the method's signals (sub-module transitions, a few attention
-  rows recomputed from the layer's own q/k with RoPE -- SDPA stays on); at the first layer of
-  each stage a pre-hook scores the visual tokens still present, keeps the top ones per image and
-  slices the hidden states; every later layer gets the attention mask, position embeddings and
-  position ids sliced to the tokens it sees. Kept tokens keep their original positions.
+  rows recomputed with RoPE -- SDPA stays on -- from the q/k of the last layer before a stage,
+  or of the stage's first layer applied to the unpruned sequence, as the method asks); at the
+  first layer of each stage a pre-hook scores the visual tokens still present, keeps the top
+  ones per image and slices the hidden states; every later layer gets the attention mask,
+  position embeddings and position ids of the tokens it sees.
+- positions: "original" -- kept tokens keep their position ids (sliced from the model's);
+  "renumber" (1-D RoPE families only) -- a token at a layer of stage s sits at its position
+  minus the tokens stages <= s dropped before it (a renumbered sequence, per row), and those
+  layers get position embeddings the language model's own rotary embedding computes for these
+  ids (once per stage).
 - decode: each layer's cache holds the tokens that layer saw; the decode mask (built for layer
-  0's length) gets its columns sliced the same way per layer.
+  0's length) gets its columns sliced the same way per layer, and, renumbered, the new tokens'
+  positions at stage s are theirs minus every token stage s dropped.
 - a prompt with images on a non-empty cache (a later turn brings a new image): a prefill of the
   new tokens whose layers also attend to what their cache holds (`CachedColumns`); the
   attention rows a method scores with see the cached keys too.
@@ -34,8 +41,7 @@ from vlm_prune.compat import (bind_to_kwargs, cache_length, get_cache, is_static
                                static_cache_slots)
 from vlm_prune.config import PruneConfig
 from vlm_prune.kernels import attention_from_rows, transition_variation
-from vlm_prune.methods.transition import stage_budget
-from vlm_prune.registry import get_method
+from vlm_prune.registry import get_family, get_method
 from vlm_prune.timing import clock
 
 from .model_hooks import PatchBase, _is_prepared, _padding_mask, _per_row, _prompt_columns
@@ -50,6 +56,7 @@ class PromptContext:
     image_id: torch.Tensor  # [B, L] int64: index of the image (in batch order) a token belongs to, -1 = text
     image_sizes: list[int]  # tokens per image
     instruction: torch.Tensor  # [B, L] bool: the text after each row's last image
+    real: torch.Tensor  # [B, L] bool: the prompt's real tokens (not padding, not a draft's candidates)
     last: torch.Tensor  # [B] int64: the row's last real prompt token
     mask2d: torch.Tensor | None  # [B, L] the caller's attention mask
     visual_per_row: list[int]  # host copies (read before the decoder runs) ...
@@ -64,6 +71,7 @@ class LLMPromptState:
     stage_index: list[torch.Tensor]  # per stage: [B, L_s] kept prompt columns, -1 = pad
     stage_padded: list[bool]
     stage_layers: tuple[int, ...]  # each stage's first layer: which layers hold which columns
+    renumbered: bool = False  # the layers after each stage hold keys at renumbered positions
 
 
 @dataclass
@@ -84,14 +92,20 @@ class CachedColumns:
         index = self.stage_keys[0]
         return torch.arange(self.length, device=index.device).expand(index.shape[0], -1)
 
+    def dropped(self, s: int) -> torch.Tensor:
+        """[B] the cached columns stage s dropped (none for s = -1)."""
+        if s < 0:
+            return torch.zeros_like(self.stage_keys[0][:, 0])
+        return self.length - (self.stage_keys[s] >= 0).sum(1)
+
     def joined(self, stage_index: list[torch.Tensor], stage_padded: list[bool], length: int,
-               stage_layers: tuple[int, ...]) -> LLMPromptState:
+               stage_layers: tuple[int, ...], renumbered: bool) -> LLMPromptState:
         """The state of the whole conversation: these columns, then the new tokens' (`stage_index`,
         counted from the new tokens' first, `length` of them) after them."""
         index = [torch.cat([keys, torch.where(new >= 0, new + self.length, -1)], dim=1)
                  for keys, new in zip(self.stage_keys, stage_index)]
         padded = [a or b for a, b in zip(self.stage_padded, stage_padded)]
-        return LLMPromptState(self.length + length, index, padded, stage_layers)
+        return LLMPromptState(self.length + length, index, padded, stage_layers, renumbered)
 
 
 class LLMStagePatch(PatchBase):
@@ -103,6 +117,11 @@ class LLMStagePatch(PatchBase):
         self.stages = self.method.stages(config.options, config.keep, len(self.layers))
         self.transition_layers = self.method.transition_layers(config.options, self.stages)
         self.rows = self.method.query_rows(config.options)
+        # the attention rows from the stage's first layer, on the sequence it would see unpruned
+        self.rows_from_next = self.rows is not None and self.method.attention_layer(config.options) == "next"
+        self.ttv_domain = self.method.transition_domain(config.options)
+        self.positions = self._position_policy(model, config)
+        self.renumber = self.positions == "renumber"
         self.stage_starts = {stage.after_layer: i for i, stage in enumerate(self.stages)}
         self.first = self.stages[0].after_layer  # 0-based index of the first layer that sees fewer tokens
         self._stage_layers = tuple(stage.after_layer for stage in self.stages)
@@ -110,17 +129,31 @@ class LLMStagePatch(PatchBase):
         self.phase = "off"
         self._key_slots: int | None = None  # see _outer_hook
         self._sliced: tuple[tuple, dict[str, Any]] | None = None  # see _per_stage
-        self._visual: tuple[torch.Tensor, torch.Tensor] | None = None  # see _visual_columns
+        self._columns: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # see _columns_of
         self.prompt: PromptContext | None = None
         self.stage_index: list[torch.Tensor] = []  # per stage: [B, L_s] kept prompt columns, -1 = pad
         self._prompt_length = 0  # the columns of the prompt whose cache a decode step continues
         self._cached: CachedColumns | None = None  # set while a prompt with images continues a cache
 
+    def _position_policy(self, model: torch.nn.Module, config: PruneConfig) -> str:
+        """The layers' position ids after a stage: config.positions, or the method's default for
+        the family; renumbering needs 1-D positions."""
+        sequential = getattr(get_family(model), "sequential_positions", True)
+        policy = config.positions or self.method.default_positions(config.options, sequential)
+        if policy == "renumber" and not sequential:
+            raise ValueError(
+                f"positions='renumber' is not supported on {type(model).__name__}: its M-RoPE position ids are "
+                "3-D (time, height, width of each image token), so numbering the kept tokens consecutively has no "
+                "meaning there (TransPrune's release is LLaVA-only); use positions='original', this family's default"
+            )
+        return policy
+
     # -- install / remove -------------------------------------------------------------------
 
     def remove(self) -> None:
         super().remove()
-        self._sliced = self._visual = None
+        self._sliced = None
+        self._columns = {}
 
     def install(self) -> None:
         inner = self.model.model
@@ -134,7 +167,7 @@ class LLMStagePatch(PatchBase):
                 hook = self._transition_hook
                 self._hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
                 self._hooks.append(layer.mlp.register_forward_hook(hook, with_kwargs=True))
-            if self.rows is not None and i + 1 in self.stage_starts:
+            if self.rows is not None and not self.rows_from_next and i + 1 in self.stage_starts:
                 attn = layer.self_attn
                 self._hooks.append(attn.q_proj.register_forward_hook(partial(self._keep_output, "q")))
                 self._hooks.append(attn.k_proj.register_forward_hook(partial(self._keep_output, "k")))
@@ -156,7 +189,8 @@ class LLMStagePatch(PatchBase):
                 f"vlm_prune: method {self.config.method!r} needs the slot count of a static cache "
                 f"({type(cache).__name__} does not tell it on this transformers release); use the default cache"
             )
-        self._sliced = self._visual = self._cached = None  # per-stage slices of the previous forward
+        self._sliced = self._cached = None  # per-stage slices of the previous forward
+        self._columns = {}
         if past > 0:
             state = self._state_of(cache)
             if self._brings_images(kw):
@@ -239,11 +273,14 @@ class LLMStagePatch(PatchBase):
         if self.phase != "prefill" or not self.stage_index:
             return None
         if self._cached is not None:
-            return self._cached.joined(self.stage_index, self.stage_padded, self.prompt.length, self._stage_layers)
-        return LLMPromptState(self.prompt.length, self.stage_index, self.stage_padded, self._stage_layers)
+            return self._cached.joined(self.stage_index, self.stage_padded, self.prompt.length, self._stage_layers,
+                                       self.renumber)
+        return LLMPromptState(self.prompt.length, self.stage_index, self.stage_padded, self._stage_layers,
+                              self.renumber)
 
     def _decodes(self, state: Any) -> bool:
-        return isinstance(state, LLMPromptState) and state.stage_layers == self._stage_layers
+        return (isinstance(state, LLMPromptState) and state.stage_layers == self._stage_layers
+                and state.renumbered == self.renumber)
 
     def _layer_hook(self, i: int, module, args, kwargs):
         """Pre-hook of decoder layer i."""
@@ -253,6 +290,8 @@ class LLMStagePatch(PatchBase):
             return None
         hidden = args[0]
         if self.phase in ("prefill", "replay") and i in self.stage_starts:
+            if self.phase == "prefill" and self.rows_from_next:
+                self._next_layer_rows(i, hidden, kwargs)
             hidden = self._enter_stage(self.stage_starts[i], hidden)
         if self.phase == "decode":
             kwargs = self._decode_kwargs(kwargs, self._stage_of(i))
@@ -293,7 +332,7 @@ class LLMStagePatch(PatchBase):
         if self._attention is not None:
             signals["attention"] = self._attention
         scores = self.method.score(signals, visual, self.config.options)
-        budgets = [stage_budget(self.stages[s].keep, self.config.keep, n) for n in prompt.image_sizes]
+        budgets = [self.method.budget(s, self.stages, self.config.keep, n) for n in prompt.image_sizes]
         chosen = _top_per_image(scores, image_id, budgets)
         keep = valid & (~visual | chosen)
         # each row's length after the stage, on the host: minus the tokens its images drop
@@ -354,20 +393,35 @@ class LLMStagePatch(PatchBase):
                              for image in range(len(prompt.image_sizes))]
 
     def _layer_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Mask, position embeddings and position ids of the full sequence, sliced to the
-        tokens this layer sees (prefill and no-cache replay)."""
+        """Mask, position embeddings and position ids of the tokens this layer sees (prefill
+        and no-cache replay): the full sequence's sliced, or renumbered ids and their
+        embeddings."""
         index = self._index
         cos, sin = kwargs["position_embeddings"]
         positions = kwargs.get("position_ids")
 
         def sliced():
-            out = {"position_embeddings": (_gather_emb(cos, index), _gather_emb(sin, index)),
-                   "attention_mask": self._layer_mask(kwargs.get("attention_mask"), index)}
-            if positions is not None:
-                out["position_ids"] = _gather_ids(positions, index)
+            out = {"attention_mask": self._layer_mask(kwargs.get("attention_mask"), index)}
+            if self.renumber:
+                start = self._cached.length if self._cached is not None else 0
+                base = index + start if positions is None else _gather_ids(positions, index)
+                dropped = _dropped_before(index)
+                if self._cached is not None:  # and every cached token this stage dropped
+                    dropped = dropped + self._cached.dropped(len(self.stage_index) - 1)[:, None]
+                ids = torch.where(index >= 0, base - dropped, 0)
+                out.update(position_ids=ids, position_embeddings=self._rotary(cos, ids))
+            else:
+                out["position_embeddings"] = (_gather_emb(cos, index), _gather_emb(sin, index))
+                if positions is not None:
+                    out["position_ids"] = _gather_ids(positions, index)
             return out
 
         return {**kwargs, **self._per_stage((index, cos, sin, positions, kwargs.get("attention_mask")), sliced)}
+
+    def _rotary(self, like: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of position ids [B, L'] from the language model's own rotary embedding
+        (`like`: a tensor of the dtype and device it returns them in)."""
+        return self.language_model.rotary_emb(like, ids)
 
     def _layer_mask(self, mask, index: torch.Tensor):
         """The mask of a layer that sees the columns `index` of this forward's tokens: among
@@ -383,25 +437,41 @@ class LLMStagePatch(PatchBase):
                                 queries_padded=self._padded_now)
 
     def _decode_kwargs(self, kwargs: dict[str, Any], s: int) -> dict[str, Any]:
-        """Decode: this layer's cache holds stage s's prompt columns + every generated token."""
-        n_new = kwargs["position_embeddings"][0].shape[-2]
+        """Decode: this layer's cache holds stage s's prompt columns + every generated token;
+        renumbered, the new tokens sit at their positions minus every token stage s dropped."""
+        cos = kwargs["position_embeddings"][0]
+        n_new = cos.shape[-2]
         total = self._decode_start + n_new
         mask = kwargs.get("attention_mask")
+        positions = kwargs.get("position_ids")
 
         def sliced():
-            keys = _extend(self.stage_index[s], total, self._prompt_length)
+            index = self.stage_index[s]
+            keys = _extend(index, total, self._prompt_length)
             queries = torch.arange(self._decode_start, total, device=keys.device).expand(keys.shape[0], n_new)
-            return {"attention_mask": self._slice_mask(mask, queries, keys, query_offset=self._decode_start,
-                                                       padded=self.stage_padded[s], queries_padded=False)}
+            out = {"attention_mask": self._slice_mask(mask, queries, keys, query_offset=self._decode_start,
+                                                      padded=self.stage_padded[s], queries_padded=False)}
+            if self.renumber:
+                dropped = self._prompt_length - (index >= 0).sum(1)
+                ids = (queries if positions is None else positions) - dropped[:, None]
+                out.update(position_ids=ids, position_embeddings=self._rotary(cos, ids))
+            return out
 
-        return {**kwargs, **self._per_stage((self.stage_index[s], mask, self._decode_start, total), sliced)}
+        sources = (self.stage_index[s], mask, self._decode_start, total, positions, cos)
+        return {**kwargs, **self._per_stage(sources, sliced)}
+
+    def _columns_of(self, name: str) -> torch.Tensor:
+        """[B, L'] bool: which columns the current layers see are visual tokens (name
+        "visual") or real prompt tokens ("real"); computed once per stage: every transition
+        hook of the stage asks."""
+        cached = self._columns.get(name)
+        if cached is None or cached[0] is not self._index:
+            source = self.prompt.is_image if name == "visual" else self.prompt.real
+            cached = self._columns[name] = (self._index, _gather(source, self._index, False))
+        return cached[1]
 
     def _visual_columns(self) -> torch.Tensor:
-        """[B, L'] bool: which columns the current layers see are visual tokens (computed once
-        per stage: every transition hook of the stage asks)."""
-        if self._visual is None or self._visual[0] is not self._index:
-            self._visual = (self._index, _gather(self.prompt.is_image, self._index, False))
-        return self._visual[1]
+        return self._columns_of("visual")
 
     def _per_stage(self, sources: tuple, compute) -> dict[str, Any]:
         """`compute()`, or its result for the previous layer when that layer had the same
@@ -458,14 +528,16 @@ class LLMStagePatch(PatchBase):
     # -- signals ---------------------------------------------------------------------------
 
     def _transition_hook(self, module, args, kwargs, output):
-        """After a sub-module (attention or MLP) of a scored layer: its tokens' transition."""
+        """After a sub-module (attention or MLP) of a scored layer: its tokens' transition, the
+        softmax over the row's visual tokens or over all its real tokens (`ttv_domain`)."""
         if self.phase != "prefill":
             return
         start = clock(self.model)
         t_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         t_out = output[0] if isinstance(output, tuple) else output
+        domain = self._columns_of("visual" if self.ttv_domain == "visual" else "real")
         self._ttv = self._ttv + transition_variation(
-            t_in, t_out, self._visual_columns(), self.config.options["direction"], self.config.backend)
+            t_in, t_out, domain, self.config.options["direction"], self.config.backend)
         self._select_s += clock(self.model) - start
 
     def _keep_output(self, name: str, module, args, output):
@@ -473,16 +545,46 @@ class LLMStagePatch(PatchBase):
             setattr(self, f"_{name}", output)
 
     def _attention_rows_hook(self, module, args, kwargs, output):
-        """After the attention of a layer that ends a stage: the rows' attention to every token."""
+        """After the attention of the last layer before a stage (attention_layer "own"): the
+        rows' attention to every token, from that layer's q/k."""
         if self.phase != "prefill":
             return
         start = clock(self.model)
+        cos, sin = kwargs["position_embeddings"]
+        self._attention = self._rows_attention(module, partial(_rows_of, self._q), self._k, cos, sin, kwargs,
+                                               cache_updated=True)
+        self._select_s += clock(self.model) - start
+
+    def _next_layer_rows(self, i: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        """Before stage-start layer i drops tokens (attention_layer "next", TransPrune's
+        release): the rows' attention from layer i's input_layernorm, q_proj and k_proj applied
+        to `hidden` (the sequence before the drop) at the positions the previous layers used."""
+        start = clock(self.model)
+        if self.stage_index:  # the previous stage's layers' embeddings (cached by _per_stage)
+            cos, sin = self._layer_kwargs(kwargs)["position_embeddings"]
+        else:  # no stage yet: the model's own
+            cos, sin = kwargs["position_embeddings"]
+        layer = self.layers[i]
+        attn = layer.self_attn
+        with torch.no_grad():
+            normed = layer.input_layernorm(hidden)
+            queries = lambda slots: attn.q_proj(_rows_of(normed, slots))  # noqa: E731 -- only the rows' queries
+            self._attention = self._rows_attention(attn, queries, attn.k_proj(normed), cos, sin, kwargs,
+                                                   cache_updated=False)
+        self._select_s += clock(self.model) - start
+
+    def _rows_attention(self, module, queries, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        kwargs: dict[str, Any], cache_updated: bool) -> torch.Tensor:
+        """[B, L'] the attention the method's rows pay every token the current layers see.
+
+        queries(slots [B, R]) -> [B, R, H * Dh] and k [B, L', G * Dh]: projections of the rows'
+        and of all those tokens by the attention layer `module` (RoPE not applied); cos, sin:
+        their position embeddings; kwargs: the layer's (its cache, when continuing one:
+        `cache_updated` says whether it already holds this forward's keys)."""
         prompt, index = self.prompt, self._index
         batch, length = index.shape
         head_dim = module.head_dim
-        q = self._q.view(batch, length, -1, head_dim).transpose(1, 2)
-        k = self._k.view(batch, length, -1, head_dim).transpose(1, 2)
-        cos, sin = kwargs["position_embeddings"]
+        k = k.view(batch, length, -1, head_dim).transpose(1, 2)
         if self.rows == "last":
             last_slot = (index == prompt.last[:, None]).float().argmax(1)
             row_slots, row_valid = last_slot[:, None], torch.ones(batch, 1, dtype=torch.bool, device=index.device)
@@ -492,7 +594,7 @@ class LLMStagePatch(PatchBase):
             order = torch.sort((~instruction).to(torch.int8), dim=1, stable=True).indices[:, :width]
             row_slots, row_valid = order, instruction.gather(1, order)
         rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb
-        q_rows = q.gather(2, row_slots[:, None, :, None].expand(-1, q.shape[1], -1, head_dim))
+        q_rows = queries(row_slots).view(batch, row_slots.shape[1], -1, head_dim).transpose(1, 2)
         cos_rows, sin_rows = _gather_emb(cos, row_slots), _gather_emb(sin, row_slots)
         q_rows, _ = rotary(q_rows, q_rows, cos_rows, sin_rows)
         k, _ = rotary(k, k, cos, sin)
@@ -502,18 +604,18 @@ class LLMStagePatch(PatchBase):
             allowed &= _gather(prompt.mask2d.bool(), index, False)[:, None, :]
         n_cached = 0
         if self._cached is not None:  # the rows attend to the cached tokens too
-            cached_k, cached_allowed = self._cached_keys(module, kwargs, length)
+            cached_k, cached_allowed = self._cached_keys(module, kwargs, length if cache_updated else 0)
             n_cached = cached_k.shape[2]
             k = torch.cat([cached_k.to(k.dtype), k], dim=2)
             allowed = torch.cat([cached_allowed[:, None, :].expand(-1, allowed.shape[1], -1), allowed], dim=2)
-        self._attention = attention_from_rows(q_rows, k, allowed, row_valid, module.scaling)[:, n_cached:]
-        self._select_s += clock(self.model) - start
+        return attention_from_rows(q_rows, k, allowed, row_valid, module.scaling)[:, n_cached:]
 
     def _cached_keys(self, module, kwargs: dict[str, Any], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Continuing a cache: the keys [B, G, K, Dh] (RoPE applied) that the attention layer
-        `module` held before this forward, and which of them [B, K] bool are real tokens."""
+        `module` held before this forward (`length`: the keys of this forward already in it),
+        and which of them [B, K] bool are real tokens."""
         layer = module.layer_idx
-        keys = layer_keys(get_cache(kwargs), layer)  # updated with this forward's `length` keys
+        keys = layer_keys(get_cache(kwargs), layer)
         columns = self._cached.columns(self._stage_of(layer))
         if keys.shape[2] - length != columns.shape[1]:
             raise RuntimeError(
@@ -540,7 +642,7 @@ def _prompt_context(is_image: torch.Tensor, mask2d: torch.Tensor | None, visual_
     positions, last_image, real = _prompt_columns(is_image, mask2d, prompt_end)
     instruction = (positions > last_image[:, None]) & real & (last_image[:, None] >= 0)
     last = torch.where(real, positions, -1).max(1).values
-    return PromptContext(length, is_image, image_id, image_sizes, instruction, last, mask2d, visual_per_row,
+    return PromptContext(length, is_image, image_id, image_sizes, instruction, real, last, mask2d, visual_per_row,
                          instruction.sum(1).tolist())
 
 
@@ -577,6 +679,11 @@ def _gather(x: torch.Tensor, index: torch.Tensor, pad_value) -> torch.Tensor:
     return x.gather(1, idx).masked_fill(index < 0, pad_value)
 
 
+def _rows_of(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """x [B, L, D] at slots [B, R] -> [B, R, D]."""
+    return x.gather(1, slots[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def _gather_emb(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Position embeddings [b, L, D] (b in {1, B}) at columns `index` [B, L'] -> [B, L', D]."""
     x = x.expand(index.shape[0], *x.shape[1:])
@@ -586,6 +693,13 @@ def _gather_emb(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _gather_ids(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Position ids [b, L] (b in {1, B}) at columns `index` [B, L'] -> [B, L']."""
     return x.expand(index.shape[0], x.shape[-1]).gather(1, index.clamp(min=0))
+
+
+def _dropped_before(index: torch.Tensor) -> torch.Tensor:
+    """[B, L'] for kept columns `index` (increasing per row, -1 = pad slots): how many columns
+    before each one were dropped (its column minus the kept columns before it)."""
+    valid = index >= 0
+    return index - (valid.long().cumsum(1) - 1)
 
 
 def _slots_of(current: torch.Tensor, wanted: torch.Tensor, length: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -21,6 +22,10 @@ SIZES = [(140, 100), (90, 120)]
 CONFIGS = [
     ("transition", dict(schedule=[(1, 0.75), (2, 0.5), (3, None)])),
     ("transition", dict(alpha=1.0, direction="abs")),
+    # the behaviour before transition followed its release: original positions, IGA from the
+    # pruning layer's own q/k, TTV softmax over the visual tokens
+    ("transition", dict(schedule=[(1, 0.75), (2, 0.5), (3, None)], positions="original", iga_layer="own",
+                        ttv_softmax="visual")),
     ("fastv", dict(layer=2)),
     ("fastv", dict(layer=1, query="instruction")),
 ]
@@ -54,30 +59,43 @@ def family_inputs(family, processor, rows=(0, 1)):
     return make_inputs(processor, family, [SIZES_F[r] for r in rows], [QUESTIONS_F[r] for r in rows], seeds=list(rows))
 
 
-def masked_reference(model, inputs, stage_columns, stage_layers):
+def masked_reference(model, inputs, stage_columns, stage_layers, renumber=False):
     """The unpatched model with the dropped keys masked per layer instead of removed.
 
     stage_columns[s]: [B, L_s] original columns kept from layer stage_layers[s] (0-based) on.
+    renumber: those layers see each token at its position minus the tokens dropped before it
+    (the plain forward's positions are 0..L-1).
     Returns logits [B, L, V] over the full sequence.
     """
     length = inputs["input_ids"].shape[1]
     pad = inputs["attention_mask"].bool()
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-    masks = []
+    overrides = []
     for columns in stage_columns:
         kept = torch.zeros(columns.shape[0], length, dtype=torch.bool)
         for row, cols in enumerate(columns):
             kept[row, cols[cols >= 0]] = True
         allowed = causal[None] & (kept & pad)[:, None, :]
         allowed |= torch.eye(length, dtype=torch.bool)[None]  # no empty rows for dropped queries
-        masks.append(torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None])
+        override = {"attention_mask": torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]}
+        if renumber:
+            dropped_before = torch.cumsum((~kept).long(), 1) - (~kept).long()
+            override["position_ids"] = torch.arange(length)[None] - dropped_before
+        overrides.append(override)
     reference = copy.deepcopy(model)
-    reference.model.language_model.set_attn_implementation("eager")
-    for i, layer in enumerate(reference.model.language_model.layers):
+    language_model = reference.model.language_model
+    language_model.set_attn_implementation("eager")
+
+    def hook(module, args, kwargs, override):
+        kwargs = {**kwargs, **override}
+        if "position_ids" in override:
+            kwargs["position_embeddings"] = language_model.rotary_emb(args[0], override["position_ids"])
+        return args, kwargs
+
+    for i, layer in enumerate(language_model.layers):
         stage = sum(1 for start in stage_layers if start <= i) - 1
         if stage >= 0:
-            layer.register_forward_pre_hook(
-                lambda m, a, kw, mask=masks[stage]: (a, {**kw, "attention_mask": mask}), with_kwargs=True)
+            layer.register_forward_pre_hook(partial(hook, override=overrides[stage]), with_kwargs=True)
     with torch.no_grad():
         return reference(**inputs).logits
 
@@ -106,7 +124,9 @@ def test_prefill_equals_the_model_with_dropped_keys_masked(llava4, method, optio
     columns = engine.stage_index
     starts = [stage.after_layer for stage in engine.stages]
     handle.remove()
-    reference = masked_reference(model, inputs, columns, starts)
+    reference = masked_reference(model, inputs, columns, starts, renumber=engine.renumber)
+    # LLaVA: transition renumbers by default
+    assert engine.renumber == (method == "transition" and options.get("positions") != "original")
     final = columns[-1]
     assert handle.stats == [{"visual_tokens": 64, "kept": 6}] * 2
     assert out.shape[1] == final.shape[1]
@@ -202,8 +222,9 @@ def test_attention_rows_equal_eager_attention(llava4, query):
         torch.testing.assert_close(signal[row], expected, rtol=1e-4, atol=1e-6)
 
 
-def _hand_ttv(model, inputs, layer_1_indexed, direction):
-    """TTV of one decoder layer from its captured sub-module inputs and outputs."""
+def _hand_ttv(model, inputs, layer_1_indexed, direction, domain="visual"):
+    """TTV of one decoder layer from its captured sub-module inputs and outputs, the softmax
+    over each row's visual tokens (domain "visual") or all its real tokens ("sequence")."""
     layer = model.model.language_model.layers[layer_1_indexed - 1]
     seen = {}
     hooks = [
@@ -216,6 +237,7 @@ def _hand_ttv(model, inputs, layer_1_indexed, direction):
     for h in hooks:
         h.remove()
     visual = inputs["input_ids"] == model.config.image_token_id
+    over = visual if domain == "visual" else inputs["attention_mask"].bool()
     total = 0
     for t_in, t_out in seen.values():
         cos = torch.nn.functional.cosine_similarity(t_out.float(), t_in.float(), dim=-1)
@@ -223,31 +245,44 @@ def _hand_ttv(model, inputs, layer_1_indexed, direction):
         ratio = t_out.float().norm(dim=-1) / t_in.float().norm(dim=-1)
         weights = torch.zeros_like(change)
         for row in range(change.shape[0]):
-            weights[row, visual[row]] = torch.softmax(change[row, visual[row]], dim=0)
+            weights[row, over[row]] = torch.softmax(change[row, over[row]], dim=0)
         total = total + weights * ratio
     return total, visual
 
 
-@pytest.mark.parametrize("direction", ["signed", "abs"])
-def test_ttv_selection_equals_hand_computation(llava4, direction):
+@pytest.mark.parametrize("direction, domain", [("signed", "sequence"), ("abs", "sequence"), ("signed", "visual"),
+                                               ("abs", "visual")])
+def test_ttv_selection_equals_hand_computation(llava4, direction, domain):
+    """The TTV signal (released default: softmax over the row's real tokens, padding excluded;
+    ttv_softmax="visual": over its visual tokens) equals the hand computation; padded rows."""
     model, processor = llava4
     inputs = llava_inputs(processor, PROMPTS, SIZES)
-    ttv, visual = _hand_ttv(model, inputs, 2, direction)
-    handle = vlm_prune.patch(model, "transition", 9, alpha=1.0, direction=direction, schedule=[(2, None)])
+    ttv, visual = _hand_ttv(model, inputs, 2, direction, domain)
+    options = {} if domain == "sequence" else {"ttv_softmax": domain}
+    handle = vlm_prune.patch(model, "transition", 9, alpha=1.0, direction=direction, schedule=[(2, None)], **options)
+    method, signals = handle._patch.method, []
+    score = method.score
+    method.score = lambda given, visual, opts: signals.append(given["transition"]) or score(given, visual, opts)
     logits(model, inputs)
     kept = handle.kept_indices
     handle.remove()
+    (signal,) = signals  # one stage, before any token is dropped: the prompt's columns
     for row in range(2):
+        torch.testing.assert_close(signal[row, visual[row]], ttv[row, visual[row]], rtol=1e-5, atol=1e-8)
         scores = ttv[row, visual[row]]
         assert kept[row].tolist() == sorted(scores.topk(9).indices.tolist())
 
 
 def test_transition_score_mixes_ttv_and_iga(llava4):
+    """alpha weighs the normalised signals; with iga_layer="own" and ttv_softmax="visual" (the
+    behaviour before vlm_prune followed the release) IGA is the pruning layer's own eager
+    attention map."""
     model, processor = llava4
     inputs = llava_inputs(processor, PROMPTS, SIZES)
     ttv, visual = _hand_ttv(model, inputs, 2, "signed")
     attn = _eager_attentions(model, inputs)[1].mean(1)
-    handle = vlm_prune.patch(model, "transition", 9, alpha=0.3, schedule=[(2, None)])
+    handle = vlm_prune.patch(model, "transition", 9, alpha=0.3, schedule=[(2, None)], iga_layer="own",
+                             ttv_softmax="visual")
     logits(model, inputs)
     kept = handle.kept_indices
     handle.remove()
@@ -283,7 +318,10 @@ def test_default_schedule_is_the_released_one_scaled():
         ("transition", dict(schedule=[(1, 0.5), (2, 0.25)]), ValueError, "the last stage keeps 0.25 but keep=8"),
         ("transition", dict(schedule="7,9,12"), TypeError, "schedule="),
         ("transition", dict(alpha=2), ValueError, "alpha=2"),
-        ("transition", dict(positions="original"), ValueError, "prunes inside the LLM"),
+        ("transition", dict(iga_layer="previous"), ValueError, "iga_layer='previous'"),
+        ("transition", dict(ttv_softmax="image"), ValueError, "ttv_softmax='image'"),
+        ("fastv", dict(positions="renumber"), ValueError, "original position ids, as in FastV's release"),
+        ("fastv", dict(positions="original"), ValueError, "prunes inside the LLM"),
         ("fastv", dict(layer=4), ValueError, r"layer=4 is outside \[1, 3\]"),
         ("fastv", dict(query="all"), ValueError, "query='all'"),
     ],

@@ -299,7 +299,9 @@ def test_pruning_adds_few_host_calls(family, batch, launches, extra_ops):
         model(**inputs)
         with count_host_calls() as unpruned:
             model(**inputs)
-        with vlm_prune.pruned(model, "cls_attention", 9, backend="triton"):
+        # LLaVA-NeXT: budget per image (cls_attention's default is the release's per crop: more regions)
+        budget = {"budget": "per_image"} if family == "llava_next" else {}
+        with vlm_prune.pruned(model, "cls_attention", 9, backend="triton", **budget):
             model(**inputs)
             with count_host_calls() as pruned:
                 model(**inputs)

@@ -210,10 +210,19 @@ def test_in_llm_pruning_of_a_new_image_continues_the_pruned_cache(family):
     causality makes the same whatever follows it: the first turn pruned, then a turn with a new
     image on its cache, gives the logits and the kept tokens of a fresh pruned prefill of the
     whole conversation, at every stage of the schedule (a padded batch of two; on LLaVA-NeXT
-    its rows keep different counts), and so does a text-only third turn."""
+    its rows keep different counts), and so does a text-only third turn -- with the default
+    renumbered positions (the new tokens at stage s: their positions minus every token stage s
+    dropped, the first turn's included).
+    Up to the TTV softmax's normalisation, which also sees the tokens after a token: the
+    release's softmax over the whole sequence (the default) gives the first image's tokens
+    other weights in a prefill of the whole conversation than in the first turn (a prompt
+    here keeps another token). So this runs with ttv_softmax="visual": there the tokens the
+    whole conversation adds to a softmax are the second image's, which shift the attention's
+    and the FFN's softmax nearly alike, and the first turn's choice stands on these prompts."""
     model, processor = BUILD[family](text_layers=4)
     inputs = two_prompts(family, processor)
-    with vlm_prune.pruned(model, "transition", 0.25, alpha=1.0) as handle:
+    with vlm_prune.pruned(model, "transition", 0.25, alpha=1.0, ttv_softmax="visual") as handle:
+        assert handle._patch.renumber
         first = _generate(model, inputs)
         lengths = handle.layer_lengths
         assert lengths[-1] < lengths[1] < lengths[0]  # two stages

@@ -6,8 +6,9 @@ images have different anyres grids (wide, tall, two in one prompt), so the crop 
 unpadding and the kept `image_newline` tokens all matter; both budget policies run. Besides the
 tokens, each generated token's logprob is compared, which a wrong kept set or order changes
 even where the greedy token survives (tolerance 1e-2: the sharpened attention below amplifies
-vLLM's and transformers' float differences: up to 2e-3 on these pruned prompts). Two engine
-starts.
+vLLM's and transformers' float differences: up to 4e-3 on these pruned prompts, so where the
+random model's next tokens are that close the greedy choice may differ; `agree` accepts that
+only where transformers' own logprobs show the near-tie). One engine start per configuration.
 """
 
 from __future__ import annotations
@@ -59,11 +60,28 @@ def hf_generate(model_dir, config=None) -> list[dict]:
             out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True,
                                  return_dict_in_generate=True)
         tokens = out.sequences[0, inputs["input_ids"].shape[1]:]
-        logprobs = [torch.log_softmax(score[0].float(), -1)[t].item() for score, t in zip(out.scores, tokens)]
+        steps = [torch.log_softmax(score[0].float(), -1) for score in out.scores]
+        logprobs = [step[t].item() for step, t in zip(steps, tokens)]
         visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
         results.append({"tokens": tokens.tolist(), "logprobs": logprobs, "prompt_tokens": inputs["input_ids"].shape[1],
-                        "visual": visual, "kept": handle.stats[0]["kept"] if handle else visual})
+                        "visual": visual, "kept": handle.stats[0]["kept"] if handle else visual,
+                        "steps": [step.tolist() for step in steps]})
     return results
+
+
+TOLERANCE = 1e-2  # logprobs: vLLM's and transformers' float paths, amplified by the sharpened attention
+
+
+def agree(vllm: dict, hf: dict) -> bool:
+    """vLLM's greedy tokens are transformers' with logprobs within TOLERANCE, up to a step where
+    transformers itself sees vLLM's token within TOLERANCE of its own choice (a near-tie, which
+    float noise may break either way; the sequences may part there)."""
+    for i, (g, e) in enumerate(zip(vllm["tokens"], hf["tokens"])):
+        if abs(vllm["logprobs"][i] - hf["steps"][i][g]) > TOLERANCE:
+            return False
+        if g != e:
+            return hf["steps"][i][e] - hf["steps"][i][g] < TOLERANCE
+    return same_tokens(vllm["tokens"], hf["tokens"])
 
 
 @pytest.mark.parametrize("config", [
@@ -77,10 +95,8 @@ def test_vllm_llava_next_equals_transformers(model_dir, config):
     expected = hf_generate(model_dir, config)
     unpruned = hf_generate(model_dir)
     for g, e, u in zip(got, expected, unpruned):
-        assert same_tokens(g["tokens"], e["tokens"]), (g, e)
-        n = len(g["tokens"])
-        assert g["logprobs"] == pytest.approx(e["logprobs"][:n], abs=1e-2), (g, e)
+        assert agree(g, e), (g["tokens"], e["tokens"], g["logprobs"], e["logprobs"])
         # the placeholders vLLM reserved are exactly what transformers keeps, newlines included
         assert e["kept"] < e["visual"] and e["prompt_tokens"] == u["prompt_tokens"]
         assert g["prompt_tokens"] == e["prompt_tokens"] - e["visual"] + e["kept"]
-    assert any(e["logprobs"] != pytest.approx(u["logprobs"], abs=1e-2) for e, u in zip(expected, unpruned))
+    assert any(e["logprobs"] != pytest.approx(u["logprobs"], abs=TOLERANCE) for e, u in zip(expected, unpruned))

@@ -61,7 +61,7 @@ def _cmd_bench(args) -> int:
 def _cmd_demo(args) -> int:
     from . import demo
 
-    demo.run(threads=args.threads, n=args.n, out=args.out, positions=args.positions)
+    demo.run(threads=args.threads, n=args.n, out=args.out, positions=args.positions, variants=args.variants)
     return 0
 
 
@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-results", help="folder for demo.md, demo.json and the PNG plot")
     demo.add_argument("--positions", choices=["renumber", "original"], default=None,
                       help="position ids of the kept tokens for the vision-stage methods (default: renumber)")
+    demo.add_argument("--variants", action="store_true",
+                      help="also score each method's named departures from its release (rescaled dct, ...)")
     demo.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="prefill time pruned vs unpruned, in one process")

@@ -97,9 +97,10 @@ def split_budget(total: int, sizes: list[int]) -> list[int]:
     whole = sum(sizes)
     if whole == 0:
         return [0] * len(sizes)
-    exact = [total * n / whole for n in sizes]
-    shares = [math.floor(x) for x in exact]
-    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - shares[i]), i))
+    # in integers: equal remainders are exact ties (float shares broke them by rounding error)
+    shares = [total * n // whole for n in sizes]
+    remainders = [total * n % whole for n in sizes]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (-remainders[i], i))
     for i in by_remainder[: total - sum(shares)]:
         shares[i] += 1
     return [min(s, n) for s, n in zip(shares, sizes)]

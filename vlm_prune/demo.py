@@ -25,6 +25,14 @@ from .registry import get_method
 BUDGETS = [36, 16]  # of 144 visual tokens: 25% and 11%
 METHODS = ["cls_attention", "visionzip", "divprune", "dct", "text_recovery", "transition", "fastv", "pool", "random"]
 OPTIONS = {"fastv": {"layer": 1}}  # the fixture LLM has 3 layers: FastV's K=2 of 32 scaled down
+# `--variants`: the named departures from the releases, scored beside the defaults
+VARIANTS = [
+    ("dct", {"rescale": True}),
+    ("text_recovery", {"mode": "fixed"}),
+    ("text_recovery", {"score": "fastervlm"}),
+    ("visionzip", {"layout": "raster"}),
+    ("transition", {"iga_layer": "own", "ttv_softmax": "visual"}),
+]
 
 
 def bootstrap_interval(correct: list[bool], samples: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -43,10 +51,22 @@ def _score(model, processor, items, batch_size: int) -> tuple[dict, float]:
     return result, time.perf_counter() - start
 
 
+def label(method: str, options: dict) -> str:
+    """"dct" or "dct (rescale=True)": a row's name."""
+    return method + (" (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")" if options else "")
+
+
+def _takes_positions(method: str) -> bool:
+    cls = get_method(method)
+    return cls.stage == "vision" or bool(getattr(cls, "position_policies", ()))
+
+
 def run(threads: int = 2, n: int = 600, batch_size: int = 50, out: str | Path = "demo-results",
-        methods: list[str] | None = None, budgets: list[int] | None = None, positions: str | None = None) -> list[dict]:
-    """`positions` ("renumber" / "original"; None = the family default, renumber) applies to the
-    vision-stage methods; the in-LLM ones always keep every token's original position."""
+        methods: list[str] | None = None, budgets: list[int] | None = None, positions: str | None = None,
+        variants: bool = False) -> list[dict]:
+    """`positions` ("renumber" / "original"; None = each method's default: renumber on this
+    LLaVA) applies to the methods that take it (the vision-stage ones and `transition`);
+    `variants`: also score the named departures from the releases (`VARIANTS`)."""
     from vlm_prune.evals.synthetic_vqa import make_split
 
     from .fixture import load
@@ -55,17 +75,18 @@ def run(threads: int = 2, n: int = 600, batch_size: int = 50, out: str | Path = 
     torch.set_num_threads(threads)
     model, processor = load()
     items = make_split("test", n)
-    configs = [("unpruned", None)] + [(m, k) for m in methods for k in budgets]
+    chosen = [(m, {}) for m in methods] + [v for v in VARIANTS if v[0] in methods] * variants
+    configs = [("unpruned", {}, None)] + [(m, o, k) for m, o in chosen for k in budgets]
     rows = []
     with torch.inference_mode(), tqdm(total=len(configs), desc="demo", unit="config") as bar:
-        for method, keep in configs:
-            extra = {"positions": positions} if positions and keep and get_method(method).stage == "vision" else {}
-            handle = api.patch(model, method, keep, **extra, **OPTIONS.get(method, {})) if keep else None
+        for method, options, keep in configs:
+            extra = {"positions": positions} if positions and keep and _takes_positions(method) else {}
+            handle = api.patch(model, method, keep, **extra, **OPTIONS.get(method, {}), **options) if keep else None
             result, seconds = _score(model, processor, items, batch_size)
             kept = 144 if handle is None else sum(s["kept"] for s in handle.stats) / len(handle.stats)
             api.unpatch(model)
             low, high = bootstrap_interval(result["correct"])
-            rows.append(dict(method=method, keep=keep or 144, positions=extra.get("positions", "default"),
+            rows.append(dict(method=label(method, options), keep=keep or 144, positions=extra.get("positions", "default"),
                              kept=round(kept, 1), accuracy=result["accuracy"], ci95=[low, high], seconds=seconds,
                              per_qtype=result["per_qtype"]))
             bar.update()

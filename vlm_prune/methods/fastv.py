@@ -20,6 +20,7 @@ class FastV(LLMMethod):
     needs = frozenset({"attention"})
     attention_rows = "last"
     paper = "FastV (arXiv 2403.06764)"
+    position_note = "kept tokens keep their original position ids, as in FastV's release"
     options = {
         "layer": Option(2, integer(1), "K: tokens are dropped after this many decoder layers"),
         "query": Option("last", choice("last", "instruction"), "rows whose attention scores the tokens"),

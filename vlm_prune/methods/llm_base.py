@@ -4,18 +4,26 @@ A method declares its stages -- after which decoder layers tokens are dropped an
 -- and how to score the visual tokens still present at each stage from the signals the engine
 (vlm_prune.patches.in_llm) gathers while the prefill runs:
   "transition": [B, L] token transition variation accumulated over the method's window;
-  "attention":  [B, L] attention the method's query rows pay each token at the pruning layer,
-                averaged over heads and rows (rows: the instruction, or the last token).
+  "attention":  [B, L] attention the method's query rows pay each token, averaged over heads
+                and rows (rows: the instruction, or the last token), computed on the sequence
+                the stage prunes: by the last layer before the stage (`attention_layer` "own",
+                FastV) or by the stage's first layer applied to that sequence ("next",
+                TransPrune's release).
+The engine also asks a method which tokens each TTV softmax runs over (`transition_domain`),
+which position ids the layers after a stage use (`position_policies`, `default_positions`) and
+how many tokens each stage keeps (`budget`).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch
 
+from ..config import tokens_to_keep
 from .base import Method
 
 
@@ -82,6 +90,10 @@ class LLMMethod(Method):
     stage: ClassVar[str] = "llm"
     # which rows' attention the "attention" signal needs: "instruction" or "last"; None = none
     attention_rows: ClassVar[str | None] = None
+    # the `positions=` values the method accepts (() = none: the layers after a stage keep the
+    # tokens' original position ids), and what PruneConfig says when refusing one
+    position_policies: ClassVar[tuple[str, ...]] = ()
+    position_note: ClassVar[str] = "the layers after a stage keep the tokens' original position ids"
 
     def stages(self, options: Mapping[str, Any], keep: int | float, n_layers: int) -> list[Stage]:
         raise NotImplementedError
@@ -90,12 +102,44 @@ class LLMMethod(Method):
         """1-indexed decoder layers whose sub-modules' transitions feed the "transition" signal."""
         return set()
 
+    def transition_domain(self, options: Mapping[str, Any]) -> str:
+        """The tokens each sub-module's TTV softmax runs over: "visual" (the row's visual tokens
+        present at that layer) or "sequence" (every real token of the row present there)."""
+        return "visual"
+
     def query_rows(self, options: Mapping[str, Any]) -> str | None:
         return self.attention_rows
+
+    def attention_layer(self, options: Mapping[str, Any]) -> str:
+        """Which layer's q/k give the "attention" signal of a stage: "own" (the last layer
+        before the stage, on its input) or "next" (the stage's first layer, on the sequence
+        it would see unpruned)."""
+        return "own"
+
+    def default_positions(self, options: Mapping[str, Any], sequential: bool) -> str:
+        """The position policy when `positions=` is not given; `sequential`: the family numbers
+        its tokens with 1-D positions (LLaVA), not M-RoPE's 3-D ones (Qwen-VL)."""
+        return "original"
+
+    def budget(self, s: int, stages: list[Stage], final_keep: int | float, n_tokens: int) -> int:
+        """Tokens an image of `n_tokens` (before any pruning) keeps at stage `s`: the stage's
+        `keep` rounded as `keep` is everywhere (`tokens_to_keep`), never fewer than the final
+        budget."""
+        return max(tokens_to_keep(stages[s].keep, n_tokens), tokens_to_keep(final_keep, n_tokens))
 
     def score(self, signals: Mapping[str, torch.Tensor], visual: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
         """signals [B, L] -> scores [B, L] (only visual positions are read; higher = keep)."""
         raise NotImplementedError
+
+
+def floor_budget(keep: int | float, n_tokens: int) -> int:
+    """int(n_tokens * keep) for a fraction (at least 1, as released progressive schedules
+    count a stage's share), `keep` itself (clamped to the tokens there are) for an int."""
+    if n_tokens <= 0:
+        return 0
+    if isinstance(keep, int):
+        return min(keep, n_tokens)
+    return min(n_tokens, max(1, math.floor(keep * n_tokens)))
 
 
 def normalise(values: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:

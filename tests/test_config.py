@@ -148,3 +148,10 @@ def test_cls_attention_needs_a_cls_token():
     assert handle.active
     vlm_prune.unpatch(model)
     assert not handle.active
+
+
+def test_in_llm_methods_refuse_crop_budgets():
+    """In-LLM methods rank each image's tokens as one pool; a per-crop budget would be ignored."""
+    with pytest.raises(ValueError, match=r"budget='per_crop' is not available for 'transition'.*one pool"):
+        PruneConfig.from_kwargs("transition", 0.25, budget="per_crop")
+    assert PruneConfig.from_kwargs("fastv", 0.25, budget="pooled").budget == "pooled"

@@ -169,6 +169,9 @@ class PruneConfig:
                 )
         if self.budget is not None and self.budget not in BUDGET_POLICIES:
             raise ValueError(f"budget={self.budget!r} is not allowed; choose one of {list(BUDGET_POLICIES)}")
+        if self.budget not in (None, "pooled") and method_cls.stage != "vision":
+            raise ValueError(f"budget={self.budget!r} is not available for {self.method!r}, which prunes inside the "
+                             "LLM: each image's tokens are one pool there (budget='pooled', the default)")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not allowed; choose one of {list(BACKENDS)}")
         if self.backend == "triton":

@@ -5,7 +5,7 @@
 #
 # No network there and no pip build: the package is laid out by links (the package-dir
 # mapping of pyproject.toml) in the device's throwaway copy of the tree, and a carried .whl/
-# folder (transformers as pinned in constraints.txt; README "Kernels" has the download command)
+# folder (transformers as pinned in constraints.txt; docs/kernels.md has the download command)
 # is unpacked over the machine's own packages.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,6 @@
-"""README.md's Python examples run as written (on tiny models instead of downloaded checkpoints)
-and give what their comments say."""
+"""The Python examples of README.md and docs/*.md run as written (on tiny models instead of
+downloaded checkpoints) and give what their comments say; the ones that need a checkpoint or
+vLLM at least compile, and README's links to docs/ point at files that exist."""
 
 from __future__ import annotations
 
@@ -7,19 +8,36 @@ import ast
 import pathlib
 import re
 
+import pytest
 import torch
 
 import vlm_prune
 
-README = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+
+def _doc(name: str) -> str:
+    return (ROOT / "docs" / name).read_text()
+
+
+def _block_in(text: str, heading: str, index: int = 0) -> str:
+    """The `index`-th ```python block of the section of `text` that starts with `heading`
+    (a "## " line; the section ends at the next "## " heading)."""
+    start = text.index(f"\n{heading}\n")
+    end = text.find("\n## ", start + len(heading) + 2)
+    section = text[start:end if end > 0 else None]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)[index]
 
 
 def _block(heading: str, index: int = 0) -> str:
     """The `index`-th ```python block of the README section that starts with `heading`."""
-    start = README.index(f"\n{heading}\n")
-    end = README.find("\n## ", start + len(heading) + 2)
-    section = README[start:end if end > 0 else None]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)[index]
+    return _block_in(README, heading, index)
+
+
+def _python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
 def _commented(code: str, before: str) -> object:
@@ -27,6 +45,51 @@ def _commented(code: str, before: str) -> object:
     tail = code[code.index(before) + len(before):]
     comment = re.search(r"#\s*(\[.*?\])\s", tail, flags=re.S).group(1)
     return ast.literal_eval(comment)
+
+
+def _patch_calls(code: str) -> list[ast.Call]:
+    """The top-level `vlm_prune.patch(...)` calls of a block, in order."""
+    return [node.value for node in ast.parse(code).body
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+            and ast.unparse(node.value.func) == "vlm_prune.patch"]
+
+
+# -- every example compiles; the links resolve ------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [ROOT / "README.md", *DOCS], ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_python_block_compiles(path):
+    blocks = _python_blocks(path.read_text())
+    for i, code in enumerate(blocks):
+        compile(code, f"{path.name} block {i}", "exec")
+
+
+def test_readme_is_short_and_links_every_doc():
+    assert len(README.splitlines()) <= 300
+    assert DOCS, "docs/ holds the details"
+    linked = set(re.findall(r"\]\((docs/[\w.-]+\.md)(?:#[\w-]*)?\)", README))
+    assert linked == {p.relative_to(ROOT).as_posix() for p in DOCS}
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings (code blocks left out)."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.*)$", text, flags=re.M)}
+
+
+@pytest.mark.parametrize("path", [ROOT / "README.md", *DOCS], ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_relative_links_point_at_files_and_headings(path):
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", path.read_text()):
+        if "://" in target:
+            continue
+        linked = (path.parent / target) if target else path
+        assert linked.exists(), f"{path.name}: {target}"
+        if anchor:
+            assert anchor in _anchors(linked.read_text()), f"{path.name}: {target}#{anchor}"
+
+
+# -- README.md ------------------------------------------------------------------------------
 
 
 def test_quick_start_runs_on_the_tiny_model_and_matches_its_comments():
@@ -59,19 +122,27 @@ def test_quick_start_runs_on_the_tiny_model_and_matches_its_comments():
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
 
 
+def test_methods_table_has_one_row_per_method():
+    section = README[README.index("\n## Methods\n"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = re.findall(r"^\| `(\w+)`", section, flags=re.M)
+    assert sorted(rows) == vlm_prune.available_methods()
+
+
+# -- docs/methods.md ----------------------------------------------------------------------------
+
+
 def test_in_llm_examples_each_patch_a_deep_enough_model():
     from vlm_prune import tiny
 
-    code = _block("### In-LLM pruning (`transition`, `fastv`)")
+    code = _block_in(_doc("methods.md"), "## In-LLM pruning (`transition`, `fastv`)")
     model, processor = tiny.llava(image_size=336, text_layers=16)  # 576 tokens; the last stage is after layer 12
     inputs = processor(images=[tiny.random_image(64, 48)], text=["USER: <image>\nWhat is it? ASSISTANT:"],
                        return_tensors="pt")
-    calls = [node for node in ast.parse(code).body
-             if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
-             and ast.unparse(node.value.func) == "vlm_prune.patch"]
+    calls = _patch_calls(code)
     assert len(calls) == 4
     for call in calls:
-        handle = eval(compile(ast.Expression(call.value), "README", "eval"), {"vlm_prune": vlm_prune, "model": model})
+        handle = eval(compile(ast.Expression(call), "docs/methods.md", "eval"), {"vlm_prune": vlm_prune, "model": model})
         try:
             with torch.no_grad():
                 model(**inputs)
@@ -81,11 +152,43 @@ def test_in_llm_examples_each_patch_a_deep_enough_model():
             handle.remove()
 
 
+def test_named_departure_lines_each_patch_a_tiny_llava_next():
+    """Each line of the departures block, on a tiny LLaVA-NeXT (64 tokens per crop, a 5-layer
+    tower for `layers=[-4, -3, -2]`, a 4-layer LLM for two `transition` stages); an int
+    `keep` of 64 becomes 8 so that every line prunes something."""
+    from vlm_prune import tiny
+
+    code = _block_in(_doc("methods.md"), "## Options")
+    calls = _patch_calls(code)
+    assert len(calls) >= 10
+    named = {kw.arg for call in calls for kw in call.keywords} - {"method", "keep"}
+    for option in ("layers", "layout", "mode", "score", "rescale", "budget", "positions", "iga_layer", "ttv_softmax", "query"):
+        assert option in named, option
+    model, processor = tiny.llava_next(image_size=112, vision_layers=5, text_layers=4)
+    inputs = processor(images=[tiny.random_image(160, 96)], text=["USER: <image>\nWhat is it? ASSISTANT:"],
+                       return_tensors="pt")
+    for call in calls:
+        for kw in call.keywords:
+            if kw.arg == "keep" and isinstance(kw.value, ast.Constant) and kw.value.value == 64:
+                kw.value = ast.copy_location(ast.Constant(8), kw.value)
+        handle = eval(compile(ast.Expression(call), "docs/methods.md", "eval"), {"vlm_prune": vlm_prune, "model": model})
+        try:
+            with torch.no_grad():
+                model(**inputs)
+            (stats,) = handle.stats
+            assert 0 < stats["kept"] < stats["visual_tokens"], (ast.unparse(call), stats)
+        finally:
+            handle.remove()
+
+
+# -- docs/kernels.md ----------------------------------------------------------------------------
+
+
 def test_host_calls_example_counts_a_prefill(llava):
     from tests.conftest import llava_inputs
 
     model, processor = llava
-    code = _block("## Kernels", 0)
+    code = _block_in(_doc("kernels.md"), "## Bench and host calls", 0)
     assert "count_host_calls" in code
     namespace = {"model": model, "inputs": llava_inputs(processor, ["USER: <image>\nWhat? ASSISTANT:"], [(64, 48)])}
     with torch.no_grad():
@@ -94,10 +197,13 @@ def test_host_calls_example_counts_a_prefill(llava):
     assert ops > 10 and launches == 0 and reads >= 1 and sum(names.values()) == ops
 
 
+# -- docs/guarantees.md -------------------------------------------------------------------------
+
+
 def test_generate_modes_example_runs_on_a_patched_model():
     from vlm_prune import tiny
 
-    code = _block("## How it works (and what it guarantees)")
+    code = _block_in(_doc("guarantees.md"), "## `generate()` modes")
     assert "num_beams" in code and "static" in code and "cache=first.cache" in code
     model, processor = tiny.llava(image_size=112)
     inputs = processor(images=[tiny.random_image(64, 48)], text=["USER: <image>\nWhat is it? ASSISTANT:"],
@@ -117,7 +223,7 @@ def test_generate_modes_example_runs_on_a_patched_model():
 def test_labels_example_scores_the_answer_on_a_pruned_model():
     from vlm_prune import tiny
 
-    code = _block("## How it works (and what it guarantees)", 1)
+    code = _block_in(_doc("guarantees.md"), "## A forward with `labels`")
     assert "labels=labels" in code
     model, processor = tiny.llava(image_size=112)
     inputs = processor(images=[tiny.random_image(64, 48)], text=["USER: <image>\nWhat is it? ASSISTANT: a red circle"],

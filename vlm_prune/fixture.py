@@ -47,7 +47,7 @@ Training (`train`, CPU, seeded, single-threaded; see /work/shared/notes/fixture.
   the embeddings.
 
 The shipped checkpoint is v3 (test accuracy and per-type numbers in `fixture_model/metrics.json`
-and the README). Its lineage, each step continuing from all of the previous weights (the vision
+and docs/demo.md). Its lineage, each step continuing from all of the previous weights (the vision
 tower is frozen in every stage L, so all versions carry v1's tower):
 
 - v1 (git 44400dd): stage V 1,500 steps + stage L 3,000 steps, the recipe above without

@@ -57,6 +57,9 @@ class PromptState:
     reduced: ReducedImages | None  # the visual tokens passed on; None once no replay can follow
     prompt_mask: torch.Tensor | None  # [B, L'] compacted mask, None when none is needed
     renumber: bool = True  # kept tokens numbered consecutively (positions="renumber")
+    # [B, 1]: what decode positions lose besides the dropped tokens (a family that numbers a
+    # reduced image anew, see `reduced_positions`); None: nothing
+    extra_shift: torch.Tensor | None = None
     _features: torch.Tensor | None = None
 
     @property
@@ -197,12 +200,15 @@ class VisionStagePatch(PatchBase):
         return self.position_policies
 
     def reduced_positions(self, positions: torch.Tensor, comp: Compaction, is_image: torch.Tensor,
-                          mask: torch.Tensor | None, images: list[ImageTokens] | None) -> torch.Tensor:
+                          mask: torch.Tensor | None, images: list[ImageTokens] | None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The compacted sequence's position ids [..., B, W], given those the engine made
         (`positions`: the base positions gathered, renumbered or not); a family that numbers a
-        reduced image otherwise (Qwen-VL: an image of the coarser grid) replaces them. is_image,
-        mask: [B, T] of the uncompacted sequence; images: the prefill's (None in a replay)."""
-        return positions
+        reduced image otherwise (Qwen-VL: an image of the coarser grid) replaces them, and says
+        by how much more than the dropped tokens [B, 1] the positions of the tokens after the
+        prompt shrink (None: by nothing more). is_image, mask: [B, T] of the uncompacted
+        sequence; images: the prefill's (None in a replay)."""
+        return positions, None
 
     def base_positions(self, kw: dict[str, Any], length: int) -> torch.Tensor:
         """Position ids [..., B, L] the unpruned model would use for the whole sequence."""
@@ -435,7 +441,8 @@ class VisionStagePatch(PatchBase):
             # until then, since with the tower's output as their source that is a large tensor
             self.state = PromptState(out.compaction, out.keep, reduced if self._in_generate else None, out.mask,
                                      renumber=self.positions == "renumber")
-            positions = self.reduced_positions(out.positions, out.compaction, is_image, mask, images)
+            positions, self.state.extra_shift = self.reduced_positions(out.positions, out.compaction, is_image, mask,
+                                                                       images)
             new_kw = self._inputs(kw, out.embeds, positions, out.mask, out.compaction)
         else:
             self.state, positions = earlier.joined(out, self.positions == "renumber")
@@ -483,7 +490,7 @@ class VisionStagePatch(PatchBase):
         embeds, positions = compacted_inputs(
             comp, is_image & keep, state.features, self.embedding(), kw.get("input_ids"), kw.get("inputs_embeds"),
             self.pad_token_id, self.base_positions(kw, length), self.positions == "renumber")
-        positions = self.reduced_positions(positions, comp, is_image, kw.get("attention_mask"), None)
+        positions, _ = self.reduced_positions(positions, comp, is_image, kw.get("attention_mask"), None)
         mask = kw.get("attention_mask")
         if mask is not None:
             mask = state.prompt_mask if not extra and state.prompt_mask is not None else comp.gather(mask, 0)
@@ -536,8 +543,10 @@ class VisionStagePatch(PatchBase):
         if positions is None:  # number them as the unpruned model would
             positions = self.decode_positions(kw, comp.prompt_len + generated, full_mask)
         if state.renumber:
-            shift = comp.total_dropped.view(*([1] * (positions.dim() - 2)), -1, 1)
-            positions = positions - shift
+            shift = comp.total_dropped.view(-1, 1)
+            if state.extra_shift is not None:
+                shift = shift + state.extra_shift.to(shift.device)
+            positions = positions - shift.view(*([1] * (positions.dim() - 2)), -1, 1)
         new_kw["position_ids"] = positions
         return new_kw
 

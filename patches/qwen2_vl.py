@@ -144,20 +144,23 @@ class Qwen2VLPatch(VisionStagePatch):
     def reduced_positions(self, positions, comp, is_image, mask, images):
         """positions="renumber" (methods whose output is a coarser grid, Fourier-VLM's release):
         each reduced image is numbered as an image of its coarse grid (t, r, c) -- grid_thw
-        shrinks -- and the text after it continues from that smaller extent; rope_deltas
-        follow, so decode steps continue the same numbering."""
+        shrinks -- and the text after it continues from that smaller extent; decode steps
+        continue the same numbering."""
         if self.positions != "renumber":
-            return positions
+            return positions, None
         merge = self.visual.spatial_merge_size
         if images is not None:
             self._reduced_grids = [self._reduced_grid(img, merge) for img in images]
         valid = torch.ones_like(is_image, dtype=torch.long) if mask is None else mask
         types, valid = comp.gather(is_image.long(), 0), comp.gather(valid, 0)
         grid, deltas = image_rope_index(types, valid, self._reduced_grids, merge)
-        self.model.model.rope_deltas = deltas
         if positions.dim() == 3 and positions.shape[0] > 3:  # generate()'s text plane first: compacted index
-            return torch.cat([positions[:-3], grid])
-        return grid
+            grid = torch.cat([positions[:-3], grid])
+        # Decode steps get the unpruned numbering (generate() continues its own prompt positions;
+        # rope_deltas stays the unpruned model's for them): the engine takes off the dropped
+        # tokens, and this the difference of the deltas.
+        unpruned = self.model.model.rope_deltas
+        return grid, None if unpruned is None else (unpruned.to(deltas.device) - deltas)
 
     def _reduced_grid(self, image: ImageTokens, merge: int) -> list[int]:
         """(t, h, w) in patches of an image whose frames were each reduced to the coarse grid."""

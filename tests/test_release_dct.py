@@ -74,8 +74,26 @@ def test_qwen_image_is_numbered_as_its_coarse_grid(version):
     hook.remove()
     assert handle.stats[0]["kept"] == r * c
     torch.testing.assert_close(seen["positions"][-3:], positions)
-    assert torch.equal(model.model.rope_deltas, deltas)  # decode continues the same numbering
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    # decode continues the coarse numbering: greedy steps of the unpatched model on the release's
+    # prompt, the generated tokens numbered by the model itself
+    tokens, steps = [], []
+    with torch.no_grad():
+        for _ in range(4):
+            ids = torch.cat([new_ids, torch.tensor([tokens], dtype=torch.long)], 1)
+            types = torch.cat([new_types, torch.zeros(1, len(tokens), dtype=new_types.dtype)], 1)
+            positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid,
+                                                      attention_mask=torch.ones_like(ids))
+            embeds = model.model.get_input_embeddings()(ids)
+            embeds[0, first:first + r * c] = reduced
+            hidden = model.model.language_model(inputs_embeds=embeds, position_ids=positions).last_hidden_state
+            steps.append(model.lm_head(hidden)[0, -1])
+            tokens.append(int(steps[-1].argmax()))
+        out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    assert out.sequences[0, inputs["input_ids"].shape[1]:].tolist() == tokens
+    for got, want in zip(out.logits, steps):
+        torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-5)
     # positions="original": the cell centres' positions, the text's unpruned -- another numbering
     vlm_prune.patch(model, "dct", keep, positions="original")
     with torch.no_grad():

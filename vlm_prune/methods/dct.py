@@ -67,7 +67,7 @@ def low_pass(grid: torch.Tensor, rows: int, cols: int, rescale: bool = True) -> 
     out = torch.einsum("rh,ihwd,cw->ircd", left, grid.float(), right)
     if rescale:
         out = out * math.sqrt(rows * cols / (h * w))
-    return out.to(grid.dtype)
+    return out.to(grid.dtype).contiguous()  # einsum may return a permuted layout; vLLM's CPU GEMM needs rows
 
 
 @register_method

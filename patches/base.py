@@ -130,9 +130,6 @@ class VisionStagePatch(PatchBase):
                 f"{config.method!r}; allowed: {list(allowed)}"
             )
         self.budget = config.budget or self.method.default_budget
-        if self.budget == "pooled" and self.method.output_is_grid:
-            raise ValueError(f"budget='pooled' puts an image's tokens in one pool without a grid; method "
-                             f"{config.method!r} makes a coarser grid: use budget='per_image' or 'per_crop'")
         # the options `reduce` runs with: "auto" values resolved for this position policy
         self.run_config = dataclasses.replace(config, options=self.method.resolve_options(config.options, self.positions))
         self.state: PromptState | None = None

@@ -155,3 +155,13 @@ def test_in_llm_methods_refuse_crop_budgets():
     with pytest.raises(ValueError, match=r"budget='per_crop' is not available for 'transition'.*one pool"):
         PruneConfig.from_kwargs("transition", 0.25, budget="per_crop")
     assert PruneConfig.from_kwargs("fastv", 0.25, budget="pooled").budget == "pooled"
+
+
+@pytest.mark.parametrize("method, message", [
+    ("pool", "makes a coarser grid"), ("dct", "makes a coarser grid"),
+    ("cls_attention", "image_newline tokens too"), ("visionzip", "image_newline tokens too"),
+])
+def test_pooled_budget_refuses_methods_that_need_a_grid_or_tower_signals(method, message):
+    with pytest.raises(ValueError, match=message):
+        PruneConfig.from_kwargs(method, 0.25, budget="pooled")
+    assert PruneConfig.from_kwargs("divprune", 0.25, budget="pooled").budget == "pooled"

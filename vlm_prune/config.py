@@ -169,6 +169,14 @@ class PruneConfig:
                 )
         if self.budget is not None and self.budget not in BUDGET_POLICIES:
             raise ValueError(f"budget={self.budget!r} is not allowed; choose one of {list(BUDGET_POLICIES)}")
+        if self.budget == "pooled" and method_cls.stage == "vision":
+            if method_cls.output_is_grid:
+                raise ValueError(f"budget='pooled' puts an image's tokens in one pool without a grid; method "
+                                 f"{self.method!r} makes a coarser grid: use budget='per_image' or 'per_crop'")
+            if method_cls.needs & {"cls_attention", "keys"}:
+                raise ValueError(f"budget='pooled' pools LLaVA-NeXT's image_newline tokens too, which have no "
+                                 f"vision-tower signal for {self.method!r} to score; use budget='per_image' or "
+                                 "'per_crop'")
         if self.budget not in (None, "pooled") and method_cls.stage != "vision":
             raise ValueError(f"budget={self.budget!r} is not available for {self.method!r}, which prunes inside the "
                              "LLM: each image's tokens are one pool there (budget='pooled', the default)")

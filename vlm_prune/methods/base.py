@@ -142,6 +142,29 @@ class VisionMethod(Method):
         raise NotImplementedError
 
 
+def layout_option(release: str) -> Option:
+    """The `layout` option of methods whose released output is not in raster order (`release`
+    says what that order is): "release" needs renumbered positions, "raster" orders the tokens
+    by the slot each stands for, "auto" picks by the position policy (`resolve_layout`)."""
+    from ..config import choice
+
+    return Option("auto", choice("auto", "release", "raster"),
+                  f"'release': {release}; 'raster': raster order of what each token stands for; "
+                  "'auto': release under renumbered positions, raster under original ones")
+
+
+def resolve_layout(options: Mapping[str, Any], positions: str, method: str, why: str) -> dict[str, Any]:
+    """`options` with its "auto" layout resolved for the position policy; layout="release" with
+    original positions refused (`why`: what the release's order does that they cannot number)."""
+    layout = options["layout"]
+    if layout == "auto":
+        layout = "release" if positions == "renumber" else "raster"
+    elif layout == "release" and positions == "original":
+        raise ValueError(f"{method} layout='release' {why}, which positions='original' cannot number; use "
+                         "layout='raster' or positions='renumber'")
+    return {**options, "layout": layout}
+
+
 def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores per row, in increasing (raster) order: [I, N] -> [I, k].
     Ties go to the lower index. Runs the Triton kernel under the Triton backend."""

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from ..config import Option, choice
 from ..registry import register_method
-from .base import Reduction, VisionMethod
+from .base import Reduction, VisionMethod, layout_option, resolve_layout
 
 MEMBERS = 32  # tokens each centre absorbs
 TEXT_WEIGHT = 50 / math.sqrt(768)  # the release's weight of the text score in the merge (cosine * 768^-0.5 * 50)
@@ -109,22 +109,14 @@ class TextRecovery(VisionMethod):
                         "'fastervlm': the feature layer's, heads averaged"),
         "keep_share": Option(0.75, _check_share, "fixed mode: share of the non-summary tokens kept by score "
                                                  "(the rest are recovered)"),
-        "layout": Option("auto", choice("auto", "release", "raster"),
-                         "'release': kept and recovered (raster), centres, summary; 'raster': raster order of "
-                         "what each token stands for; 'auto': release under renumbered positions"),
+        "layout": layout_option("kept and recovered (raster), centres, summary"),
     }
 
     def cls_score(self, options):
         return ((-1,), True) if options["score"] == "release" else (None, False)
 
     def resolve_options(self, options, positions):
-        layout = options["layout"]
-        if layout == "auto":
-            layout = "release" if positions == "renumber" else "raster"
-        elif layout == "release" and positions == "original":
-            raise ValueError("text_recovery layout='release' puts the merged tokens after the kept ones, which "
-                             "positions='original' cannot number; use layout='raster' or positions='renumber'")
-        return {**options, "layout": layout}
+        return resolve_layout(options, positions, "text_recovery", "puts the merged tokens after the kept ones")
 
     def output_count(self, k, grid, options):
         return None if options["mode"] == "adaptive" else min(k, grid[0] * grid[1])

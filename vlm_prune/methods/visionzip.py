@@ -36,11 +36,9 @@ renumbered positions only how many slots are kept matters.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..config import Option, choice
 from ..registry import register_method
-from .base import Reduction, VisionMethod, keep_top_k
+from .base import Reduction, VisionMethod, keep_top_k, layout_option, resolve_layout
 
 CONTEXTUAL_OF_64 = 10
 
@@ -85,21 +83,12 @@ class VisionZip(VisionMethod):
     paper = "VisionZip: Longer is Better but Not Necessary in Vision Language Models (CVPR 2025)"
     release = "github dvlab-research/VisionZip @ 3151f6d, visionzip/utils.py + clip_encoder.py"
     options = {
-        "layout": Option("auto", choice("auto", "release", "raster"),
-                         "'release': [CLS], dominant (raster), contextual (target order); 'raster': no [CLS], "
-                         "tokens in raster order of what they stand for; 'auto': release under renumbered "
-                         "positions, raster under original ones"),
+        "layout": layout_option("[CLS], dominant (raster), contextual (target order)"),
     }
 
     def resolve_options(self, options, positions):
-        layout = options["layout"]
-        if layout == "auto":
-            layout = "release" if positions == "renumber" else "raster"
-        elif layout == "release" and positions == "original":
-            raise ValueError("visionzip layout='release' puts the [CLS] token and the contextual tokens out of "
-                             "raster order, which positions='original' cannot number; use layout='raster' or "
-                             "positions='renumber'")
-        return {**options, "layout": layout}
+        return resolve_layout(options, positions, "visionzip",
+                              "puts the [CLS] token and the contextual tokens out of raster order")
 
     def reduce(self, features, grid, k, signals, options) -> Reduction:
         n_images, n_tokens, dim = features.shape

@@ -5,15 +5,19 @@
                                     #  or {"prompt", "images": [[w, h, seed], ...]}],
                                     #  "overrides": {...} | null, "max_tokens": n,
                                     #  "llm_kwargs": {...} (optional, more LLM(...) arguments),
-                                    #  "logprobs": true (optional: each generated token's logprob)}
+                                    #  "logprobs": true (optional: each generated token's logprob),
+                                    #  "env": {...} (optional, set before vLLM is imported, e.g.
+                                    #  VLLM_CPU_OMP_THREADS_BIND="0|1" for two ranks)}
 """
 
 import json
+import os
 import sys
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    os.environ.update(spec.get("env") or {})  # seen by vLLM and by the workers it starts
     from vllm import LLM, SamplingParams
 
     from vlm_prune import tiny

@@ -9,6 +9,8 @@ Two overrides of vLLM's own classes, active only when the model config carries `
   embeddings. vLLM numbers placeholders consecutively, i.e. positions="renumber".
 vLLM builds the CLIP tower only up to the feature layer (hidden_states[-2] -> 23 of 24 layers), so
 the layer producing the features is its last one; `layers=` may name layers up to it.
+Tensor parallelism: each rank scores with its own heads and the head averages are all-reduced
+(`vlm_prune.sharded_scores`), so every rank keeps the tokens one device keeps.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 from typing import Any
 
 import torch
+from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
@@ -26,9 +29,9 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..kernels import cls_attention_scores
 from ..patches.image_tokens import ImageTokens, Region, reduce_images
 from ..registry import get_method
+from ..sharded_scores import clip_signals
 from ..vision_layers import resolve_score_layers
 from .config import plugin_config
 
@@ -87,22 +90,18 @@ class ClipTowerScoring:
         finally:
             for hook in hooks:
                 hook.remove()
-        signals = {"cls_feature": captured["cls"]} if "cls" in captured else {}
+        signals = {"cls_feature": captured["cls"]} if "cls" in captured else {}  # full width on every rank
         if not self.score_layers:
             return features, signals
-        heads = self.config.vision_config.num_attention_heads
-        total = None
-        for i in self.score_layers:
-            q, k, _ = captured[i].chunk(3, dim=-1)  # [I, T, D] each; T includes [CLS]
-            head_dim = q.shape[-1] // heads
-            query = q[:, 0].reshape(q.shape[0], heads, head_dim)
-            keys = k.reshape(k.shape[0], k.shape[1], heads, head_dim).transpose(1, 2)
-            row = cls_attention_scores(query, keys, head_dim**-0.5, self.prune_config.backend)
-            total = row if total is None else total + row
-        signals["cls_attention"] = total
-        if "keys" in self.prune_method.needs:  # heads averaged, as on transformers
-            k = captured[self.score_layers[-1]].chunk(3, dim=-1)[1]
-            signals["keys"] = k.view(*k.shape[:-1], heads, -1).mean(-2)
+        # under tensor parallelism each rank's qkv output holds [q | k | v] of its own heads: the
+        # head averages are all-reduced over the group (vlm_prune.sharded_scores)
+        attn = layers[self.score_layers[0]].self_attn
+        signals["cls_attention"], keys = clip_signals(
+            [captured[i] for i in self.score_layers], attn.num_heads_per_partition, attn.num_heads, attn.head_dim,
+            tensor_model_parallel_all_reduce if attn.tp_size > 1 else None,
+            keys="keys" in self.prune_method.needs, backend=self.prune_config.backend)
+        if keys is not None:  # heads averaged, as on transformers
+            signals["keys"] = keys
         return features, signals
 
 

@@ -25,10 +25,15 @@ set, which vLLM 0.32 ties to video EVS (and its CPU runner never sets at all). T
 `_enable_position_recompute`: a small, idempotent wrapper on the V1 runner that sets the flag for
 models that ask for it (only ours, only when pruning is on).
 
+Across devices: under tensor parallelism each rank scores with its own vision heads (captured
+where the block rotates q and k, after Qwen2-VL's `split_qkv`) and the head averages are
+all-reduced (`vlm_prune.sharded_scores`), so every rank keeps the tokens one device keeps. Under
+pipeline parallelism only the first stage runs the encoder and the position recompute: the
+model passes the first stage's positions to the later stages with the hidden states.
+
 Limits: the V1 model runner only (V2 builds its own pruning state from EVS settings); image
 placeholders must follow a text token (`<|vision_start|>`, as vLLM's own EVS also assumes);
-video EVS (--video-pruning-rate) and vlm_prune cannot be combined; methods that score with the
-tower's attention need the tower unsharded (tensor_parallel_size 1 or mm_encoder_tp_mode="data").
+video EVS (--video-pruning-rate) and vlm_prune cannot be combined.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
@@ -55,17 +61,19 @@ from vllm.model_executor.models.qwen2_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
+from vllm.sequence import IntermediateTensors
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
-from ..kernels import attention_received
 from ..patches.image_tokens import ImageTokens, Region, reduce_images
 from ..patches.qwen2_vl import QWEN_SCORED_BY, merge_unit_mean
 from ..registry import get_method
+from ..sharded_scores import keys_over_heads, received_attention
 from ..vision_layers import refuse_layers
 from .config import plugin_config
 
 FAMILY = "qwen2_vl"
 POSITION_CHANNELS = 6  # (t, h, w), each as (high, low) base-256 digits
+PP_POSITIONS = "vlm_prune_positions"  # the first pipeline stage's positions, sent with the hidden states
 _DIGIT = 256
 
 
@@ -180,14 +188,38 @@ class _PrunedQwenMixin:
         self.prune_method = get_method(self.prune_config.method)()
         self.needs_tower = bool(self.prune_method.needs & {"cls_attention", "keys"})
         refuse_layers(self.prune_config.options.get("layers"), "Qwen-VL", QWEN_SCORED_BY)
-        tp = vllm_config.parallel_config.tensor_parallel_size
-        if self.needs_tower and tp > 1 and not self.use_data_parallel:
-            raise ValueError(
-                f"vlm_prune: {self.prune_config.method!r} reads the vision tower's attention, which is sharded "
-                "across tensor-parallel ranks; use --mm-encoder-tp-mode data"
-            )
         self.vlm_prune_recomputes_positions = True
         _enable_position_recompute()
+        self.sends_positions = vllm_config.parallel_config.pipeline_parallel_size > 1
+        if self.sends_positions:
+            empty = self.make_empty_intermediate_tensors  # vLLM sets it per instance
+
+            def make_empty_intermediate_tensors(batch_size: int, dtype: torch.dtype, device) -> IntermediateTensors:
+                tensors = empty(batch_size, dtype, device)
+                tensors[PP_POSITIONS] = torch.zeros((batch_size, 3), dtype=torch.int64, device=device)
+                return tensors
+
+            self.make_empty_intermediate_tensors = make_empty_intermediate_tensors
+
+    # -- pipeline parallelism -----------------------------------------------------------------
+
+    sends_positions = False
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        """vLLM 0.32 runs the encoder and `recompute_mrope_positions` on the first pipeline stage
+        only: the later stages' runners hold the provisional positions of the kept image tokens.
+        With pruning on and --pipeline-parallel-size > 1 the first stage sends its positions
+        with the hidden states ([tokens, 3] int64) and every later stage uses them."""
+        if self.sends_positions:
+            if intermediate_tensors is not None and PP_POSITIONS in intermediate_tensors.tensors:
+                tensors = dict(intermediate_tensors.tensors)
+                positions = tensors.pop(PP_POSITIONS)[:positions.shape[-1]].T.to(positions.dtype)
+                intermediate_tensors = IntermediateTensors(tensors)
+        out = super().forward(input_ids=input_ids, positions=positions, intermediate_tensors=intermediate_tensors,
+                              inputs_embeds=inputs_embeds, **kwargs)
+        if self.sends_positions and isinstance(out, IntermediateTensors):  # not the last stage
+            out[PP_POSITIONS] = positions.T.contiguous()
+        return out
 
     # encoder CUDA graphs bypass embed_multimodal's output format (as vLLM does for EVS)
     def get_encoder_cudagraph_config(self):
@@ -317,46 +349,50 @@ class _PrunedQwenMixin:
     def _capture_signals(self, grids: list[list[int]]):
         """Yields a dict filled, once the tower ran, with per merged token of all images (raster
         order): "cls_attention" [T / 4] float32 (attention received in the last block) and, for
-        methods that need them, "keys" [T / 4, Dh] (that block's keys, before the rotary, heads averaged)."""
+        methods that need them, "keys" [T / 4, Dh] (that block's keys, before the rotary, heads
+        averaged). Captured where the block rotates q and k (one call, [2, T, heads, Dh], q
+        first): this rank's heads in both families and any tensor-parallel size; the head
+        averages are all-reduced over the group."""
         result: dict[str, torch.Tensor] = {}
         if not self.needs_tower:
             yield result
             return
-        block = self.visual.blocks[-1]
-        attn = block.attn
+        attn = self.visual.blocks[-1].attn
         seen: dict[str, Any] = {}
 
         def keep_inputs(module, args, kwargs):
-            seen.update(cu_seqlens=kwargs.get("cu_seqlens"), cos=kwargs.get("rotary_pos_emb_cos"),
-                        sin=kwargs.get("rotary_pos_emb_sin"))
+            seen["cu_seqlens"] = kwargs.get("cu_seqlens")
 
-        def keep_qkv(module, args, output):
-            seen["qkv"] = output[0] if isinstance(output, tuple) else output
+        def keep_rotary(module, args, output):
+            seen["qk"], seen["qk_rotated"] = args[0], output
 
         handles = [attn.register_forward_pre_hook(keep_inputs, with_kwargs=True),
-                   attn.qkv.register_forward_hook(keep_qkv)]
+                   attn.apply_rotary_emb.register_forward_hook(keep_rotary)]
         try:
             yield result
         finally:
             for handle in handles:
                 handle.remove()
-        qkv = seen["qkv"].reshape(seen["qkv"].shape[0], -1)  # [T, 3 * H * D] (batch dim 1)
-        total = qkv.shape[0]
+        if "qk" not in seen:
+            raise RuntimeError("vlm_prune: the last vision block's rotary embedding was not seen running "
+                               "(a compiled vision encoder, compile_mm_encoder, hides it)")
         heads, head_dim = attn.num_attention_heads_per_partition, attn.hidden_size_per_attention_head
-        q, k, _ = qkv.reshape(total, 3, heads, head_dim).unbind(1)  # [T, H, D] each
+        total_heads = heads * attn.tp_size
+        all_reduce = tensor_model_parallel_all_reduce if attn.tp_size > 1 else None
+        total = seen["qk"].shape[-3]
         unit = self.visual.spatial_merge_size ** 2
-        window_index = self._window_index(grids).to(qkv.device) if self.windowed else None
+        window_index = self._window_index(grids).to(seen["qk"].device) if self.windowed else None
 
         def per_merged_token(values: torch.Tensor) -> torch.Tensor:
             return merge_unit_mean(values, unit, window_index)
 
-        if "keys" in self.prune_method.needs:
-            result["keys"] = per_merged_token(k.mean(1))  # heads averaged, as on transformers
+        if "keys" in self.prune_method.needs:  # heads averaged, as on transformers
+            k = seen["qk"].reshape(2, total, heads, head_dim)[1]
+            result["keys"] = per_merged_token(keys_over_heads(k, total_heads, all_reduce))
         if "cls_attention" in self.prune_method.needs:
-            rotated = attn.apply_rotary_emb(torch.stack([q, k]).contiguous(), seen["cos"], seen["sin"])
-            q_rot, k_rot = rotated.unbind(0)
-            received = attention_received(q_rot.transpose(0, 1), k_rot.transpose(0, 1), head_dim ** -0.5,
-                                          self._score_segments(grids, seen["cu_seqlens"]))
+            q_rot, k_rot = seen["qk_rotated"].reshape(2, total, heads, head_dim).unbind(0)
+            segments = self._score_segments(grids, seen["cu_seqlens"])
+            received = received_attention(q_rot, k_rot, head_dim ** -0.5, segments, total_heads, all_reduce)
             result["cls_attention"] = per_merged_token(received)
 
     def _score_segments(self, grids, captured: torch.Tensor) -> torch.Tensor:

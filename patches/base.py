@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from vlm_prune.compat import bind_to_kwargs, cache_length, get_cache
+from vlm_prune.compat import bind_to_kwargs, cache_length, get_cache, static_cache_slots
 from vlm_prune.config import PruneConfig
 from vlm_prune.kernels.compaction import compact_prompt, compacted_inputs
 from vlm_prune.registry import get_method
@@ -45,7 +45,7 @@ from vlm_prune.sequence import Compaction
 from vlm_prune.timing import clock
 
 from .image_tokens import ImageTokens, ReducedImages, _cat, reduce_image_tokens
-from .model_hooks import PatchBase, _is_prepared, _padding_mask, _per_row, _prompt_columns
+from .model_hooks import PatchBase, _is_prepared, _padding_mask, _per_row, _prompt_columns, with_fields
 
 
 @dataclass
@@ -135,6 +135,7 @@ class VisionStagePatch(PatchBase):
         self.state: PromptState | None = None
         self._input_compaction: Compaction | None = None  # of the last prefill's tokens
         self._signal_s = 0.0
+        self._image_outputs: Any = None  # see _return_image_outputs
         # the wrapped encoder's last output, its per-image tensors then, and their description
         self._last_encoded: tuple[Any, tuple[torch.Tensor, ...], list[ImageTokens]] | None = None
         self.check_model()
@@ -232,6 +233,7 @@ class VisionStagePatch(PatchBase):
         self._forward = module.forward
         self._hooks.append(module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         self._hooks.append(module.register_forward_hook(self._tag_cache))
+        self._hooks.append(module.register_forward_hook(self._return_image_outputs))
         owner, name = self.image_encoder()
         self._wrap(owner, name, self._encoder_wrapper(getattr(owner, name)))
         self._wrap_generate()
@@ -281,6 +283,7 @@ class VisionStagePatch(PatchBase):
 
     def _pre_hook(self, module, args, kwargs):
         self._filled = False  # a forward that failed after setting it must not tag the next one's cache
+        self._image_outputs = None
         kw = bind_to_kwargs(self._forward, args, kwargs)
         cache = get_cache(kw)
         past = cache_length(cache)
@@ -361,10 +364,20 @@ class VisionStagePatch(PatchBase):
                 kw[key] = kw[key][..., dropped:]
         return kw
 
+    def _return_image_outputs(self, module, args, output):
+        """Forward hook: the vision tower's output of the prefill this forward pruned, in the
+        model's output as the unpruned forward returns it (the pruned forward got the kept tokens
+        as embeddings, so the model itself has none to return)."""
+        encoded, self._image_outputs = self._image_outputs, None
+        if encoded is None or getattr(output, "image_outputs", encoded) is not None:
+            return None
+        return with_fields(output, image_outputs=encoded)
+
     def _images(self, kw: dict[str, Any]) -> list[ImageTokens]:
         out = self._pre_encoded(kw)
         if out is None:
             out = self.encode(kw)
+        self._image_outputs = out  # returned with the forward's output
         last, self._last_encoded = self._last_encoded, None
         images = _recorded_images(last, out) if last is not None else None
         if images is None:  # encoded before the patch: no signals were recorded
@@ -386,11 +399,8 @@ class VisionStagePatch(PatchBase):
         self.state = self._input_compaction = None
         is_image = self.image_token_mask(kw)
         counts = is_image.sum(1).tolist()
-        if not self._has_image_inputs(kw) or not any(counts):
-            self.stats = [{"visual_tokens": int(n), "kept": int(n)} for n in counts]
-            self.kept_indices, self.timings = [], {}
-            self.layer_lengths = [is_image.shape[1]] * self._text_layers
-            return None
+        if not self._has_image_inputs(kw) or not any(counts) or self._malformed(kw, sum(counts)):
+            return self._unpruned(counts, is_image.shape[1])
         self._signal_s = 0.0
         # before the tower: what reads the device here (Qwen's M-RoPE index) then waits for
         # nothing, and everything after the tower is queued without a single device read
@@ -409,12 +419,9 @@ class VisionStagePatch(PatchBase):
         vision_s = clock(self.model) - vision_start
         if "question" in self.method.needs:
             self._add_question(kw, is_image, images, prompt_end)
-        n_slots = sum(img.features.shape[0] for img in images)
-        if n_slots != sum(counts):
-            raise ValueError(
-                f"{sum(counts)} image placeholder tokens in the prompt but the images give "
-                f"{n_slots} visual tokens; was the prompt built by the model's processor?"
-            )
+        if sum(img.features.shape[0] for img in images) != sum(counts):
+            # malformed input (placeholders and images disagree): the model raises its own error
+            return self._unpruned(counts, is_image.shape[1])
         reduced = self._reduce(images)
         row_kept = _per_row(counts, [img.features.shape[0] for img in images], reduced.counts)
         row_len = [is_image.shape[1] - n + k for n, k in zip(counts, row_kept)]
@@ -453,6 +460,25 @@ class VisionStagePatch(PatchBase):
         self.timings = {"vision_s": vision_s - self._signal_s, "select_s": total - vision_s + self._signal_s,
                         "positions_s": positions_s}
         return new_kw
+
+    def _unpruned(self, counts: list[int], length: int) -> None:
+        """A prefill that prunes nothing (no images, or a malformed input the model itself then
+        refuses with its own error, as unpatched)."""
+        self.stats = [{"visual_tokens": int(n), "kept": int(n)} for n in counts]
+        self.kept_indices, self.timings = [], {}
+        self.layer_lengths = [length] * self._text_layers
+        return None
+
+    def _malformed(self, kw: dict[str, Any], placeholders: int) -> bool:
+        """Whether the prompt's image placeholders disagree with its images, where that is known
+        before the tower runs (`expected_visual_tokens`); the model then raises its own error."""
+        expected = self.expected_visual_tokens(kw)
+        return expected is not None and expected != placeholders
+
+    def expected_visual_tokens(self, kw: dict[str, Any]) -> int | None:
+        """How many placeholders the images of a forward need, when known before the tower runs
+        (None: checked after it)."""
+        return None
 
     def _add_question(self, kw: dict[str, Any], is_image: torch.Tensor, images: list[ImageTokens],
                       prompt_end: int | None) -> None:
@@ -501,8 +527,11 @@ class VisionStagePatch(PatchBase):
         new_kw = dict(kw)
         new_kw.update(input_ids=None, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         for key in self.sequence_kwargs:
-            if new_kw.get(key) is not None:
-                new_kw[key] = comp.gather(new_kw[key], 0)
+            value = new_kw.get(key)
+            if value is not None:
+                if value.shape[-1] < comp.prompt_len:  # assisted decoding: the draft's candidates follow, as text
+                    value = torch.nn.functional.pad(value, (0, comp.prompt_len - value.shape[-1]))
+                new_kw[key] = comp.gather(value, 0)
         # the image features are in inputs_embeds now; other modalities (video) pass through
         new_kw["pixel_values"] = None
         if new_kw.get("mm_encoder_outputs"):
@@ -520,11 +549,13 @@ class VisionStagePatch(PatchBase):
         new_kw = dict(kw)
         mask = kw.get("attention_mask")
         full_mask = None
+        slots = None
         if _is_prepared(mask):
             # generate() with a static cache hands decode steps a ready [B, 1, q, cache size] mask
             # whose columns are the unpruned sequence's: the model makes its own from the 2D one
             mask = None
             new_kw["attention_mask"] = None
+            slots = static_cache_slots(get_cache(kw))
         if mask is not None:
             if mask.shape[-1] == full_len:
                 full_mask = mask
@@ -535,7 +566,10 @@ class VisionStagePatch(PatchBase):
                     f"sequence) or {past + n_new} (pruned cache + new tokens)"
                 )
         elif state.prompt_mask is not None:
-            new_kw["attention_mask"] = _extend_mask(state.prompt_mask, generated + n_new)
+            # a static cache: a mask over all its slots, one shape for every step (a compiled
+            # decode would recompile for each new length)
+            extra = slots - state.prompt_mask.shape[1] if slots else generated + n_new
+            new_kw["attention_mask"] = _extend_mask(state.prompt_mask, extra)
         positions = kw.get("position_ids")
         if positions is None:  # number them as the unpruned model would
             positions = self.decode_positions(kw, comp.prompt_len + generated, full_mask)

@@ -29,6 +29,14 @@ from vlm_prune.registry import get_family
 
 # the attribute by which a KV cache filled by a pruned prefill carries that prefill's state
 CACHE_STATE = "_vlm_prune_prompt"
+# a forward's per-column targets: taken out before the pruned forward, gathered to its columns after
+LABEL_KWARGS = ("labels", "shift_labels")
+
+
+def with_fields(output: Any, **fields: Any) -> Any:
+    """A ModelOutput with `fields` set, in the class's field order (setting a field that was None
+    on the object itself appends it: `out[0]` / `to_tuple()` would then give another field)."""
+    return type(output)(**{**dict(output.items()), **fields})
 
 
 class PatchBase:
@@ -158,19 +166,38 @@ class PatchBase:
         model's own loss (labels of the whole sequence) would fail. The labels are taken out
         before the forward, and the loss is computed after it on the labels of the kept columns
         (those of dropped image tokens go, as their logits did)."""
-        self._labels: torch.Tensor | None = None
+        self._labels: dict[str, torch.Tensor] | None = None
         self._hooks.append(self.model.register_forward_pre_hook(self._take_labels, with_kwargs=True))
         self._hooks.append(self.model.register_forward_hook(self._loss_on_kept, with_kwargs=True))
 
     def _take_labels(self, module, args, kwargs):
-        self._labels = kwargs.get("labels")  # set at every forward: a failed one leaves nothing behind
-        return None if self._labels is None else (args, {**kwargs, "labels": None})
+        # set at every forward: a failed one leaves nothing behind (None, not a new empty dict:
+        # a compiled decode guards on this attribute)
+        if kwargs.get("labels") is None:  # no loss without labels, as unpatched
+            self._labels = None
+            return None
+        self._labels = {key: kwargs[key] for key in LABEL_KWARGS if kwargs.get(key) is not None}
+        return args, {k: v for k, v in kwargs.items() if k not in LABEL_KWARGS}
 
     def _loss_on_kept(self, module, args, kwargs, output):
-        labels, self._labels = self._labels, None
-        if labels is None:
+        """The model's own loss on the kept columns' labels, in the output as the model puts it
+        (first field, or first element of a tuple)."""
+        given, self._labels = self._labels, None
+        if given is None:
             return None
         logits = output[0] if isinstance(output, tuple) else output.logits
+        kept = {key: self._labels_of_kept(value, logits) for key, value in given.items()}
+        extra = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if kwargs.get(k) is not None}
+        if "shift_labels" in kept:  # targets given per position (sequence/context parallel training)
+            extra["shift_labels"] = kept["shift_labels"]
+        text_config = getattr(module.config, "text_config", module.config)
+        loss = module.loss_function(logits=logits, labels=kept["labels"], vocab_size=text_config.vocab_size, **extra)
+        if isinstance(output, tuple):
+            return (loss, *output)
+        return with_fields(output, loss=loss)
+
+    def _labels_of_kept(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """[B, L] labels of the whole input -> [B, L'] those of the columns the forward kept."""
         if labels.shape[-1] != logits.shape[-2]:
             labels = self._kept_labels(labels)
         if labels.shape[-1] != logits.shape[-2]:
@@ -178,13 +205,7 @@ class PatchBase:
                 f"vlm_prune: labels cover {labels.shape[-1]} columns but the pruned forward returned logits "
                 f"for {logits.shape[-2]}; pass labels for the whole input sequence"
             )
-        extra = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if kwargs.get(k) is not None}
-        text_config = getattr(module.config, "text_config", module.config)
-        loss = module.loss_function(logits=logits, labels=labels, vocab_size=text_config.vocab_size, **extra)
-        if isinstance(output, tuple):
-            return (loss, *output)
-        output.loss = loss
-        return output
+        return labels
 
     def _kept_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """[B, L] labels of the last forward's input -> [B, L'] those of the columns it kept
@@ -327,20 +348,18 @@ def _is_prepared(mask: Any) -> bool:
     return isinstance(mask, dict) or (mask is not None and mask.dim() == 4)
 
 
-def _padding_mask(mask: torch.Tensor | dict, length: int) -> torch.Tensor:
-    """[B, 1, L, S] (or {kind: such a mask}) -> [B, L] long: the padding mask behind the mask
-    generate() prepares for a static cache (bool, or additive float with 0 where attended). The
-    last prompt token attends to every real token before it, so its row is the padding mask
-    (left padding, as generate() pads decoder-only models)."""
+def _padding_mask(mask: torch.Tensor | dict, length: int) -> torch.Tensor | None:
+    """[B, 1, L, S] (or {kind: such a mask or None}) -> [B, L] long: the padding mask behind the
+    mask generate() prepares for a static cache (bool, or additive float with 0 where attended),
+    left or right padding; None where generate() made none (no padding)."""
     if isinstance(mask, dict):
         mask = mask.get("full_attention", next(iter(mask.values())))
+    if mask is None:  # generate() prepares no mask for a batch without padding
+        return None
+    # the last prompt token's row: causal, it sees every real token before it, and with right
+    # padding it is a padding query that still sees them (padding is masked as keys)
     last = mask[:, 0, -1, :length]
     real = last if last.dtype == torch.bool else last == 0
-    if not bool(real[:, -1].all()):
-        raise ValueError(
-            "vlm_prune: a 4D attention_mask whose last prompt token is padding (right padding); "
-            "pad on the left (processor.tokenizer.padding_side = 'left') or pass a 2D mask"
-        )
     return real.long()
 
 

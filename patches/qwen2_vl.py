@@ -25,6 +25,7 @@ Videos are passed through untouched (their tokens are never pruned); only images
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import warnings
 from typing import Any
@@ -100,6 +101,12 @@ class Qwen2VLPatch(VisionStagePatch):
             if self.windowed and self.method.needs & {"cls_attention", "keys"}:
                 self._window_index = vision_window_index(self.visual, grid_thw).to(grid_thw.device)
 
+    def expected_visual_tokens(self, kw: dict[str, Any]) -> int | None:
+        grid_thw = kw.get("image_grid_thw")
+        if grid_thw is None or kw.get("pixel_values") is None:
+            return None
+        return sum(t * h * w for t, h, w in self._grid_list(grid_thw)) // self.merge_unit
+
     def _grid_list(self, grid_thw: torch.Tensor) -> list[list[int]]:
         """image_grid_thw on the host: as prepare() read it before the tower, else read now."""
         return self._grids if grid_thw is self._grids_of else grid_thw.tolist()
@@ -110,10 +117,7 @@ class Qwen2VLPatch(VisionStagePatch):
         if kw.get("position_ids") is not None:  # generate(): [4, B, L] (text + 3D)
             return kw["position_ids"]
         if kw.get("input_ids") is None or kw.get("mm_token_type_ids") is None:
-            raise ValueError(
-                "vlm_prune on Qwen-VL needs input_ids and mm_token_type_ids (from the processor) to "
-                "compute M-RoPE positions, or explicit position_ids"
-            )
+            return self._models_fallback_positions(kw, length)
         inner = self.model.model
         accepted = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts", "attention_mask")
         extra = {k: kw[k] for k in accepted if kw.get(k) is not None}
@@ -168,6 +172,21 @@ class Qwen2VLPatch(VisionStagePatch):
         rows, cols = self.method.output_grid(k, image.regions[0].grid, self.run_config.options)
         return [len(image.regions), rows * merge, cols * merge]
 
+    def _models_fallback_positions(self, kw: dict[str, Any], length: int) -> torch.Tensor:
+        """Without input_ids or mm_token_type_ids the model cannot place the images: its own
+        `compute_3d_position_ids` then numbers the tokens as text (plus the rope_deltas of an
+        earlier prompt when only inputs_embeds are given), or raises its own error (Qwen2-VL
+        given input_ids with images but no token types); where it gives none, the language
+        model numbers them 0..L-1 on every axis."""
+        compute = getattr(self.model.model, "compute_3d_position_ids", None)
+        positions = None
+        if compute is not None:
+            names = inspect.signature(compute).parameters
+            positions = compute(**{name: get_cache(kw) if name == "cache" else kw.get(name) for name in names})
+        if positions is None:
+            positions = torch.arange(length, device=self._device(kw)).view(1, 1, -1).expand(3, self._batch_size(kw), -1)
+        return positions
+
     def _generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         cache = get_cache(kwargs)
         if kwargs.get("mm_token_type_ids") is None or not cache_length(cache) or self._state_of(cache) is None:
@@ -185,8 +204,8 @@ class Qwen2VLPatch(VisionStagePatch):
         if full_mask is not None:
             text = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -text.shape[1]:]
         deltas = self.model.model.rope_deltas
-        if deltas is None:
-            raise ValueError("vlm_prune: no rope_deltas from the prefill; pass position_ids to decode steps")
+        if deltas is None:  # a prefill from inputs_embeds: the model numbers on as text
+            deltas = torch.zeros(1, 1, dtype=torch.long)
         return text.unsqueeze(0).expand(3, -1, -1) + deltas.to(text.device)
 
     # -- images -------------------------------------------------------------------------------

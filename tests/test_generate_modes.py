@@ -5,6 +5,7 @@ turn, conversations in turns)."""
 
 from __future__ import annotations
 
+
 import copy
 
 import pytest
@@ -79,14 +80,21 @@ def test_a_compiled_static_cache_decode_generates_what_the_dynamic_cache_does(me
     """On a GPU, generate() with a static cache compiles the decode forward (torch.compile,
     hooks included). Forced here on the CPU (inductor): the same tokens and logits as the
     uncompiled dynamic cache, also for a second prompt whose images keep other tokens (nothing
-    of the first prompt's pruning is baked into the compiled graph)."""
+    of the first prompt's pruning is baked into the compiled graph). Vision-stage methods: one
+    graph for every decode step of both prompts (fullgraph, static shapes, no recompilation, as
+    transformers' own compile tests demand); in-LLM methods slice each stage's mask with the
+    cache's length, so their decode forward breaks the graph (documented)."""
     from transformers import CompileConfig
 
     model, processor = BUILD["llava"](text_layers=4)
-    compile_config = CompileConfig()
+    vision_stage = method == "cls_attention"
+    compile_config = CompileConfig(fullgraph=True, dynamic=False) if vision_stage else CompileConfig()
     compile_config._compile_all_devices = True  # transformers compiles on accelerators only by default
     first = two_prompts("llava", processor)
     second = dict(first, pixel_values=first["pixel_values"].flip(-1))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     with vlm_prune.pruned(model, method, 0.25, **options) as handle:
         for inputs in (first, second):
             dynamic = _generate(model, inputs, do_sample=False)
@@ -98,6 +106,8 @@ def test_a_compiled_static_cache_decode_generates_what_the_dynamic_cache_does(me
             assert torch.equal(compiled.sequences, dynamic.sequences)
             for got, want in zip(compiled.logits, dynamic.logits):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if vision_stage:  # every decode step of both prompts ran the one graph compiled first
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
 
 
 def _second_turn(processor, inputs, first, with_token_types):

@@ -60,5 +60,10 @@ def get_family(model):
             f"unsupported model: {type(model).__name__} (model_type={model_type!r}); "
             f"supported model_type values: {supported_model_types()}"
         )
+    if not hasattr(getattr(model, "model", None), "language_model"):
+        raise ValueError(
+            f"vlm_prune.patch takes the model with the language-model head (e.g. LlavaForConditionalGeneration, "
+            f"Qwen2VLForConditionalGeneration); {type(model).__name__} is not one -- patch the model that holds it"
+        )
     module_name, class_name = FAMILIES[model_type].split(":")
     return getattr(importlib.import_module(module_name), class_name)

@@ -30,7 +30,6 @@ the decoder; the padding is masked.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -41,10 +40,11 @@ from vlm_prune.compat import (bind_to_kwargs, cache_length, get_cache, is_static
                                static_cache_slots)
 from vlm_prune.config import PruneConfig
 from vlm_prune.kernels import attention_from_rows, transition_variation
-from vlm_prune.registry import get_family, get_method
+from vlm_prune.registry import get_method
 from vlm_prune.timing import clock
 
-from .model_hooks import PatchBase, _is_prepared, _padding_mask, _per_row, _prompt_columns
+from .adapters.base import AttentionParts, FamilyAdapter, Plan
+from .model_hooks import PatchBase, _is_prepared, _padding_mask, _per_row, _prompt_columns, kw_batch, kw_device, kw_length
 
 
 @dataclass
@@ -108,19 +108,23 @@ class CachedColumns:
         return LLMPromptState(self.length + length, index, padded, stage_layers, renumbered)
 
 
-class LLMStagePatch(PatchBase):
-    def __init__(self, model: torch.nn.Module, config: PruneConfig):
+class LLMStageEngine(PatchBase):
+    """In-LLM pruning on one model instance, through its family's adapter (its decoder's parts;
+    see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, config: PruneConfig, adapter_cls: type[FamilyAdapter]):
         super().__init__(model, config)
         self.method = get_method(config.method)()
-        self.language_model = model.model.language_model
-        self.layers = self.language_model.layers
+        self.positions = self._position_policy(model, config, adapter_cls)
+        self.adapter = adapter_cls(model, Plan(self.method, config, config, self.positions, "pooled"))
+        self.decoder = self.adapter.decoder()
+        self.layers = [parts.module for parts in self.decoder.layers]
         self.stages = self.method.stages(config.options, config.keep, len(self.layers))
         self.transition_layers = self.method.transition_layers(config.options, self.stages)
         self.rows = self.method.query_rows(config.options)
         # the attention rows from the stage's first layer, on the sequence it would see unpruned
         self.rows_from_next = self.rows is not None and self.method.attention_layer(config.options) == "next"
         self.ttv_domain = self.method.transition_domain(config.options)
-        self.positions = self._position_policy(model, config)
         self.renumber = self.positions == "renumber"
         self.stage_starts = {stage.after_layer: i for i, stage in enumerate(self.stages)}
         self.first = self.stages[0].after_layer  # 0-based index of the first layer that sees fewer tokens
@@ -135,10 +139,10 @@ class LLMStagePatch(PatchBase):
         self._prompt_length = 0  # the columns of the prompt whose cache a decode step continues
         self._cached: CachedColumns | None = None  # set while a prompt with images continues a cache
 
-    def _position_policy(self, model: torch.nn.Module, config: PruneConfig) -> str:
+    def _position_policy(self, model: torch.nn.Module, config: PruneConfig, adapter_cls: type[FamilyAdapter]) -> str:
         """The layers' position ids after a stage: config.positions, or the method's default for
         the family; renumbering needs 1-D positions."""
-        sequential = getattr(get_family(model), "sequential_positions", True)
+        sequential = adapter_cls.sequential_positions
         policy = config.positions or self.method.default_positions(config.options, sequential)
         if policy == "renumber" and not sequential:
             raise ValueError(
@@ -156,22 +160,23 @@ class LLMStagePatch(PatchBase):
         self._columns = {}
 
     def install(self) -> None:
-        inner = self.model.model
+        inner = self.adapter.target_module()
         self._forward = inner.forward
         self._hooks.append(inner.register_forward_pre_hook(self._outer_hook, with_kwargs=True))
         self._hooks.append(inner.register_forward_hook(self._tag_cache))
-        for i, layer in enumerate(self.layers):
+        for i, parts in enumerate(self.decoder.layers):
             # partials of bound methods, not closures: a deep copy of the model gets its own
-            self._hooks.append(layer.register_forward_pre_hook(partial(self._layer_hook, i), with_kwargs=True))
+            self._hooks.append(parts.module.register_forward_pre_hook(partial(self._layer_hook, i), with_kwargs=True))
             if i + 1 in self.transition_layers:
                 hook = self._transition_hook
-                self._hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
-                self._hooks.append(layer.mlp.register_forward_hook(hook, with_kwargs=True))
+                self._hooks.append(parts.attention.module.register_forward_hook(hook, with_kwargs=True))
+                self._hooks.append(parts.mlp.register_forward_hook(hook, with_kwargs=True))
             if self.rows is not None and not self.rows_from_next and i + 1 in self.stage_starts:
-                attn = layer.self_attn
+                attn = parts.attention
                 self._hooks.append(attn.q_proj.register_forward_hook(partial(self._keep_output, "q")))
                 self._hooks.append(attn.k_proj.register_forward_hook(partial(self._keep_output, "k")))
-                self._hooks.append(attn.register_forward_hook(self._attention_rows_hook, with_kwargs=True))
+                self._hooks.append(attn.module.register_forward_hook(partial(self._attention_rows_hook, i),
+                                                                     with_kwargs=True))
         self._wrap_generate()
         self._hook_labels()
 
@@ -203,15 +208,15 @@ class LLMStagePatch(PatchBase):
         self._filled = True
         if self._is_replay() and self.stage_index:
             self.phase = "replay"
-            self._length = self._seq_len(kw)
-            self._index = torch.arange(self._length, device=self._device(kw)).expand(self._batch_size(kw), -1)
+            self._length = kw_length(kw)
+            self._index = torch.arange(self._length, device=kw_device(kw)).expand(kw_batch(kw), -1)
             self._ttv = torch.zeros(self._index.shape, device=self._index.device)
             return None
         prompt_end = self._prompt_end()
         self._prefilled_in_generate = self._in_generate
         mask = kw.get("attention_mask")
         if _is_prepared(mask):  # generate() with a static cache: the padding behind its 4D mask
-            mask = _padding_mask(mask, self._seq_len(kw))
+            mask = _padding_mask(mask, kw_length(kw))
         self._start_prefill(kw, mask, prompt_end)
         return None
 
@@ -223,14 +228,14 @@ class LLMStagePatch(PatchBase):
         self._refuse_continuation(static_cache=self._key_slots is not None)
         prompt_end = self._prompt_end(past)
         self._prefilled_in_generate = self._in_generate
-        n_new, mask = self._seq_len(kw), kw.get("attention_mask")
+        n_new, mask = kw_length(kw), kw.get("attention_mask")
         if mask is not None and mask.shape[-1] != past + n_new:
             raise ValueError(
                 f"attention_mask has {mask.shape[-1]} columns; expected {past + n_new} (the cache's "
                 f"{past} tokens + {n_new} new ones)"
             )
         if state is None:  # nothing pruned so far: every layer holds every cached column
-            columns = torch.arange(past, device=self._device(kw)).expand(self._batch_size(kw), past)
+            columns = torch.arange(past, device=kw_device(kw)).expand(kw_batch(kw), past)
             keys, padded = [columns] * len(self.stages), [False] * len(self.stages)
         else:
             keys = [_extend(index, past, state.length) for index in state.stage_index]
@@ -421,7 +426,7 @@ class LLMStagePatch(PatchBase):
     def _rotary(self, like: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of position ids [B, L'] from the language model's own rotary embedding
         (`like`: a tensor of the dtype and device it returns them in)."""
-        return self.language_model.rotary_emb(like, ids)
+        return self.decoder.rotary_emb(like, ids)
 
     def _layer_mask(self, mask, index: torch.Tensor):
         """The mask of a layer that sees the columns `index` of this forward's tokens: among
@@ -521,7 +526,7 @@ class LLMStagePatch(PatchBase):
         if mask is not None and mask.dtype != torch.bool:
             return torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device).masked_fill(
                 ~allowed, torch.finfo(mask.dtype).min)
-        if self.language_model.config._attn_implementation == "eager":
+        if self.decoder.attn_implementation() == "eager":
             return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
         return allowed
 
@@ -544,15 +549,15 @@ class LLMStagePatch(PatchBase):
         if self.phase == "prefill":
             setattr(self, f"_{name}", output)
 
-    def _attention_rows_hook(self, module, args, kwargs, output):
+    def _attention_rows_hook(self, i: int, module, args, kwargs, output):
         """After the attention of the last layer before a stage (attention_layer "own"): the
         rows' attention to every token, from that layer's q/k."""
         if self.phase != "prefill":
             return
         start = clock(self.model)
         cos, sin = kwargs["position_embeddings"]
-        self._attention = self._rows_attention(module, partial(_rows_of, self._q), self._k, cos, sin, kwargs,
-                                               cache_updated=True)
+        self._attention = self._rows_attention(self.decoder.layers[i].attention, partial(_rows_of, self._q), self._k,
+                                               cos, sin, kwargs, cache_updated=True)
         self._select_s += clock(self.model) - start
 
     def _next_layer_rows(self, i: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
@@ -564,8 +569,8 @@ class LLMStagePatch(PatchBase):
             cos, sin = self._layer_kwargs(kwargs)["position_embeddings"]
         else:  # no stage yet: the model's own
             cos, sin = kwargs["position_embeddings"]
-        layer = self.layers[i]
-        attn = layer.self_attn
+        layer = self.decoder.layers[i]
+        attn = layer.attention
         with torch.no_grad():
             normed = layer.input_layernorm(hidden)
             queries = lambda slots: attn.q_proj(_rows_of(normed, slots))  # noqa: E731 -- only the rows' queries
@@ -573,17 +578,17 @@ class LLMStagePatch(PatchBase):
                                                    cache_updated=False)
         self._select_s += clock(self.model) - start
 
-    def _rows_attention(self, module, queries, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _rows_attention(self, attn: AttentionParts, queries, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         kwargs: dict[str, Any], cache_updated: bool) -> torch.Tensor:
         """[B, L'] the attention the method's rows pay every token the current layers see.
 
         queries(slots [B, R]) -> [B, R, H * Dh] and k [B, L', G * Dh]: projections of the rows'
-        and of all those tokens by the attention layer `module` (RoPE not applied); cos, sin:
+        and of all those tokens by the attention layer `attn` (RoPE not applied); cos, sin:
         their position embeddings; kwargs: the layer's (its cache, when continuing one:
         `cache_updated` says whether it already holds this forward's keys)."""
         prompt, index = self.prompt, self._index
         batch, length = index.shape
-        head_dim = module.head_dim
+        head_dim = attn.head_dim
         k = k.view(batch, length, -1, head_dim).transpose(1, 2)
         if self.rows == "last":
             last_slot = (index == prompt.last[:, None]).float().argmax(1)
@@ -593,7 +598,7 @@ class LLMStagePatch(PatchBase):
             width = max(1, max(prompt.instruction_per_row))  # instruction tokens are never dropped
             order = torch.sort((~instruction).to(torch.int8), dim=1, stable=True).indices[:, :width]
             row_slots, row_valid = order, instruction.gather(1, order)
-        rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb
+        rotary = attn.rotary
         q_rows = queries(row_slots).view(batch, row_slots.shape[1], -1, head_dim).transpose(1, 2)
         cos_rows, sin_rows = _gather_emb(cos, row_slots), _gather_emb(sin, row_slots)
         q_rows, _ = rotary(q_rows, q_rows, cos_rows, sin_rows)
@@ -604,17 +609,17 @@ class LLMStagePatch(PatchBase):
             allowed &= _gather(prompt.mask2d.bool(), index, False)[:, None, :]
         n_cached = 0
         if self._cached is not None:  # the rows attend to the cached tokens too
-            cached_k, cached_allowed = self._cached_keys(module, kwargs, length if cache_updated else 0)
+            cached_k, cached_allowed = self._cached_keys(attn, kwargs, length if cache_updated else 0)
             n_cached = cached_k.shape[2]
             k = torch.cat([cached_k.to(k.dtype), k], dim=2)
             allowed = torch.cat([cached_allowed[:, None, :].expand(-1, allowed.shape[1], -1), allowed], dim=2)
-        return attention_from_rows(q_rows, k, allowed, row_valid, module.scaling)[:, n_cached:]
+        return attention_from_rows(q_rows, k, allowed, row_valid, attn.scaling)[:, n_cached:]
 
-    def _cached_keys(self, module, kwargs: dict[str, Any], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cached_keys(self, attn: AttentionParts, kwargs: dict[str, Any], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Continuing a cache: the keys [B, G, K, Dh] (RoPE applied) that the attention layer
-        `module` held before this forward (`length`: the keys of this forward already in it),
+        `attn` held before this forward (`length`: the keys of this forward already in it),
         and which of them [B, K] bool are real tokens."""
-        layer = module.layer_idx
+        layer = attn.layer_idx
         keys = layer_keys(get_cache(kwargs), layer)
         columns = self._cached.columns(self._stage_of(layer))
         if keys.shape[2] - length != columns.shape[1]:

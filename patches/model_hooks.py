@@ -1,5 +1,5 @@
-"""What every patch installs on one model instance, whichever engine (vision-stage in base.py,
-in-LLM in in_llm.py) does the pruning: hooks and wrappers removed exactly, the generate()
+"""What every patch installs on one model instance, whichever engine (vision_stage.py or
+in_llm.py) does the pruning: hooks and wrappers removed exactly, the generate()
 wrapper, the KV cache tags and the loss of a forward given labels.
 
 - generate(): marks where a call starts (its first forward is the prompt's prefill, or the
@@ -23,9 +23,8 @@ from typing import Any
 
 import torch
 
-from vlm_prune.compat import CACHE_KWARGS
+from vlm_prune.compat import CACHE_KWARGS, causal_lm_loss, pre_encoded
 from vlm_prune.config import PruneConfig
-from vlm_prune.registry import get_family
 
 # the attribute by which a KV cache filled by a pruned prefill carries that prefill's state
 CACHE_STATE = "_vlm_prune_prompt"
@@ -39,9 +38,32 @@ def with_fields(output: Any, **fields: Any) -> Any:
     return type(output)(**{**dict(output.items()), **fields})
 
 
+def _tokens(kw: dict[str, Any]) -> torch.Tensor:
+    x = kw.get("input_ids")
+    return x if x is not None else kw["inputs_embeds"]
+
+
+def kw_length(kw: dict[str, Any]) -> int:
+    """The sequence length of a forward's keyword arguments (input_ids or inputs_embeds)."""
+    return _tokens(kw).shape[1]
+
+
+def kw_batch(kw: dict[str, Any]) -> int:
+    """The batch size of a forward's keyword arguments."""
+    return _tokens(kw).shape[0]
+
+
+def kw_device(kw: dict[str, Any]) -> torch.device:
+    """The device of a forward's tokens."""
+    return _tokens(kw).device
+
+
+
 class PatchBase:
     """Hook and wrapper bookkeeping shared by the vision-stage and in-LLM engines: everything is
     installed on one model instance and removed exactly."""
+
+    adapter: Any  # the family adapter (patches/adapters/) the engine was made with
 
     def __init__(self, model: torch.nn.Module, config: PruneConfig):
         self.model = model
@@ -190,8 +212,7 @@ class PatchBase:
         extra = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if kwargs.get(k) is not None}
         if "shift_labels" in kept:  # targets given per position (sequence/context parallel training)
             extra["shift_labels"] = kept["shift_labels"]
-        text_config = getattr(module.config, "text_config", module.config)
-        loss = module.loss_function(logits=logits, labels=kept["labels"], vocab_size=text_config.vocab_size, **extra)
+        loss = causal_lm_loss(module, logits, kept["labels"], **extra)
         if isinstance(output, tuple):
             return (loss, *output)
         return with_fields(output, loss=loss)
@@ -214,7 +235,7 @@ class PatchBase:
 
     def _generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments a generate() call passes on (a family may drop some)."""
-        return kwargs
+        return self.adapter.generate_kwargs(kwargs, self._state_of)
 
     def _after_generate(self) -> None:
         """Called when a generate() call returns (or raises)."""
@@ -231,11 +252,10 @@ class PatchBase:
 
     def _refuse_continuation(self, static_cache: bool) -> None:
         """A prompt with images on a non-empty cache: the cases neither engine continues."""
-        family = get_family(self.model)
-        if not family.continues_with_images:
+        if not self.adapter.continues_with_images:
             raise NotImplementedError(
                 f"vlm_prune: a prompt with images that continues a non-empty KV cache is not supported on "
-                f"{type(self.model).__name__}{family.continuation_refusal}; start a new cache for that prompt"
+                f"{type(self.model).__name__}{self.adapter.continuation_refusal}; start a new cache for that prompt"
             )
         if static_cache:
             raise NotImplementedError(
@@ -253,7 +273,7 @@ class PatchBase:
     @staticmethod
     def _pre_encoded(kw: dict[str, Any]) -> Any:
         """Image features generate() (or the caller) computed before the forward, or None."""
-        return (kw.get("mm_encoder_outputs") or {}).get("image")
+        return pre_encoded(kw, "image")
 
     def _brings_images(self, kw: dict[str, Any]) -> bool:
         """Whether a forward's tokens hold image placeholders with their images (a device read,
@@ -265,24 +285,10 @@ class PatchBase:
         token_id = self._image_token_id
         if kw.get("input_ids") is not None:
             return kw["input_ids"] == token_id
-        embed = self.model.model.get_input_embeddings()
+        embed = self.adapter.embedding()
         image_embed = embed(torch.tensor([[token_id]], device=kw["inputs_embeds"].device))
         return (kw["inputs_embeds"] == image_embed).all(-1)
 
-    @staticmethod
-    def _seq_len(kw: dict[str, Any]) -> int:
-        x = kw.get("input_ids")
-        return (x if x is not None else kw["inputs_embeds"]).shape[1]
-
-    @staticmethod
-    def _batch_size(kw: dict[str, Any]) -> int:
-        x = kw.get("input_ids")
-        return (x if x is not None else kw["inputs_embeds"]).shape[0]
-
-    @staticmethod
-    def _device(kw: dict[str, Any]) -> torch.device:
-        x = kw.get("input_ids")
-        return (x if x is not None else kw["inputs_embeds"]).device
 
 
 def _refuse_chunked_prefill(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:

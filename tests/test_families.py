@@ -280,7 +280,7 @@ def test_llava_next_kept_count_is_known_from_the_image_size(models, method, keep
     (transformers' packing called with the config only) and `passed_on_count` give the count the
     patched model keeps, for wide, tall and square anyres grids."""
     from vlm_prune.patches.image_tokens import passed_on_count
-    from vlm_prune.patches.llava_next import PackedLayout
+    from vlm_prune.patches.adapters.llava_next import PackedLayout
     from vlm_prune.registry import get_method
 
     model, processor = models["llava_next"]

@@ -175,7 +175,7 @@ def test_triton_backend_copies_kept_tokens_straight_from_the_tower(monkeypatch):
     the tower's output (no gather first) and the result is the reference's, in the prefill and
     in generate(use_cache=False), whose later steps replay the prompt's reduction. The tower's
     output is not held after a prefill that no replay can follow, nor after generate() returns."""
-    from vlm_prune.patches import base
+    from vlm_prune.patches import vision_stage as base
 
     from .conftest import llava_inputs
 
@@ -331,14 +331,24 @@ def test_every_kernel_compiles_for_gpus_within_their_shared_memory():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not interpreting(), reason="the smoke mode checks the bench script on CPU; a GPU runs the bench itself")
-def test_kernel_bench_smoke(capsys):
+def test_kernel_bench_smoke(capsys, tmp_path):
     """The GPU bench script itself runs (tiny sizes, interpreter; its timings mean nothing), every
-    row of it: a row that raises is reported on stderr and left out of the tables."""
+    row of it: a row that raises is reported on stderr and left out of the tables. Its numbers and
+    printed tables land in --out."""
+    import json
+
     from vlm_prune.kernels import bench
 
-    assert bench.main(["--smoke"]) == 0
+    assert bench.main(["--smoke", "--out", str(tmp_path), "--json", str(tmp_path / "also.json")]) == 0
     captured = capsys.readouterr()
     out = captured.out
     assert "[CLS] attention row" in out and "prefill compaction" in out and "| triton |" in out
     failures = [line for line in captured.err.splitlines() if line.startswith("[bench]") and "not measured" not in line]
     assert not failures, failures
+    saved, = tmp_path.glob("kernels-*.json")
+    data = json.loads(saved.read_text())
+    assert data == json.loads((tmp_path / "also.json").read_text())
+    assert {r["backend"] for r in data["overhead"]} == set(bench.VARIANTS)
+    assert all(r["timings"]["eager"]["variants"]["triton"]["time"]["n"] == 1 for r in data["kernels"])
+    log = saved.with_name(saved.name[:-5] + ".txt").read_text()
+    assert "| triton |" in log and "| torch sync | select |" in log

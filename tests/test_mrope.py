@@ -50,8 +50,8 @@ def test_prefill_checks_the_index_once_and_falls_back_when_the_model_numbers_dif
     kw = _inputs(processor, *LAYOUTS[1], "left")
     with vlm_prune.pruned(model, "cls_attention", 0.5) as handle, torch.inference_mode():
         fast = model(**kw).logits
-        assert handle._patch._fast_rope is True
-        handle._patch._fast_rope = False  # the model's get_rope_index from here on
+        assert handle._patch.adapter._fast_rope is True
+        handle._patch.adapter._fast_rope = False  # the model's get_rope_index from here on
         assert torch.equal(model(**kw).logits, fast)
 
     # a transformers release that numbers text after an image differently: the check on the
@@ -67,7 +67,7 @@ def test_prefill_checks_the_index_once_and_falls_back_when_the_model_numbers_dif
         with vlm_prune.pruned(model, "cls_attention", 0.5) as handle, torch.inference_mode():
             with pytest.warns(RuntimeWarning, match="M-RoPE"):
                 model(**kw)
-            assert handle._patch._fast_rope is False
+            assert handle._patch.adapter._fast_rope is False
             model(**kw)  # no second check: the model's numbering from now on
             assert torch.equal(model.model.rope_deltas, own(
                 kw["input_ids"], mm_token_type_ids=kw["mm_token_type_ids"], image_grid_thw=kw["image_grid_thw"],

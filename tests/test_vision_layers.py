@@ -40,7 +40,7 @@ def test_transformers_path_uses_the_same_rule(llava):
             vlm_prune.patch(model, "cls_attention", 8, layers=layers)
         assert str(got.value) == str(expected.value)
     handle = vlm_prune.patch(model, "cls_attention", 8, layers=[-1, 0])
-    assert handle._patch.score_layers == (0, 2)
+    assert handle._patch.adapter.score_layers == (0, 2)
 
 
 def test_qwen_refuses_layers_instead_of_ignoring_them():

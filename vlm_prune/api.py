@@ -74,13 +74,12 @@ def patch(model: torch.nn.Module, method: str, keep: int | float, **options: Any
     left exactly as it was.
     """
     config = PruneConfig.from_kwargs(method, keep, **options)
-    family = get_family(model)  # an unsupported model fails here
+    adapter = get_family(model)  # an unsupported model fails here
     if get_method(config.method).stage == "llm":
-        from .patches.in_llm import LLMStagePatch
-
-        family_patch = LLMStagePatch(model, config)  # validates the schedule against the depth
+        from .patches.in_llm import LLMStageEngine as Engine  # validates the schedule against the depth
     else:
-        family_patch = family(model, config)  # validates the model against the method
+        from .patches.vision_stage import VisionStageEngine as Engine  # validates the model against the method
+    family_patch = Engine(model, config, adapter)
     previous = getattr(model, _HANDLE_ATTR, None)
     if previous is not None:
         previous.remove()

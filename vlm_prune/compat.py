@@ -83,3 +83,35 @@ def vision_window_index(visual: Any, grid_thw: torch.Tensor) -> torch.Tensor:
         patch_size=config.patch_size,
     )
     return index
+
+
+# transformers 5.2x: generate() runs the vision tower before the first forward and hands its
+# output on as `mm_encoder_outputs={"image": ..., "video": ...}`; earlier releases pass pixels.
+ENCODED_KWARG = "mm_encoder_outputs"
+
+
+def pre_encoded(kwargs: dict[str, Any], modality: str = "image") -> Any:
+    """The encoder output of `modality` computed before the forward, or None."""
+    return (kwargs.get(ENCODED_KWARG) or {}).get(modality)
+
+
+def without_pre_encoded(kwargs: dict[str, Any], modality: str = "image") -> dict[str, Any]:
+    """`kwargs` without the pre-computed encoder output of `modality` (others pass through)."""
+    encoded = kwargs.get(ENCODED_KWARG)
+    if not encoded:
+        return kwargs
+    rest = {k: v for k, v in encoded.items() if k != modality}
+    return {**kwargs, ENCODED_KWARG: rest or None}
+
+
+def encoded_features(output: Any) -> tuple[torch.Tensor, ...] | None:
+    """Per image, the features an image encoder returned (`pooler_output` of its output object),
+    or None when it returned something else (a caller's return_dict=False tuple)."""
+    features = getattr(output, "pooler_output", None)
+    return None if features is None else tuple(features)
+
+
+def causal_lm_loss(model: Any, logits: torch.Tensor, labels: torch.Tensor, **extra: Any) -> torch.Tensor:
+    """The model's own causal-LM loss (`loss_function`, which reads the text vocabulary size)."""
+    text_config = getattr(model.config, "text_config", model.config)
+    return model.loss_function(logits=logits, labels=labels, vocab_size=text_config.vocab_size, **extra)

@@ -1,7 +1,7 @@
-"""Two registries: method name -> method class, and `config.model_type` -> family patch.
+"""Two registries: method name -> method class, and `config.model_type` -> family adapter.
 
 A new method is one file in vlm_prune/methods plus `@register_method`; a new model family is
-one module in patches/ plus one line in FAMILIES.
+one adapter file in patches/adapters/ plus one line in FAMILIES.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ if TYPE_CHECKING:
 
 _METHODS: dict[str, type["Method"]] = {}
 
-# model_type -> "module:Class" of its family patch, imported on first use.
+# model_type -> "module:Class" of its family adapter (patches/adapters/), imported on first use.
 FAMILIES: dict[str, str] = {
-    "llava": "vlm_prune.patches.llava:LlavaPatch",
-    "llava_next": "vlm_prune.patches.llava_next:LlavaNextPatch",
-    "qwen2_vl": "vlm_prune.patches.qwen2_vl:Qwen2VLPatch",
-    "qwen2_5_vl": "vlm_prune.patches.qwen2_vl:Qwen2VLPatch",
+    "llava": "vlm_prune.patches.adapters.llava:LlavaAdapter",
+    "llava_next": "vlm_prune.patches.adapters.llava_next:LlavaNextAdapter",
+    "qwen2_vl": "vlm_prune.patches.adapters.qwen2_vl:QwenVLAdapter",
+    "qwen2_5_vl": "vlm_prune.patches.adapters.qwen2_vl:QwenVLAdapter",
 }
 
 
@@ -52,7 +52,7 @@ def supported_model_types() -> list[str]:
 
 
 def get_family(model):
-    """The family patch class for a loaded transformers model, from `config.model_type`."""
+    """The family adapter class for a loaded transformers model, from `config.model_type`."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:

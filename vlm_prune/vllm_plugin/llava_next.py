@@ -1,7 +1,7 @@
 """LLaVA-NeXT on vLLM (written against vLLM 0.32): fewer placeholder tokens, the kept embeddings.
 
 The same two overrides as LLaVA-1.5 (`llava.py`), over the anyres layout of the transformers
-path (`vlm_prune.patches.llava_next.PackedLayout`: the base image, the unpadded crop grid and
+path (`vlm_prune.patches.adapters.llava_next.PackedLayout`: the base image, the unpadded crop grid and
 one `image_newline` per grid row, which is always kept):
 - processing info: `get_num_image_tokens` returns the pruned count for the image's size, from
   the layout of that size (`budget="per_image"` or `"per_crop"`, as in transformers);
@@ -29,7 +29,7 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..patches.image_tokens import passed_on_count, reduce_images
-from ..patches.llava_next import PackedLayout
+from ..patches.adapters.llava_next import PackedLayout
 from ..registry import get_method
 from .config import plugin_config
 from .llava import ClipTowerScoring

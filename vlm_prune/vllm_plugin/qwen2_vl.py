@@ -65,7 +65,7 @@ from vllm.sequence import IntermediateTensors
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from ..patches.image_tokens import ImageTokens, Region, reduce_images
-from ..patches.qwen2_vl import QWEN_SCORED_BY, merge_unit_mean
+from ..patches.adapters.qwen2_vl import QWEN_SCORED_BY, merge_unit_mean
 from ..registry import get_method
 from ..sharded_scores import keys_over_heads, received_attention
 from ..vision_layers import refuse_layers

@@ -1,6 +1,6 @@
-"""Qwen2-VL and Qwen2.5-VL (model_type "qwen2_vl", "qwen2_5_vl"): prune before the LLM.
+"""Qwen2-VL and Qwen2.5-VL (model_type "qwen2_vl", "qwen2_5_vl"): the family adapter.
 
-Seam: a forward pre-hook on the inner `Qwen2VLModel` / `Qwen2_5_VLModel`, as for LLaVA. Each
+Seam: the vision-stage engine hooks the inner `Qwen2VLModel` / `Qwen2_5_VLModel`, as for LLaVA. Each
 image is a (t, h, w) patch grid; the merger turns every 2x2 unit into one LLM token, so an image
 is t frames of (h/2) x (w/2) tokens, one region per frame.
 
@@ -37,9 +37,10 @@ from vlm_prune.kernels.attention_received import attention_received_rotary
 from vlm_prune.timing import clock
 from vlm_prune.vision_layers import refuse_layers
 
-from .base import VisionStagePatch
-from .image_tokens import ImageTokens, Region, region_budgets
-from .mrope import image_rope_index
+from ..image_tokens import ImageTokens, Region, region_budgets
+from ..model_hooks import kw_batch, kw_device
+from ..mrope import image_rope_index
+from .base import FamilyAdapter
 
 
 QWEN_SCORED_BY = "the attention each token receives in the last vision block"
@@ -60,7 +61,8 @@ def to_raster(units: torch.Tensor, window_index: torch.Tensor | None) -> torch.T
     return raster
 
 
-class Qwen2VLPatch(VisionStagePatch):
+class QwenVLAdapter(FamilyAdapter):
+    model_types = ("qwen2_vl", "qwen2_5_vl")
     default_positions = "original"  # M-RoPE: kept tokens keep their 3D positions
     sequential_positions = False  # M-RoPE positions come from get_rope_index
     # An M-RoPE position is a grid coordinate, not a count: there is nothing to renumber, and
@@ -70,50 +72,48 @@ class Qwen2VLPatch(VisionStagePatch):
     continues_with_images = False
     continuation_refusal = " (the M-RoPE positions of a new image after cached tokens)"
 
-    def allowed_positions(self) -> tuple[str, ...]:
+    @classmethod
+    def allowed_positions(cls, method) -> tuple[str, ...]:
         # a method whose output is a coarser grid can be numbered as an image of that grid
-        return ("original", "renumber") if self.method.output_is_grid else ("original",)
+        return ("original", "renumber") if method.output_is_grid else ("original",)
 
-    def check_model(self) -> None:
-        refuse_layers(self.config.options.get("layers"), "Qwen-VL", QWEN_SCORED_BY)
-        self._reduced_grids: list[list[int]] = []  # per image of the last prefill, its (t, h, w) after reduction
-        # image_grid_thw as read by prepare(), that tensor, and Qwen2.5's window permutation of it
-        self._grids_of, self._grids, self._window_index = None, [], None
+    def check(self) -> None:
+        refuse_layers(self.plan.config.options.get("layers"), "Qwen-VL", QWEN_SCORED_BY)
         self._fast_rope: bool | None = None  # image_rope_index checked against the model's (None: not yet)
         self.visual = self.model.model.visual
         self.merge_unit = self.visual.spatial_merge_size**2
         self.windowed = hasattr(self.visual, "fullatt_block_indexes")  # Qwen2.5-VL
 
-    def target_module(self) -> torch.nn.Module:
-        return self.model.model
-
     def encode(self, kw: dict[str, Any]) -> Any:
         return self.model.model.get_image_features(kw["pixel_values"], kw.get("image_grid_thw"), return_dict=True)
 
-    def prepare(self, kw: dict[str, Any]) -> None:
-        if self.positions == "renumber" and kw.get("video_grid_thw") is not None:
+    def prepare(self, kw: dict[str, Any], scratch: dict[str, Any]) -> None:
+        """Reads image_grid_thw (and Qwen2.5's window permutation of it) into the call's scratch."""
+        if self.plan.positions == "renumber" and kw.get("video_grid_thw") is not None:
             raise NotImplementedError(
                 "vlm_prune: positions='renumber' (images numbered as their coarse grid) with a video in the "
                 "prompt is not supported on Qwen-VL; use positions='original'")
         grid_thw = kw.get("image_grid_thw")
         if grid_thw is not None:
-            self._grids_of, self._grids = grid_thw, grid_thw.tolist()
-            if self.windowed and self.method.needs & {"cls_attention", "keys"}:
-                self._window_index = vision_window_index(self.visual, grid_thw).to(grid_thw.device)
+            scratch["grids"] = (grid_thw, grid_thw.tolist())
+            if self.windowed and self.plan.method.needs & {"cls_attention", "keys"}:
+                scratch["window_index"] = (grid_thw, vision_window_index(self.visual, grid_thw).to(grid_thw.device))
 
-    def expected_visual_tokens(self, kw: dict[str, Any]) -> int | None:
+    def expected_visual_tokens(self, kw: dict[str, Any], scratch: dict[str, Any]) -> int | None:
         grid_thw = kw.get("image_grid_thw")
         if grid_thw is None or kw.get("pixel_values") is None:
             return None
-        return sum(t * h * w for t, h, w in self._grid_list(grid_thw)) // self.merge_unit
+        return sum(t * h * w for t, h, w in self._grid_list(grid_thw, scratch)) // self.merge_unit
 
-    def _grid_list(self, grid_thw: torch.Tensor) -> list[list[int]]:
+    @staticmethod
+    def _grid_list(grid_thw: torch.Tensor, scratch: dict[str, Any]) -> list[list[int]]:
         """image_grid_thw on the host: as prepare() read it before the tower, else read now."""
-        return self._grids if grid_thw is self._grids_of else grid_thw.tolist()
+        read = scratch.get("grids")
+        return read[1] if read is not None and read[0] is grid_thw else grid_thw.tolist()
 
     # -- positions ----------------------------------------------------------------------------
 
-    def base_positions(self, kw: dict[str, Any], length: int) -> torch.Tensor:
+    def base_positions(self, kw: dict[str, Any], length: int, scratch: dict[str, Any]) -> torch.Tensor:
         if kw.get("position_ids") is not None:  # generate(): [4, B, L] (text + 3D)
             return kw["position_ids"]
         if kw.get("input_ids") is None or kw.get("mm_token_type_ids") is None:
@@ -128,7 +128,7 @@ class Qwen2VLPatch(VisionStagePatch):
         grid_thw = kw.get("image_grid_thw")
         if self._fast_rope is not False and kw.get("video_grid_thw") is None and grid_thw is not None:
             mask = kw.get("attention_mask")
-            positions, deltas = image_rope_index(kw["mm_token_type_ids"], mask, self._grid_list(grid_thw),
+            positions, deltas = image_rope_index(kw["mm_token_type_ids"], mask, self._grid_list(grid_thw, scratch),
                                                  self.visual.spatial_merge_size)
             if self._fast_rope is None:  # first prompt: the same numbering as this transformers release?
                 expected, expected_deltas = models_own()
@@ -145,19 +145,19 @@ class Qwen2VLPatch(VisionStagePatch):
         inner.rope_deltas = deltas  # what the unpruned forward would have stored
         return positions
 
-    def reduced_positions(self, positions, comp, is_image, mask, images):
+    def reduced_positions(self, positions, comp, is_image, mask, images, scratch):
         """positions="renumber" (methods whose output is a coarser grid, Fourier-VLM's release):
         each reduced image is numbered as an image of its coarse grid (t, r, c) -- grid_thw
         shrinks -- and the text after it continues from that smaller extent; decode steps
         continue the same numbering."""
-        if self.positions != "renumber":
+        if self.plan.positions != "renumber":
             return positions, None
         merge = self.visual.spatial_merge_size
-        if images is not None:
-            self._reduced_grids = [self._reduced_grid(img, merge) for img in images]
+        if images is not None:  # a prefill; its replays (generate(use_cache=False)) reuse them
+            scratch["reduced_grids"] = [self._reduced_grid(img, merge) for img in images]
         valid = torch.ones_like(is_image, dtype=torch.long) if mask is None else mask
         types, valid = comp.gather(is_image.long(), 0), comp.gather(valid, 0)
-        grid, deltas = image_rope_index(types, valid, self._reduced_grids, merge)
+        grid, deltas = image_rope_index(types, valid, scratch["reduced_grids"], merge)
         if positions.dim() == 3 and positions.shape[0] > 3:  # generate()'s text plane first: compacted index
             grid = torch.cat([positions[:-3], grid])
         # Decode steps get the unpruned numbering (generate() continues its own prompt positions;
@@ -168,8 +168,9 @@ class Qwen2VLPatch(VisionStagePatch):
 
     def _reduced_grid(self, image: ImageTokens, merge: int) -> list[int]:
         """(t, h, w) in patches of an image whose frames were each reduced to the coarse grid."""
-        k = region_budgets(self.run_config, image.regions, self.budget)[0]
-        rows, cols = self.method.output_grid(k, image.regions[0].grid, self.run_config.options)
+        plan = self.plan
+        k = region_budgets(plan.run_config, image.regions, plan.budget)[0]
+        rows, cols = plan.method.output_grid(k, image.regions[0].grid, plan.run_config.options)
         return [len(image.regions), rows * merge, cols * merge]
 
     def _models_fallback_positions(self, kw: dict[str, Any], length: int) -> torch.Tensor:
@@ -184,12 +185,12 @@ class Qwen2VLPatch(VisionStagePatch):
             names = inspect.signature(compute).parameters
             positions = compute(**{name: get_cache(kw) if name == "cache" else kw.get(name) for name in names})
         if positions is None:
-            positions = torch.arange(length, device=self._device(kw)).view(1, 1, -1).expand(3, self._batch_size(kw), -1)
+            positions = torch.arange(length, device=kw_device(kw)).view(1, 1, -1).expand(3, kw_batch(kw), -1)
         return positions
 
-    def _generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def generate_kwargs(self, kwargs, state_of):
         cache = get_cache(kwargs)
-        if kwargs.get("mm_token_type_ids") is None or not cache_length(cache) or self._state_of(cache) is None:
+        if kwargs.get("mm_token_type_ids") is None or not cache_length(cache) or state_of(cache) is None:
             return kwargs
         # A new turn on a pruned cache: generate() looks for new images after the cache's length,
         # the pruned one, so it would take the first turn's image for a new one and number the new
@@ -210,13 +211,13 @@ class Qwen2VLPatch(VisionStagePatch):
 
     # -- images -------------------------------------------------------------------------------
 
-    def describe_images(self, output, call, signals) -> list[ImageTokens]:
+    def describe_images(self, output, call, signals, scratch) -> list[ImageTokens]:
         grid_thw = call.get("image_grid_thw")
         if grid_thw is None:
             raise ValueError("Qwen-VL image features came without image_grid_thw; pass pixel_values and image_grid_thw")
         features = list(output.pooler_output)
         merge = self.visual.spatial_merge_size
-        grids = self._grid_list(grid_thw)
+        grids = self._grid_list(grid_thw, scratch)
         sizes = [int(t * h * w) // self.merge_unit for t, h, w in grids]
         per_image = {name: signals[name].split(sizes) for name in ("cls_attention", "keys") if name in signals}
         images = []
@@ -233,13 +234,13 @@ class Qwen2VLPatch(VisionStagePatch):
             images.append(ImageTokens(feats, regions, image_signals))
         return images
 
-    def capture_signals(self):
-        if self.method.needs & {"cls_attention", "keys"}:
-            return self._capture_attention_received()
+    def capture_signals(self, scratch):
+        if self.plan.method.needs & {"cls_attention", "keys"}:
+            return self._capture_attention_received(scratch)
         return contextlib.nullcontext({})
 
     @contextlib.contextmanager
-    def _capture_attention_received(self):
+    def _capture_attention_received(self, scratch: dict[str, Any]):
         """Yields a dict that holds, once the tower ran, per merged token of all images of the
         call (raster order): "cls_attention" [T / 4] float32, the attention received in the last
         block; "keys" [T / 4, Dh], that block's keys averaged over heads (methods that need them)."""
@@ -277,15 +278,17 @@ class Qwen2VLPatch(VisionStagePatch):
         window_index = None
         if self.windowed:  # blocks ran on window-permuted units
             grid_thw = grid_seen["grid_thw"]
-            window_index = (self._window_index if grid_thw is self._grids_of
+            read = scratch.get("window_index")
+            window_index = (read[1] if read is not None and read[0] is grid_thw
                             else vision_window_index(self.visual, grid_thw)).to(qkv.device)
-        if "keys" in self.method.needs:  # VisionZip's key similarity: the block's keys, pre-rotary, heads averaged
+        method = self.plan.method
+        if "keys" in method.needs:  # VisionZip's key similarity: the block's keys, pre-rotary, heads averaged
             result["keys"] = merge_unit_mean(k.mean(1), self.merge_unit, window_index)
-        if "cls_attention" in self.method.needs:
+        if "cls_attention" in method.needs:
             cos, sin = seen["position_embeddings"]
             # fused (rotary, scores, unit means) on the Triton backend; the reference uses the
             # model's own rotary
             received = attention_received_rotary(q, k, cos, sin, attn.scaling, seen["cu_seqlens"], self.merge_unit,
-                                                 rotary=rotary, backend=self.config.backend)
+                                                 rotary=rotary, backend=self.plan.config.backend)
             result["cls_attention"] = to_raster(received, window_index)
-        self._signal_s += clock(self.model) - start
+        self.signal_s += clock(self.model) - start

@@ -1,9 +1,10 @@
-"""LLaVA-1.5 (`LlavaForConditionalGeneration`, model_type "llava"): prune before the LLM.
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`, model_type "llava"): the family adapter.
 
-Seam: a forward pre-hook on the inner `LlavaModel`. It runs `get_image_features` itself (the
-same call LlavaModel.forward makes), reduces each image's tokens with the method, and hands the
-model `inputs_embeds` of the shortened sequence with `pixel_values=None`, so LlavaModel.forward
-goes straight to the language model. Nothing in transformers is modified.
+Seam: the vision-stage engine hooks the inner `LlavaModel`'s forward. It runs
+`get_image_features` (the same call LlavaModel.forward makes), reduces each image's tokens with
+the method, and hands the model `inputs_embeds` of the shortened sequence with
+`pixel_values=None`, so LlavaModel.forward goes straight to the language model. Nothing in
+transformers is modified. In-LLM methods use the Llama-style decoder (FamilyAdapter.decoder).
 
 [CLS] attention: forward hooks on the chosen vision layers' q_proj / k_proj keep the [CLS]
 query row and the keys; the row softmax(q_cls . K^T * scale) is computed from them
@@ -22,14 +23,15 @@ from vlm_prune.kernels import cls_attention_scores
 from vlm_prune.timing import clock
 from vlm_prune.vision_layers import resolve_score_layers
 
-from .base import VisionStagePatch
-from .image_tokens import ImageTokens, Region
+from ..image_tokens import ImageTokens, Region
+from .base import FamilyAdapter
 
 
-class LlavaPatch(VisionStagePatch):
+class LlavaAdapter(FamilyAdapter):
+    model_types = ("llava",)
     default_positions = "renumber"  # what the LLaVA pruning papers do
 
-    def check_model(self) -> None:
+    def check(self) -> None:
         inner = self.model.model
         self.vision_layers = self._encoder_layers(inner.vision_tower)
         vision = self.model.config.vision_config
@@ -39,14 +41,15 @@ class LlavaPatch(VisionStagePatch):
         )
         self.score_layers: tuple[int, ...] = ()
         self.one_head = False  # the [CLS] row as one head over the full width (Recoverable Compression)
-        if "cls_attention" in self.method.needs:
+        method, config = self.plan.method, self.plan.config
+        if "cls_attention" in method.needs:
             if not self.has_cls:
                 raise ValueError(
-                    f"method {self.config.method!r} needs a [CLS] token, but the vision tower "
+                    f"method {config.method!r} needs a [CLS] token, but the vision tower "
                     f"{type(inner.vision_tower).__name__} has none; use a method without "
                     "[CLS] signals (e.g. 'pool', 'random')"
                 )
-            layers, self.one_head = self.method.cls_score(self.config.options)
+            layers, self.one_head = method.cls_score(config.options)
             self.score_layers = self._resolve_layers(layers)
         self._score_attention = [self.vision_layers[i].self_attn for i in self.score_layers]
 
@@ -85,9 +88,6 @@ class LlavaPatch(VisionStagePatch):
 
     # -- family hooks ------------------------------------------------------------------------
 
-    def target_module(self) -> torch.nn.Module:
-        return self.model.model
-
     # arguments of LlavaModel.forward that are not passed on to get_image_features
     _FORWARD_ONLY = frozenset({
         "pixel_values", "vision_feature_layer", "vision_feature_select_strategy", "image_sizes",
@@ -109,7 +109,7 @@ class LlavaPatch(VisionStagePatch):
     def _strategy(self, call: dict[str, Any]) -> str:
         return call.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
 
-    def describe_images(self, output, call, signals) -> list[ImageTokens]:
+    def describe_images(self, output, call, signals, scratch) -> list[ImageTokens]:
         features = list(output.pooler_output)
         full = self._strategy(call) == "full"
         # With "full", a CLIP tower's [CLS] feature is the first token: kept, not in the grid.
@@ -137,7 +137,7 @@ class LlavaPatch(VisionStagePatch):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)
 
-    def capture_signals(self):
+    def capture_signals(self, scratch):
         return self._capture_tower_signals()
 
     @contextlib.contextmanager
@@ -156,11 +156,11 @@ class LlavaPatch(VisionStagePatch):
             # q: only the [CLS] row is kept; k: all keys. Both are the layer's own projections.
             handles.append(attn.q_proj.register_forward_hook(_store(slot, "q", first_row=True)))
             handles.append(attn.k_proj.register_forward_hook(_store(slot, "k")))
-        feature_layers = self._feature_layers() if "cls_feature" in self.method.needs and self.has_cls else ()
+        feature_layers = self._feature_layers() if "cls_feature" in self.plan.method.needs and self.has_cls else ()
         for layer_idx in feature_layers:
             slot = captured.setdefault(("feature", layer_idx), {})
             handles.append(self.vision_layers[layer_idx].register_forward_hook(_store_cls(slot)))
-        if self.method.uses_pre_projection:
+        if self.plan.method.uses_pre_projection:
             slot = captured.setdefault("projector", {})
             handles.append(self.model.model.multi_modal_projector.register_forward_pre_hook(
                 lambda module, args: slot.update(input=args[0])))
@@ -184,14 +184,14 @@ class LlavaPatch(VisionStagePatch):
                 heads, head_dim, scale = 1, q.shape[-1], q.shape[-1] ** -0.5
             query = q.view(q.shape[0], heads, head_dim)
             keys = k.view(k.shape[0], k.shape[1], heads, head_dim).transpose(1, 2)
-            row = cls_attention_scores(query, keys, scale, self.config.backend)
+            row = cls_attention_scores(query, keys, scale, self.plan.config.backend)
             total = row if total is None else total + row
         result["cls_attention"] = total
-        if "keys" in self.method.needs:
+        if "keys" in self.plan.method.needs:
             k = captured[self.score_layers[-1]]["k"]
             heads = 1 if self.one_head else self._score_attention[-1].num_heads
             result["keys"] = k.view(*k.shape[:-1], heads, -1).mean(-2)  # VisionZip: heads averaged
-        self._signal_s += clock(self.model) - start
+        self.signal_s += clock(self.model) - start
 
 
 def _store_cls(slot: dict[str, torch.Tensor]):

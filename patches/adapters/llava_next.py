@@ -1,4 +1,4 @@
-"""LLaVA-NeXT (`LlavaNextForConditionalGeneration`, model_type "llava_next"): anyres images.
+"""LLaVA-NeXT (`LlavaNextForConditionalGeneration`, model_type "llava_next"): the family adapter, anyres images.
 
 Each image is a base view plus a grid of crops; transformers' `pack_image_features` puts the base
 image's tokens first, then the crops merged into one grid, unpadded to the image's aspect ratio,
@@ -24,15 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .image_tokens import ImageTokens, Region
-from .llava import LlavaPatch
+from ..image_tokens import ImageTokens, Region
+from .llava import LlavaAdapter
 
 
-class LlavaNextPatch(LlavaPatch):
-    def check_model(self) -> None:
-        super().check_model()
+class LlavaNextAdapter(LlavaAdapter):
+    model_types = ("llava_next",)
+
+    def check(self) -> None:
+        super().check()
         strategy = self.model.config.vision_feature_select_strategy
-        self._layout_of = None  # the image_sizes the cached layout was made for
         if strategy != "default":
             raise ValueError(
                 f"LLaVA-NeXT with vision_feature_select_strategy={strategy!r} is not supported; "
@@ -48,29 +49,30 @@ class LlavaNextPatch(LlavaPatch):
             return_dict=True,
         )
 
-    def before_tower(self, call: dict[str, Any]) -> None:
+    def before_tower(self, call: dict[str, Any], scratch: dict[str, Any]) -> None:
         if call.get("image_sizes") is not None:
-            self._layout(call["image_sizes"], call["pixel_values"].device)
+            self._layout(call["image_sizes"], call["pixel_values"].device, scratch)
 
-    def _layout(self, image_sizes, device) -> "PackedLayout":
+    def _layout(self, image_sizes, device, scratch: dict[str, Any]) -> "PackedLayout":
         """The packing of the images of `image_sizes`, made once per call (before the tower, from
         the encoder wrapper) -- from the sizes alone, on the host, so nothing after the tower
         reads the device."""
-        if self._layout_of is not image_sizes:
-            # kept across calls: made as normal tensors even under inference_mode, which a later
-            # call with autograd on could not use
+        made = scratch.get("layout")
+        if made is None or made[0] is not image_sizes:
+            # made as normal tensors even under inference_mode, which a later call with autograd
+            # on could not use
             with torch.inference_mode(False):
-                self._layout_cache = PackedLayout.of(self.model.config, image_sizes, self.budget, device,
-                                                     pack=self.model.model.pack_image_features)
-            self._layout_of = image_sizes
-        return self._layout_cache
+                layout = PackedLayout.of(self.model.config, image_sizes, self.plan.budget, device,
+                                         pack=self.model.model.pack_image_features)
+            made = scratch["layout"] = (image_sizes, layout)
+        return made[1]
 
-    def describe_images(self, output, call, signals) -> list[ImageTokens]:
+    def describe_images(self, output, call, signals, scratch) -> list[ImageTokens]:
         image_sizes = call.get("image_sizes")
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT image features came without image_sizes; pass pixel_values and image_sizes")
         features = list(output.pooler_output)
-        layout = self._layout(image_sizes, features[0].device)
+        layout = self._layout(image_sizes, features[0].device, scratch)
         return layout.images(features, signals)
 
 

@@ -1,9 +1,9 @@
-"""The family-independent half of a vision-stage patch: prefill, decode and generate() glue.
+"""The vision-stage engine: a method reduces each image's tokens before the LLM runs.
 
-A family subclass knows one model family: which module to hook, where the image placeholders
-are, how to describe each image's tokens (grids, signals), how to embed tokens and which
-position ids the unpruned model would use. This class turns a method's reductions into a
-shorter sequence and keeps decode consistent with it:
+The engine takes a family adapter (patches/adapters/), which knows one model family: which
+module to hook, where the image placeholders are, how to describe each image's tokens (grids,
+signals), how to embed tokens and which position ids the unpruned model would use. The engine
+turns a method's reductions into a shorter sequence and keeps decode consistent with it:
 
 - prefill (an empty cache): reduce each image, compact embeddings, the 2D attention mask and
   position ids before the language model runs (layer 0's cache is built short);
@@ -23,12 +23,12 @@ shorter sequence and keeps decode consistent with it:
 The vision tower runs inside the instance's wrapped `get_image_features`, whether the hook calls
 it or generate() does before the first forward (transformers >= 5.2x); the wrapper records the
 method's signals while the tower runs. State lives on this object (one per patched model
-instance) and is replaced at each prefill.
+instance) and is replaced at each prefill; what the adapter needs between its hooks within a
+call lives in the call's scratch dict.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -37,15 +37,18 @@ from typing import Any
 
 import torch
 
-from vlm_prune.compat import bind_to_kwargs, cache_length, get_cache, static_cache_slots
+from vlm_prune.compat import (bind_to_kwargs, cache_length, encoded_features, get_cache, static_cache_slots,
+                              without_pre_encoded)
 from vlm_prune.config import PruneConfig
 from vlm_prune.kernels.compaction import compact_prompt, compacted_inputs
 from vlm_prune.registry import get_method
 from vlm_prune.sequence import Compaction
 from vlm_prune.timing import clock
 
+from .adapters.base import FamilyAdapter, Plan
 from .image_tokens import ImageTokens, ReducedImages, _cat, reduce_image_tokens
-from .model_hooks import PatchBase, _is_prepared, _padding_mask, _per_row, _prompt_columns, with_fields
+from .model_hooks import (PatchBase, _is_prepared, _padding_mask, _per_row, _prompt_columns, kw_batch, kw_device, kw_length,
+                          with_fields)
 
 
 @dataclass
@@ -99,31 +102,22 @@ class CachedPart:
         return state, positions
 
 
-class VisionStagePatch(PatchBase):
-    """Base of the family patches for vision-stage methods (see module docstring)."""
+class VisionStageEngine(PatchBase):
+    """Vision-stage pruning on one model instance, through its family's adapter (see the module
+    docstring)."""
 
-    default_positions = "renumber"
-    # without position_ids the unpruned model numbers each row 0..L-1 (base_positions' default)
-    sequential_positions = True
-    position_policies: tuple[str, ...] = ("renumber", "original")
-    # kwargs that run along the sequence besides ids/embeds, mask and positions
-    sequence_kwargs: tuple[str, ...] = ()
-    # whether a prompt with images may continue a non-empty cache (and why not, when it may not)
-    continues_with_images = True
-    continuation_refusal = ""
-
-    def __init__(self, model: torch.nn.Module, config: PruneConfig):
+    def __init__(self, model: torch.nn.Module, config: PruneConfig, adapter_cls: type[FamilyAdapter]):
         method_cls = get_method(config.method)
         if method_cls.stage != "vision":
             raise ValueError(
                 f"method {config.method!r} prunes inside the LLM (stage {method_cls.stage!r}); "
-                f"{type(self).__name__} supports vision-stage methods"
+                "the vision-stage engine runs vision-stage methods"
             )
         super().__init__(model, config)
         self.method = method_cls()
-        allowed = self.allowed_positions()
+        allowed = adapter_cls.allowed_positions(self.method)
         release = self.method.release_positions
-        self.positions = config.positions or (release if release in allowed else self.default_positions)
+        self.positions = config.positions or (release if release in allowed else adapter_cls.default_positions)
         if self.positions not in allowed:
             raise ValueError(
                 f"positions={self.positions!r} is not supported on {type(model).__name__} with method "
@@ -132,13 +126,14 @@ class VisionStagePatch(PatchBase):
         self.budget = config.budget or self.method.default_budget
         # the options `reduce` runs with: "auto" values resolved for this position policy
         self.run_config = dataclasses.replace(config, options=self.method.resolve_options(config.options, self.positions))
+        self.adapter = adapter_cls(model, Plan(self.method, config, self.run_config, self.positions, self.budget))
         self.state: PromptState | None = None
         self._input_compaction: Compaction | None = None  # of the last prefill's tokens
-        self._signal_s = 0.0
         self._image_outputs: Any = None  # see _return_image_outputs
+        # what the adapter keeps between its hooks within a call (grid sizes read before the tower...)
+        self._scratch: dict[str, Any] = {}
         # the wrapped encoder's last output, its per-image tensors then, and their description
         self._last_encoded: tuple[Any, tuple[torch.Tensor, ...], list[ImageTokens]] | None = None
-        self.check_model()
 
     @property
     def kept_indices(self) -> list[torch.Tensor]:
@@ -152,75 +147,6 @@ class VisionStagePatch(PatchBase):
     def kept_indices(self, value: list[torch.Tensor]) -> None:
         self._kept_indices, self._kept_slots = value, None
 
-    # -- what a family provides -----------------------------------------------------------
-
-    def check_model(self) -> None:
-        """Raise ValueError if this model cannot provide what the method needs."""
-
-    def target_module(self) -> torch.nn.Module:
-        """The module whose forward receives input_ids, pixel_values, mask and positions."""
-        raise NotImplementedError
-
-    def image_encoder(self) -> tuple[Any, str]:
-        """(object, method name) of the function that runs the vision tower for images."""
-        return self.target_module(), "get_image_features"
-
-    def encode(self, kw: dict[str, Any]) -> Any:
-        """Calls the (wrapped) image encoder on the forward's pixel inputs; returns its output."""
-        raise NotImplementedError
-
-    def describe_images(self, output: Any, call: dict[str, Any], signals: dict[str, Any]) -> list[ImageTokens]:
-        """Turns the encoder's output (and its call arguments) into per-image token descriptions."""
-        raise NotImplementedError
-
-    def project(self, features: torch.Tensor) -> torch.Tensor | None:
-        """Maps pre-projection tokens [..., Dv] to the LLM space; None if the family cannot."""
-        return None
-
-    def capture_signals(self) -> contextlib.AbstractContextManager:
-        """Context manager around the tower; yields a dict it fills with raw signals."""
-        return contextlib.nullcontext({})
-
-    def embedding(self) -> torch.nn.Module:
-        """The module that maps token ids [B, L] to embeddings [B, L, D]."""
-        return self.target_module().get_input_embeddings()
-
-    def prepare(self, kw: dict[str, Any]) -> None:
-        """Called before the vision tower: read the small host-side facts the selection needs
-        (grid sizes, say) now, while reading the device waits for nothing."""
-
-    def before_tower(self, call: dict[str, Any]) -> None:
-        """Called with the image encoder's arguments just before it runs (in the prefill or in
-        generate()'s own call): the place for host-side layout work that reads small inputs."""
-
-    def allowed_positions(self) -> tuple[str, ...]:
-        """The position policies this family can keep with this method."""
-        return self.position_policies
-
-    def reduced_positions(self, positions: torch.Tensor, comp: Compaction, is_image: torch.Tensor,
-                          mask: torch.Tensor | None, images: list[ImageTokens] | None
-                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The compacted sequence's position ids [..., B, W], given those the engine made
-        (`positions`: the base positions gathered, renumbered or not); a family that numbers a
-        reduced image otherwise (Qwen-VL: an image of the coarser grid) replaces them, and says
-        by how much more than the dropped tokens [B, 1] the positions of the tokens after the
-        prompt shrink (None: by nothing more). is_image, mask: [B, T] of the uncompacted
-        sequence; images: the prefill's (None in a replay)."""
-        return positions, None
-
-    def base_positions(self, kw: dict[str, Any], length: int) -> torch.Tensor:
-        """Position ids [..., B, L] the unpruned model would use for the whole sequence."""
-        given = kw.get("position_ids")
-        if given is not None:
-            return given
-        return torch.arange(length, device=self._device(kw)).expand(self._batch_size(kw), length)
-
-    def decode_positions(self, kw: dict[str, Any], start: int, full_mask: torch.Tensor | None) -> torch.Tensor:
-        """Position ids the unpruned model would give the new tokens of a decode step called
-        without position ids; `start` is their index in the unpruned sequence."""
-        n_new = self._seq_len(kw)
-        return (torch.arange(n_new, device=self._device(kw)) + start).expand(self._batch_size(kw), n_new)
-
     @property
     def pad_token_id(self) -> int:
         """The id that fills re-padded slots (masked, so any valid id would do)."""
@@ -229,12 +155,12 @@ class VisionStagePatch(PatchBase):
     # -- install / remove -----------------------------------------------------------------
 
     def install(self) -> None:
-        module = self.target_module()
+        module = self.adapter.target_module()
         self._forward = module.forward
         self._hooks.append(module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         self._hooks.append(module.register_forward_hook(self._tag_cache))
         self._hooks.append(module.register_forward_hook(self._return_image_outputs))
-        owner, name = self.image_encoder()
+        owner, name = self.adapter.image_encoder()
         self._wrap(owner, name, self._encoder_wrapper(getattr(owner, name)))
         self._wrap_generate()
         self._hook_labels()
@@ -271,12 +197,13 @@ class VisionStagePatch(PatchBase):
         """The instance's image encoder, recording the method's signals while it runs."""
         call = signature.bind_partial(*args, **kwargs).arguments
         call.update(call.pop("kwargs", {}))
-        self.before_tower(call)
-        with self.capture_signals() as signals:
+        self.adapter.before_tower(call, self._scratch)
+        with self.adapter.capture_signals(self._scratch) as signals:
             out = original(*args, **kwargs)
         # a caller's return_dict=False gives a tuple, which no forward of the model consumes
-        if getattr(out, "pooler_output", None) is not None:
-            self._last_encoded = (out, tuple(out.pooler_output), self.describe_images(out, call, signals))
+        features = encoded_features(out)
+        if features is not None:
+            self._last_encoded = (out, features, self.adapter.describe_images(out, call, signals, self._scratch))
         return out
 
     # -- the hook --------------------------------------------------------------------------
@@ -300,7 +227,7 @@ class VisionStagePatch(PatchBase):
             return (), self._apply(kw, self.state, self.image_token_mask(kw))
         mask = kw.get("attention_mask")
         if _is_prepared(mask):  # generate() with a static cache
-            kw["attention_mask"] = _padding_mask(mask, self._seq_len(kw))
+            kw["attention_mask"] = _padding_mask(mask, kw_length(kw))
         new_kw = self._prefill(kw, prompt_end=self._prompt_end())
         self._prefilled_in_generate = self._in_generate
         return None if new_kw is None else ((), new_kw)
@@ -312,9 +239,9 @@ class VisionStagePatch(PatchBase):
         part, None for a cache no pruned prefill filled)."""
         mask = kw.get("attention_mask")
         self._refuse_continuation(static_cache=_is_prepared(mask))
-        n_new, device = self._seq_len(kw), self._device(kw)
+        n_new, device = kw_length(kw), kw_device(kw)
         if state is None:  # nothing pruned so far: every cached column kept
-            keep = torch.ones(self._batch_size(kw), past, dtype=torch.bool, device=device)
+            keep = torch.ones(kw_batch(kw), past, dtype=torch.bool, device=device)
             state = PromptState(Compaction.from_keep_mask(keep, kept_per_row=[past] * keep.shape[0]), None,
                                 None, None)
         comp = state.compaction
@@ -342,7 +269,7 @@ class VisionStagePatch(PatchBase):
         """The first forward of a generate() call on a pruned cache: generate() cut the full
         sequence (earlier turns + new tokens) at the cache's pruned length, so the first
         `state.dropped` columns it passes on are already in the cache. Returns `kw` without them."""
-        n_new, dropped = self._seq_len(kw), state.dropped
+        n_new, dropped = kw_length(kw), state.dropped
         if dropped == 0 or not self._generate_cuts:
             return kw
         if _is_prepared(kw.get("attention_mask")):
@@ -359,7 +286,7 @@ class VisionStagePatch(PatchBase):
         for key in ("input_ids", "inputs_embeds"):
             if kw.get(key) is not None:
                 kw[key] = kw[key][:, dropped:]
-        for key in ("position_ids", *self.sequence_kwargs):
+        for key in ("position_ids", *self.adapter.sequence_kwargs):
             if kw.get(key) is not None:
                 kw[key] = kw[key][..., dropped:]
         return kw
@@ -376,12 +303,12 @@ class VisionStagePatch(PatchBase):
     def _images(self, kw: dict[str, Any]) -> list[ImageTokens]:
         out = self._pre_encoded(kw)
         if out is None:
-            out = self.encode(kw)
+            out = self.adapter.encode(kw)
         self._image_outputs = out  # returned with the forward's output
         last, self._last_encoded = self._last_encoded, None
         images = _recorded_images(last, out) if last is not None else None
         if images is None:  # encoded before the patch: no signals were recorded
-            images = self.describe_images(out, kw, {})
+            images = self.adapter.describe_images(out, kw, {}, self._scratch)
         missing = self.method.needs - self.method.optional_needs - set(images[0].signals if images else ()) - {"question"}
         if missing:
             raise ValueError(
@@ -401,18 +328,18 @@ class VisionStagePatch(PatchBase):
         counts = is_image.sum(1).tolist()
         if not self._has_image_inputs(kw) or not any(counts) or self._malformed(kw, sum(counts)):
             return self._unpruned(counts, is_image.shape[1])
-        self._signal_s = 0.0
+        self.adapter.signal_s = 0.0
         # before the tower: what reads the device here (Qwen's M-RoPE index) then waits for
         # nothing, and everything after the tower is queued without a single device read
-        self.prepare(kw)
+        self.adapter.prepare(kw, self._scratch)
         given = kw.get("position_ids")
         positions_start = clock(self.model)
         if earlier is not None:  # numbered after the cached part, as the unpruned model would
-            base = given if given is not None else self.decode_positions(kw, earlier.length, earlier.full_mask)
-        elif given is None and self.sequential_positions:
+            base = given if given is not None else self.adapter.decode_positions(kw, earlier.length, earlier.full_mask)
+        elif given is None and self.adapter.sequential_positions:
             base = None
         else:
-            base = self.base_positions(kw, is_image.shape[1])
+            base = self.adapter.base_positions(kw, is_image.shape[1], self._scratch)
         positions_s = clock(self.model) - positions_start
         vision_start = clock(self.model)
         images = self._images(kw)
@@ -436,7 +363,7 @@ class VisionStagePatch(PatchBase):
         else:
             features, kept_visual = _cat(reduced.features), _cat(reduced.kept)
         out = compact_prompt(
-            is_image, kept_visual, features, row_len, left_padded, self.embedding(), kw.get("input_ids"),
+            is_image, kept_visual, features, row_len, left_padded, self.adapter.embedding(), kw.get("input_ids"),
             kw.get("inputs_embeds"), self.pad_token_id, base, self.positions == "renumber", mask, need_mask,
             features_per_placeholder=reduced.source is not None, backend=self.config.backend)
         self._input_compaction = out.compaction
@@ -445,8 +372,8 @@ class VisionStagePatch(PatchBase):
             # until then, since with the tower's output as their source that is a large tensor
             self.state = PromptState(out.compaction, out.keep, reduced if self._in_generate else None, out.mask,
                                      renumber=self.positions == "renumber")
-            positions, self.state.extra_shift = self.reduced_positions(out.positions, out.compaction, is_image, mask,
-                                                                       images)
+            positions, self.state.extra_shift = self.adapter.reduced_positions(
+                out.positions, out.compaction, is_image, mask, images, self._scratch)
             new_kw = self._inputs(kw, out.embeds, positions, out.mask, out.compaction)
         else:
             self.state, positions = earlier.joined(out, self.positions == "renumber")
@@ -457,7 +384,8 @@ class VisionStagePatch(PatchBase):
         self.stats = [{"visual_tokens": int(n), "kept": int(k)} for n, k in zip(counts, row_kept)]
         total = clock(self.model) - start
         # the scoring hooks run inside the tower's forward: their time belongs to selection
-        self.timings = {"vision_s": vision_s - self._signal_s, "select_s": total - vision_s + self._signal_s,
+        signal_s = self.adapter.signal_s
+        self.timings = {"vision_s": vision_s - signal_s, "select_s": total - vision_s + signal_s,
                         "positions_s": positions_s}
         return new_kw
 
@@ -472,7 +400,7 @@ class VisionStagePatch(PatchBase):
     def _malformed(self, kw: dict[str, Any], placeholders: int) -> bool:
         """Whether the prompt's image placeholders disagree with its images, where that is known
         before the tower runs (`expected_visual_tokens`); the model then raises its own error."""
-        expected = self.expected_visual_tokens(kw)
+        expected = self.adapter.expected_visual_tokens(kw, self._scratch)
         return expected is not None and expected != placeholders
 
     def expected_visual_tokens(self, kw: dict[str, Any]) -> int | None:
@@ -485,7 +413,7 @@ class VisionStagePatch(PatchBase):
         """context["question"] per image: the mean input embedding of its row's instruction
         (the text after the row's last image; all of the row's text if nothing follows), read
         before `prompt_end` (see PatchBase._prompt_end)."""
-        embeds = self.embedding()(kw["input_ids"]) if kw.get("input_ids") is not None else kw["inputs_embeds"]
+        embeds = self.adapter.embedding()(kw["input_ids"]) if kw.get("input_ids") is not None else kw["inputs_embeds"]
         positions, last_image, real = _prompt_columns(is_image, kw.get("attention_mask"), prompt_end)
         text = real & ~is_image
         after = text & (positions > last_image[:, None])
@@ -498,7 +426,7 @@ class VisionStagePatch(PatchBase):
             start += image.features.shape[0]
 
     def _reduce(self, images: list[ImageTokens]) -> ReducedImages:
-        return reduce_image_tokens(self.method, self.run_config, images, self.budget, self.project)
+        return reduce_image_tokens(self.method, self.run_config, images, self.budget, self.adapter.project)
 
     def _apply(self, kw: dict[str, Any], state: PromptState, is_image: torch.Tensor) -> dict[str, Any]:
         """The language model's inputs for the whole sequence (prompt + tokens generated so far)."""
@@ -511,9 +439,10 @@ class VisionStagePatch(PatchBase):
             # generated tokens are text even when a model emits the image token id
             is_image = torch.cat([is_image[:, : comp.prompt_len], torch.zeros_like(is_image[:, comp.prompt_len:])], dim=1)
         embeds, positions = compacted_inputs(
-            comp, is_image & keep, state.features, self.embedding(), kw.get("input_ids"), kw.get("inputs_embeds"),
-            self.pad_token_id, self.base_positions(kw, length), self.positions == "renumber")
-        positions, _ = self.reduced_positions(positions, comp, is_image, kw.get("attention_mask"), None)
+            comp, is_image & keep, state.features, self.adapter.embedding(), kw.get("input_ids"), kw.get("inputs_embeds"),
+            self.pad_token_id, self.adapter.base_positions(kw, length, self._scratch), self.positions == "renumber")
+        positions, _ = self.adapter.reduced_positions(positions, comp, is_image, kw.get("attention_mask"), None,
+                                                      self._scratch)
         mask = kw.get("attention_mask")
         if mask is not None:
             mask = state.prompt_mask if not extra and state.prompt_mask is not None else comp.gather(mask, 0)
@@ -526,7 +455,7 @@ class VisionStagePatch(PatchBase):
         """The forward's keyword arguments for the compacted sequence."""
         new_kw = dict(kw)
         new_kw.update(input_ids=None, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
-        for key in self.sequence_kwargs:
+        for key in self.adapter.sequence_kwargs:
             value = new_kw.get(key)
             if value is not None:
                 if value.shape[-1] < comp.prompt_len:  # assisted decoding: the draft's candidates follow, as text
@@ -534,16 +463,13 @@ class VisionStagePatch(PatchBase):
                 new_kw[key] = comp.gather(value, 0)
         # the image features are in inputs_embeds now; other modalities (video) pass through
         new_kw["pixel_values"] = None
-        if new_kw.get("mm_encoder_outputs"):
-            rest = {k: v for k, v in new_kw["mm_encoder_outputs"].items() if k != "image"}
-            new_kw["mm_encoder_outputs"] = rest or None
-        return new_kw
+        return without_pre_encoded(new_kw, "image")
 
     def _decode(self, kw: dict[str, Any], past: int, state: PromptState) -> dict[str, Any]:
         """A decode step after a pruned prefill: new tokens only, the cache holds the pruned prompt."""
         comp = state.compaction
         state.reduced = None  # a cached decode: no replay of the prompt follows
-        n_new = self._seq_len(kw)
+        n_new = kw_length(kw)
         generated = past - comp.index.shape[1]  # tokens after the prompt already in the cache
         full_len = comp.prompt_len + generated + n_new
         new_kw = dict(kw)
@@ -572,7 +498,7 @@ class VisionStagePatch(PatchBase):
             new_kw["attention_mask"] = _extend_mask(state.prompt_mask, extra)
         positions = kw.get("position_ids")
         if positions is None:  # number them as the unpruned model would
-            positions = self.decode_positions(kw, comp.prompt_len + generated, full_mask)
+            positions = self.adapter.decode_positions(kw, comp.prompt_len + generated, full_mask)
         if state.renumber:
             shift = comp.total_dropped.view(-1, 1)
             if state.extra_shift is not None:
@@ -593,7 +519,7 @@ def _recorded_images(last: tuple, given: Any) -> list[ImageTokens] | None:
     if not _same_encoding(recorded, given):
         return None
     described = {id(tensor): image for tensor, image in zip(entries, images)}
-    current = [described.get(id(tensor)) for tensor in recorded.pooler_output]
+    current = [described.get(id(tensor)) for tensor in encoded_features(recorded)]
     return None if None in current else current
 
 

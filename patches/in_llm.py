@@ -44,7 +44,7 @@ from vlm_prune.registry import get_method
 from vlm_prune.timing import clock
 
 from .adapters.base import AttentionParts, FamilyAdapter, Plan
-from .model_hooks import PatchBase, _is_prepared, _padding_mask, _per_row, _prompt_columns, kw_batch, kw_device, kw_length
+from .model_hooks import PatchBase, PerCall, Phase, _is_prepared, _padding_mask, _per_row, _prompt_columns, kw_batch, kw_device, kw_length
 
 
 @dataclass
@@ -112,6 +112,29 @@ class LLMStageEngine(PatchBase):
     """In-LLM pruning on one model instance, through its family's adapter (its decoder's parts;
     see the module docstring)."""
 
+    # per call (see model_hooks.PerCall): where the forward is and what the prefill decided so far
+    phase = PerCall(Phase.OFF)
+    prompt = PerCall(None)  # PromptContext of the prefill
+    stage_index = PerCall(factory=list)  # per stage: [B, L_s] kept prompt columns, -1 = pad
+    stage_padded = PerCall(factory=list)
+    _lengths = PerCall(factory=list)  # tokens each decoder layer processes in this prefill
+    _key_slots = PerCall(None)  # see _outer_hook
+    _sliced = PerCall(None)  # see _per_stage
+    _columns = PerCall(factory=dict)  # see _columns_of
+    _prompt_length = PerCall(0)  # the columns of the prompt whose cache a decode step continues
+    _cached = PerCall(None)  # set while a prompt with images continues a cache
+    _ttv = PerCall(None)
+    _attention = PerCall(None)
+    _index = PerCall(None)
+    _present = PerCall(None)
+    _row_len = PerCall(None)
+    _padded_now = PerCall(False)
+    _select_s = PerCall(0.0)
+    _decode_start = PerCall(0)
+    _length = PerCall(0)
+    _q = PerCall(None)
+    _k = PerCall(None)
+
     def __init__(self, model: torch.nn.Module, config: PruneConfig, adapter_cls: type[FamilyAdapter]):
         super().__init__(model, config)
         self.method = get_method(config.method)()
@@ -129,15 +152,7 @@ class LLMStageEngine(PatchBase):
         self.stage_starts = {stage.after_layer: i for i, stage in enumerate(self.stages)}
         self.first = self.stages[0].after_layer  # 0-based index of the first layer that sees fewer tokens
         self._stage_layers = tuple(stage.after_layer for stage in self.stages)
-        self.layer_lengths: list[int] = []
-        self.phase = "off"
-        self._key_slots: int | None = None  # see _outer_hook
-        self._sliced: tuple[tuple, dict[str, Any]] | None = None  # see _per_stage
-        self._columns: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # see _columns_of
-        self.prompt: PromptContext | None = None
-        self.stage_index: list[torch.Tensor] = []  # per stage: [B, L_s] kept prompt columns, -1 = pad
-        self._prompt_length = 0  # the columns of the prompt whose cache a decode step continues
-        self._cached: CachedColumns | None = None  # set while a prompt with images continues a cache
+        self.layer_lengths: list[int] = []  # of the last prefill (published, see _start_prefill)
 
     def _position_policy(self, model: torch.nn.Module, config: PruneConfig, adapter_cls: type[FamilyAdapter]) -> str:
         """The layers' position ids after a stage: config.positions, or the method's default for
@@ -200,14 +215,14 @@ class LLMStageEngine(PatchBase):
             state = self._state_of(cache)
             if self._brings_images(kw):
                 return self._continue(kw, past, state)
-            self.phase = "off" if state is None else "decode"
+            self.phase = Phase.OFF if state is None else Phase.DECODE
             if state is not None:  # the prompt that filled this cache, which need not be the last one
                 self._prompt_length, self.stage_index, self.stage_padded = state.length, state.stage_index, state.stage_padded
             self._decode_start = past  # layer 0 holds every token: past = L + generated so far
             return None
         self._filled = True
         if self._is_replay() and self.stage_index:
-            self.phase = "replay"
+            self.phase = Phase.REPLAY
             self._length = kw_length(kw)
             self._index = torch.arange(self._length, device=kw_device(kw)).expand(kw_batch(kw), -1)
             self._ttv = torch.zeros(self._index.shape, device=self._index.device)
@@ -242,21 +257,22 @@ class LLMStageEngine(PatchBase):
             padded = list(state.stage_padded)
         self._filled = True
         self._start_prefill(kw, None if mask is None else mask[:, past:], prompt_end)
-        if self.phase == "prefill":
+        if self.phase == Phase.PREFILL:
             self._cached = CachedColumns(past, keys, padded, None if mask is None else mask[:, :past])
         return None
 
     def _start_prefill(self, kw: dict[str, Any], mask: torch.Tensor | None, prompt_end: int | None) -> None:
         """The prompt's facts, and the scores and indices the stages start from."""
-        self.stage_index, self.layer_lengths = [], []
+        self.stage_index = []
+        self.layer_lengths = self._lengths = []  # published as this call fills it
         is_image = self.image_token_mask(kw)
         counts = is_image.sum(1).tolist()
         if not any(counts):
-            self.phase, self.prompt = "off", None
+            self.phase, self.prompt = Phase.OFF, None
             self.stats = [{"visual_tokens": int(n), "kept": int(n)} for n in counts]
             self.kept_indices, self.timings = [], {}
             return
-        self.phase = "prefill"
+        self.phase = Phase.PREFILL
         self.prompt = _prompt_context(is_image, mask, counts, prompt_end)
         self._select_s = 0.0
         self._ttv = torch.zeros(is_image.shape, dtype=torch.float32, device=is_image.device)
@@ -272,10 +288,10 @@ class LLMStageEngine(PatchBase):
 
     def _kept_labels(self, labels: torch.Tensor) -> torch.Tensor:
         # the last layer's columns (prefill, or a replay's prompt + generated tokens)
-        return labels if self.phase == "off" else _gather(labels.to(self._index.device), self._index, -100)
+        return labels if self.phase == Phase.OFF else _gather(labels.to(self._index.device), self._index, -100)
 
     def _cache_state(self) -> LLMPromptState | None:
-        if self.phase != "prefill" or not self.stage_index:
+        if self.phase != Phase.PREFILL or not self.stage_index:
             return None
         if self._cached is not None:
             return self._cached.joined(self.stage_index, self.stage_padded, self.prompt.length, self._stage_layers,
@@ -289,21 +305,21 @@ class LLMStageEngine(PatchBase):
 
     def _layer_hook(self, i: int, module, args, kwargs):
         """Pre-hook of decoder layer i."""
-        if self.phase == "off" or i < self.first:
-            if self.phase == "prefill":
-                self.layer_lengths.append(args[0].shape[1])
+        if self.phase == Phase.OFF or i < self.first:
+            if self.phase == Phase.PREFILL:
+                self._lengths.append(args[0].shape[1])
             return None
         hidden = args[0]
-        if self.phase in ("prefill", "replay") and i in self.stage_starts:
-            if self.phase == "prefill" and self.rows_from_next:
+        if self.phase in (Phase.PREFILL, Phase.REPLAY) and i in self.stage_starts:
+            if self.phase == Phase.PREFILL and self.rows_from_next:
                 self._next_layer_rows(i, hidden, kwargs)
             hidden = self._enter_stage(self.stage_starts[i], hidden)
-        if self.phase == "decode":
+        if self.phase == Phase.DECODE:
             kwargs = self._decode_kwargs(kwargs, self._stage_of(i))
         else:
             kwargs = self._layer_kwargs(kwargs)
-            if self.phase == "prefill":
-                self.layer_lengths.append(hidden.shape[1])
+            if self.phase == Phase.PREFILL:
+                self._lengths.append(hidden.shape[1])
         return (hidden, *args[1:]), kwargs
 
     def _stage_of(self, i: int) -> int:
@@ -311,7 +327,7 @@ class LLMStageEngine(PatchBase):
 
     def _enter_stage(self, s: int, hidden: torch.Tensor) -> torch.Tensor:
         """Drops tokens before the stage's first layer; returns the sliced hidden states."""
-        if self.phase == "prefill":
+        if self.phase == Phase.PREFILL:
             start = clock(self.model)
             new_index = self._select(s)
             self.stage_index.append(new_index)
@@ -322,7 +338,7 @@ class LLMStageEngine(PatchBase):
             new_index = _extend(self.stage_index[s], self._length, self.prompt.length)
         self._padded_now = self.stage_padded[s]
         # the sequence's columns: the prompt's at prefill, prompt + generated in a replay
-        slots = _slots_of(self._index, new_index, self._length if self.phase == "replay" else self.prompt.length)
+        slots = _slots_of(self._index, new_index, self._length if self.phase == Phase.REPLAY else self.prompt.length)
         self._index = new_index
         self._ttv = _gather(self._ttv, slots, 0.0)
         return _gather(hidden, slots, 0.0)
@@ -535,7 +551,7 @@ class LLMStageEngine(PatchBase):
     def _transition_hook(self, module, args, kwargs, output):
         """After a sub-module (attention or MLP) of a scored layer: its tokens' transition, the
         softmax over the row's visual tokens or over all its real tokens (`ttv_domain`)."""
-        if self.phase != "prefill":
+        if self.phase != Phase.PREFILL:
             return
         start = clock(self.model)
         t_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -546,13 +562,13 @@ class LLMStageEngine(PatchBase):
         self._select_s += clock(self.model) - start
 
     def _keep_output(self, name: str, module, args, output):
-        if self.phase == "prefill":
+        if self.phase == Phase.PREFILL:
             setattr(self, f"_{name}", output)
 
     def _attention_rows_hook(self, i: int, module, args, kwargs, output):
         """After the attention of the last layer before a stage (attention_layer "own"): the
         rows' attention to every token, from that layer's q/k."""
-        if self.phase != "prefill":
+        if self.phase != Phase.PREFILL:
             return
         start = clock(self.model)
         cos, sin = kwargs["position_embeddings"]

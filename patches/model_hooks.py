@@ -11,15 +11,20 @@ wrapper, the KV cache tags and the loss of a forward given labels.
   its own decisions, and a cache no pruned prefill filled passes through untouched.
 - labels: the pruned forward's logits cover the kept columns only; the loss is computed on the
   labels of those columns.
-- threads: a patch holds one call's state (the prompt's decisions, where the call is), so the
-  generate() calls of one patched model run one at a time.
+- per-call state: what one call decides and where it is (the prompt's decisions, the phase,
+  the flags generate() notes) lives in per-call attributes (`PerCall`): each generate() call has
+  its own, made when it starts and dropped when it returns, and each thread its own, so
+  generate() calls on one patched model from several threads run at once, each as it would
+  alone. The results of the last prefill (`stats`, `kept_indices`, `timings`, `layer_lengths`)
+  are published on the patch, whichever thread ran it.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -59,9 +64,50 @@ def kw_device(kw: dict[str, Any]) -> torch.device:
 
 
 
+class Phase(enum.Enum):
+    """Where a forward of the in-LLM engine is."""
+
+    OFF = "off"  # nothing pruned (no images, or an unpruned cache)
+    PREFILL = "prefill"  # a prompt's forward: the stages drop tokens
+    DECODE = "decode"  # new tokens on a pruned cache
+    REPLAY = "replay"  # generate(use_cache=False) after its first step: the prompt's selection again
+
+
+class PerCall:
+    """A per-call attribute: read and written on the current call's state -- that of the
+    generate() call running in this thread, or this thread's forwards outside one -- so calls
+    from several threads, and a generate() call and the forwards around it, never see each
+    other's values. `factory` makes the value a call starts with."""
+
+    def __init__(self, default: Any = None, factory: Callable[[], Any] | None = None):
+        self.default, self.factory = default, factory
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, patch: Any, owner: type | None = None) -> Any:
+        if patch is None:
+            return self
+        call = patch._call()
+        if self.name not in call:
+            call[self.name] = self.factory() if self.factory is not None else self.default
+        return call[self.name]
+
+    def __set__(self, patch: Any, value: Any) -> None:
+        patch._call()[self.name] = value
+
+
 class PatchBase:
     """Hook and wrapper bookkeeping shared by the vision-stage and in-LLM engines: everything is
     installed on one model instance and removed exactly."""
+
+    # per call (see PerCall): where a generate() call is, and what its forwards hand each other
+    _in_generate = PerCall(False)
+    _prefilled_in_generate = PerCall(False)
+    _filled = PerCall(False)  # set by a prefill's pre-hook, read by the post-hook that tags the cache
+    _generate_cuts = PerCall(False)  # see _cuts_at_cache
+    _prompt_len = PerCall(None)  # columns of the prompt the current generate() call got
+    _labels = PerCall(None)  # see _take_labels
 
     adapter: Any  # the family adapter (patches/adapters/) the engine was made with
 
@@ -74,13 +120,7 @@ class PatchBase:
         self.layer_lengths: list[int] = []  # tokens each decoder layer saw in the last prefill
         self._hooks: list[Any] = []
         self._wrapped: list[tuple[Any, str, Any]] = []  # (object, attribute, our wrapper)
-        self._in_generate = False
-        self._prefilled_in_generate = False
-        self._filled = False  # set by a prefill's pre-hook, read by the post-hook that tags the cache
-        self._generate_cuts = False  # see _cuts_at_cache
-        self._prompt_len: int | None = None  # columns of the prompt the current generate() call got
-        # see the module docstring; re-entrant, so that a generate() inside one does not deadlock
-        self._generate_lock = threading.RLock()
+        self._calls = threading.local()  # per thread: the current call's state (see PerCall)
         # read once: a transformers config attribute costs microseconds, and the prefill path is
         # host-bound on a GPU
         self._image_token_id = getattr(model.config, "image_token_id", None)
@@ -90,14 +130,23 @@ class PatchBase:
                              if getattr(c, "pad_token_id", None) is not None), 0)
 
     def __getstate__(self) -> dict[str, Any]:
-        # copy.deepcopy / pickle of a patched model: a lock is neither; the copy gets its own
+        # copy.deepcopy / pickle of a patched model: per-thread call state is neither; the copy
+        # starts with none
         state = self.__dict__.copy()
-        del state["_generate_lock"]
+        del state["_calls"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._generate_lock = threading.RLock()
+        self._calls = threading.local()
+
+    def _call(self) -> dict[str, Any]:
+        """The current call's state: the running generate() call's in this thread, else this
+        thread's own (for forwards outside generate())."""
+        call = getattr(self._calls, "state", None)
+        if call is None:
+            call = self._calls.state = {}
+        return call
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -169,26 +218,26 @@ class PatchBase:
         self._wrap(self.model, "generate", generate)
 
     def _generate(self, original, *args, **kwargs):
-        """The patched instance's generate(): `original` with the call's facts noted. Calls from
-        other threads wait: the prefill's decisions and the call's flags live on this patch."""
+        """The patched instance's generate(): `original` with the call's facts noted, in a state
+        of its own (see PerCall), dropped when it returns."""
         _refuse_chunked_prefill(self.model, kwargs)
-        with self._generate_lock:
+        outer = getattr(self._calls, "state", None)
+        self._calls.state = {}
+        try:
             self._in_generate, self._prefilled_in_generate = True, False
             given = _generate_input(args, kwargs)
             self._generate_cuts = _cuts_at_cache(given, kwargs)
             self._prompt_len = given.shape[1] if isinstance(given, torch.Tensor) and given.dim() >= 2 else None
-            try:
-                return original(*args, **self._generate_kwargs(kwargs))
-            finally:
-                self._in_generate = False
-                self._after_generate()
+            return original(*args, **self._generate_kwargs(kwargs))
+        finally:
+            self._after_generate()
+            self._calls.state = outer
 
     def _hook_labels(self) -> None:
         """A forward given `labels`: the logits cover only the columns the pruning kept, so the
         model's own loss (labels of the whole sequence) would fail. The labels are taken out
         before the forward, and the loss is computed after it on the labels of the kept columns
         (those of dropped image tokens go, as their logits did)."""
-        self._labels: dict[str, torch.Tensor] | None = None
         self._hooks.append(self.model.register_forward_pre_hook(self._take_labels, with_kwargs=True))
         self._hooks.append(self.model.register_forward_hook(self._loss_on_kept, with_kwargs=True))
 
@@ -238,7 +287,7 @@ class PatchBase:
         return self.adapter.generate_kwargs(kwargs, self._state_of)
 
     def _after_generate(self) -> None:
-        """Called when a generate() call returns (or raises)."""
+        """Called when a generate() call returns (or raises), with its state still current."""
 
     def _prompt_end(self, cached: int = 0) -> int | None:
         """For the first forward of a generate() call: where the prompt ends among its tokens.

@@ -47,7 +47,7 @@ from vlm_prune.timing import clock
 
 from .adapters.base import FamilyAdapter, Plan
 from .image_tokens import ImageTokens, ReducedImages, _cat, reduce_image_tokens
-from .model_hooks import (PatchBase, _is_prepared, _padding_mask, _per_row, _prompt_columns, kw_batch, kw_device, kw_length,
+from .model_hooks import (PatchBase, PerCall, _is_prepared, _padding_mask, _per_row, _prompt_columns, kw_batch, kw_device, kw_length,
                           with_fields)
 
 
@@ -106,6 +106,14 @@ class VisionStageEngine(PatchBase):
     """Vision-stage pruning on one model instance, through its family's adapter (see the module
     docstring)."""
 
+    # per call (see model_hooks.PerCall)
+    state = PerCall(None)  # PromptState: what the prompt's prefill decided
+    _input_compaction = PerCall(None)  # of the last prefill's own tokens (labels)
+    _image_outputs = PerCall(None)  # see _return_image_outputs
+    _scratch = PerCall(factory=dict)  # what the adapter keeps between its hooks (grid sizes read before the tower...)
+    # the wrapped encoder's last output, its per-image tensors then, and their description
+    _last_encoded = PerCall(None)
+
     def __init__(self, model: torch.nn.Module, config: PruneConfig, adapter_cls: type[FamilyAdapter]):
         method_cls = get_method(config.method)
         if method_cls.stage != "vision":
@@ -127,13 +135,7 @@ class VisionStageEngine(PatchBase):
         # the options `reduce` runs with: "auto" values resolved for this position policy
         self.run_config = dataclasses.replace(config, options=self.method.resolve_options(config.options, self.positions))
         self.adapter = adapter_cls(model, Plan(self.method, config, self.run_config, self.positions, self.budget))
-        self.state: PromptState | None = None
-        self._input_compaction: Compaction | None = None  # of the last prefill's tokens
-        self._image_outputs: Any = None  # see _return_image_outputs
-        # what the adapter keeps between its hooks within a call (grid sizes read before the tower...)
-        self._scratch: dict[str, Any] = {}
-        # the wrapped encoder's last output, its per-image tensors then, and their description
-        self._last_encoded: tuple[Any, tuple[torch.Tensor, ...], list[ImageTokens]] | None = None
+        self._kept_slots: list[torch.Tensor] | None = None
 
     @property
     def kept_indices(self) -> list[torch.Tensor]:
@@ -328,7 +330,7 @@ class VisionStageEngine(PatchBase):
         counts = is_image.sum(1).tolist()
         if not self._has_image_inputs(kw) or not any(counts) or self._malformed(kw, sum(counts)):
             return self._unpruned(counts, is_image.shape[1])
-        self.adapter.signal_s = 0.0
+        self._scratch["signal_s"] = 0.0
         # before the tower: what reads the device here (Qwen's M-RoPE index) then waits for
         # nothing, and everything after the tower is queued without a single device read
         self.adapter.prepare(kw, self._scratch)
@@ -384,7 +386,7 @@ class VisionStageEngine(PatchBase):
         self.stats = [{"visual_tokens": int(n), "kept": int(k)} for n, k in zip(counts, row_kept)]
         total = clock(self.model) - start
         # the scoring hooks run inside the tower's forward: their time belongs to selection
-        signal_s = self.adapter.signal_s
+        signal_s = self._scratch.get("signal_s", 0.0)
         self.timings = {"vision_s": vision_s - signal_s, "select_s": total - vision_s + signal_s,
                         "positions_s": positions_s}
         return new_kw

@@ -14,7 +14,7 @@ import torch
 import vlm_prune
 from vlm_prune import tiny
 
-from .test_families import BUILD, two_prompts
+from .test_families import BUILD, make_inputs, two_prompts
 
 FAMILIES = ["llava", "llava_next", "qwen2_vl"]
 
@@ -306,17 +306,22 @@ def test_assisted_decoding_generates_what_greedy_does(method, options):
     torch.testing.assert_close(assisted.logits[0], greedy.logits[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method, options", [("cls_attention", {}), ("fastv", {"layer": 2})])
-def test_generate_from_several_threads_equals_one_at_a_time(method, options):
-    """A patch holds one call's state (the prompt's decisions, where the call is): generate()
-    calls on one patched model from two threads at once must each give what it gives alone
-    (without the patch's lock they interleave and fail or mix the prompts' decisions)."""
+@pytest.mark.parametrize("family, method, options", [("llava", "cls_attention", {}), ("llava", "fastv", {"layer": 2}),
+                                                     ("qwen2_vl", "cls_attention", {}), ("llava_next", "visionzip", {})])
+def test_generate_from_several_threads_equals_one_at_a_time(family, method, options):
+    """Each generate() call has its own state (per call and per thread, no lock): generate()
+    calls on one patched model from two threads at once each give what they give alone (with
+    shared state they interleave and fail or mix the prompts' decisions; with the tower's
+    signal hooks seen by both threads, one scores with the other's tensors)."""
     import threading
 
-    model, processor = BUILD["llava"](text_layers=4)
-    prompts = [processor(images=[tiny.random_image(64, 48, seed=seed)], text=[text], return_tensors="pt")
-               for seed, text in [(0, "USER: <image>\nWhat is it? ASSISTANT:"),
-                                  (1, "USER: <image>\nHow many green triangles are there in the picture? ASSISTANT:")]]
+    model, processor = BUILD[family](text_layers=4)
+    asked = [(0, (64, 48), "What is it?"), (1, (48, 80), "How many green triangles are there in the picture?")]
+    if family == "llava":
+        prompts = [processor(images=[tiny.random_image(*size, seed=seed)], text=[f"USER: <image>\n{q} ASSISTANT:"],
+                             return_tensors="pt") for seed, size, q in asked]
+    else:
+        prompts = [make_inputs(processor, family, [size], [q], seeds=[seed]) for seed, size, q in asked]
     with torch.no_grad(), vlm_prune.pruned(model, method, 0.25, **options):
         alone = [model.generate(**p, max_new_tokens=12, min_new_tokens=12, do_sample=False) for p in prompts]
         start, outcomes = threading.Barrier(2), [[], []]

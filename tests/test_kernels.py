@@ -197,11 +197,15 @@ def test_triton_backend_copies_kept_tokens_straight_from_the_tower(monkeypatch):
             logits = model(**inputs).logits
             assert handle._patch.state.reduced is None
             assert per_placeholder.pop() == (backend == "triton")
+            seen = []  # the generate() call's own prompt state, at each of its forwards
+            hook = model.model.register_forward_hook(lambda module, args, out: seen.append(handle._patch.state))
             tokens = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, use_cache=False)
-            assert handle._patch.state.reduced is None  # held for the replays, released when generate() returns
+            assert len({id(s) for s in seen}) == 1 and seen[0].reduced is None  # held for the replays, released at return
             assert [s["kept"] for s in handle.stats] == [9, 9]
+            seen.clear()
             cached = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-            assert handle._patch.state.reduced is None
+            hook.remove()
+            assert seen[0].reduced is None
         assert per_placeholder == [backend == "triton"] * 2  # one prefill per generate()
         per_placeholder.clear()
         assert torch.equal(tokens, cached)

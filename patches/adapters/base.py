@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,6 +30,19 @@ from vlm_prune.config import PruneConfig
 
 from ..image_tokens import ImageTokens
 from ..model_hooks import kw_batch, kw_device, kw_length
+
+
+def this_thread_only(hook: Callable) -> Callable:
+    """A hook that runs only in the thread that made it: the signal hooks a call puts on the
+    (shared) vision tower for the tower's run must not record another thread's tensors."""
+    owner = threading.get_ident()
+
+    def guarded(*args, **kwargs):
+        if threading.get_ident() == owner:
+            return hook(*args, **kwargs)
+        return None
+
+    return guarded
 
 
 @dataclass(frozen=True)
@@ -108,7 +122,6 @@ class FamilyAdapter:
     def __init__(self, model: torch.nn.Module, plan: Plan):
         self.model = model
         self.plan = plan
-        self.signal_s = 0.0  # time spent computing signals in the tower's hooks (scoring, not the tower)
         self.check()
 
     @classmethod
@@ -143,7 +156,8 @@ class FamilyAdapter:
         return None
 
     def capture_signals(self, scratch: dict[str, Any]) -> contextlib.AbstractContextManager:
-        """Context manager around the tower; yields a dict it fills with raw signals."""
+        """Context manager around the tower; yields a dict it fills with raw signals, and adds
+        the time it spends computing them to scratch["signal_s"] (scoring, not the tower)."""
         return contextlib.nullcontext({})
 
     def embedding(self) -> torch.nn.Module:

@@ -24,7 +24,7 @@ from vlm_prune.timing import clock
 from vlm_prune.vision_layers import resolve_score_layers
 
 from ..image_tokens import ImageTokens, Region
-from .base import FamilyAdapter
+from .base import FamilyAdapter, this_thread_only
 
 
 class LlavaAdapter(FamilyAdapter):
@@ -138,10 +138,10 @@ class LlavaAdapter(FamilyAdapter):
         return self.model.model.multi_modal_projector(features)
 
     def capture_signals(self, scratch):
-        return self._capture_tower_signals()
+        return self._capture_tower_signals(scratch)
 
     @contextlib.contextmanager
-    def _capture_tower_signals(self):
+    def _capture_tower_signals(self, scratch: dict[str, Any]):
         """Yields a dict that holds, once the tower ran (I = images or crops, T = tokens incl. [CLS]):
         "cls_attention": [I, T] float32, the [CLS] attention rows of `score_layers` summed;
         "keys": [I, T, Dh] keys of the last score layer averaged over heads (methods that need keys);
@@ -154,16 +154,16 @@ class LlavaAdapter(FamilyAdapter):
         for layer_idx, attn in zip(self.score_layers, self._score_attention):
             slot = captured.setdefault(layer_idx, {})
             # q: only the [CLS] row is kept; k: all keys. Both are the layer's own projections.
-            handles.append(attn.q_proj.register_forward_hook(_store(slot, "q", first_row=True)))
-            handles.append(attn.k_proj.register_forward_hook(_store(slot, "k")))
+            handles.append(attn.q_proj.register_forward_hook(this_thread_only(_store(slot, "q", first_row=True))))
+            handles.append(attn.k_proj.register_forward_hook(this_thread_only(_store(slot, "k"))))
         feature_layers = self._feature_layers() if "cls_feature" in self.plan.method.needs and self.has_cls else ()
         for layer_idx in feature_layers:
             slot = captured.setdefault(("feature", layer_idx), {})
-            handles.append(self.vision_layers[layer_idx].register_forward_hook(_store_cls(slot)))
+            handles.append(self.vision_layers[layer_idx].register_forward_hook(this_thread_only(_store_cls(slot))))
         if self.plan.method.uses_pre_projection:
             slot = captured.setdefault("projector", {})
             handles.append(self.model.model.multi_modal_projector.register_forward_pre_hook(
-                lambda module, args: slot.update(input=args[0])))
+                this_thread_only(lambda module, args: slot.update(input=args[0]))))
         try:
             yield result
         finally:
@@ -191,7 +191,7 @@ class LlavaAdapter(FamilyAdapter):
             k = captured[self.score_layers[-1]]["k"]
             heads = 1 if self.one_head else self._score_attention[-1].num_heads
             result["keys"] = k.view(*k.shape[:-1], heads, -1).mean(-2)  # VisionZip: heads averaged
-        self.signal_s += clock(self.model) - start
+        scratch["signal_s"] = scratch.get("signal_s", 0.0) + clock(self.model) - start
 
 
 def _store_cls(slot: dict[str, torch.Tensor]):

@@ -40,7 +40,7 @@ from vlm_prune.vision_layers import refuse_layers
 from ..image_tokens import ImageTokens, Region, region_budgets
 from ..model_hooks import kw_batch, kw_device
 from ..mrope import image_rope_index
-from .base import FamilyAdapter
+from .base import FamilyAdapter, this_thread_only
 
 
 QWEN_SCORED_BY = "the attention each token receives in the last vision block"
@@ -261,9 +261,9 @@ class QwenVLAdapter(FamilyAdapter):
             grid_seen["grid_thw"] = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
 
         handles = [
-            attn.register_forward_pre_hook(keep_inputs, with_kwargs=True),
-            attn.qkv.register_forward_hook(keep_qkv),
-            self.visual.register_forward_pre_hook(keep_grid, with_kwargs=True),
+            attn.register_forward_pre_hook(this_thread_only(keep_inputs), with_kwargs=True),
+            attn.qkv.register_forward_hook(this_thread_only(keep_qkv)),
+            self.visual.register_forward_pre_hook(this_thread_only(keep_grid), with_kwargs=True),
         ]
         try:
             yield result
@@ -291,4 +291,4 @@ class QwenVLAdapter(FamilyAdapter):
             received = attention_received_rotary(q, k, cos, sin, attn.scaling, seen["cu_seqlens"], self.merge_unit,
                                                  rotary=rotary, backend=self.plan.config.backend)
             result["cls_attention"] = to_raster(received, window_index)
-        self.signal_s += clock(self.model) - start
+        scratch["signal_s"] = scratch.get("signal_s", 0.0) + clock(self.model) - start

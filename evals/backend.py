@@ -1,12 +1,13 @@
-"""The backend interface the runner talks to, and the registry of backends.
+"""The backend interface the runner talks to (the backends by name: backends.py).
 
-    backend = make_backend("hf", "./llava-1.5-7b-hf", device="cuda")
+    backend = make_backend("hf", "./llava-1.5-7b-hf", device="cuda")   # backends.make_backend
     backend.configure("cls_attention", 64, {})            # "none" = the unpruned baseline
     preds = backend.generate([Request(id="17", image=pil_image, text="What is it?\\n<suffix>",
                                       max_new_tokens=16)])  # -> [Prediction], same order
 
 A backend owns the prompt template (the text is the question plus suffix; it adds the image
-slot and the chat format), the batching and the measurements of `Prediction`.
+slot and the chat format), the batching and the measurements of `Prediction`. This module
+imports no backend (hf_backend.py and vllm_backend.py import it), so it has no import cycle.
 """
 
 from __future__ import annotations
@@ -63,14 +64,3 @@ class Backend(ABC):
     def close(self) -> None:
         pass
 
-
-def make_backend(name: str, model_dir: str, **kwargs: Any) -> Backend:
-    if name == "hf":
-        from .hf_backend import HFBackend
-
-        return HFBackend(model_dir, **kwargs)
-    if name == "vllm":
-        from .vllm_backend import VLLMBackend
-
-        return VLLMBackend(model_dir, **kwargs)
-    raise ValueError(f"unknown backend {name!r}; choose hf or vllm")

@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .backends import available_backends
 from .configs import make_config, parse_config, parse_keep, parse_options
 from .data import DataError
 from .tasks import TASKS, get_task
@@ -32,7 +33,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--bench", required=True, help=f"comma-separated: {', '.join(TASKS)} (alias sqa)")
     p.add_argument("--data", required=True, type=Path, help="folder with one sub-folder per benchmark (evals/README.md)")
     p.add_argument("--limit", type=int, help="first N questions of each benchmark (POPE: per split; MME: N images)")
-    p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    p.add_argument("--backend", choices=available_backends(), default="hf")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("eval-results"), help="output folder; re-running resumes")
     p.add_argument("--prompt-suffix", help="replaces the benchmark's instruction line ('' for none)")
@@ -61,7 +62,7 @@ def _configs(args) -> list:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from .backend import make_backend
+    from .backends import make_backend
     from .report import write_report
     from .runner import run_benchmark
     from .tasks import load_bench

@@ -15,6 +15,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from vlm_prune.cli_args import parse_options as parse_pairs
 from vlm_prune.registry import available_methods
 
 
@@ -45,8 +46,6 @@ def parse_keep(text: str) -> int | float:
 
 def parse_options(text: str) -> dict:
     """"layers=[-3,-2],seed=1" -> {"layers": [-3, -2], "seed": 1} (commas inside [...] stay)."""
-    from vlm_prune.cli import parse_options as parse_pairs
-
     return parse_pairs(list(filter(None, re.split(r",(?![^\[]*\])", text) if text else [])))
 
 

@@ -1,12 +1,15 @@
 """`python -m vlm_prune.kernels.bench`: each Triton kernel against its reference, on a GPU.
 
-Times (CUDA events, median of --repeats after warm-up) at LLaVA-1.5 (576 tokens), LLaVA-NeXT
-(2880) and Qwen2-VL (16384) sizes, then the end-to-end pruning overhead -- scoring plus
-selection and compaction as a share of prefill -- for 7B-shaped LLaVA-1.5 and Qwen2-VL (real
-vision towers; the LLM measured on a few decoder layers and scaled to its real depth), with
-backend="torch" and "triton", and "triton" with every launch through Triton's own launcher
-instead of `launch.launch`'s cache. Prints Markdown tables; --json writes the numbers, --profile
-FILE torch.profiler op tables of one pruned prefill.
+Times at LLaVA-1.5 (576 tokens), LLaVA-NeXT (2880) and Qwen2-VL (16384) sizes -- reference and
+Triton in --repeats interleaved rounds after 2 warm-up rounds, eager (CUDA events around one
+call) and on the device (CUDA graph replays) -- then the end-to-end pruning overhead -- scoring
+plus selection and compaction as a share of prefill -- for 7B-shaped LLaVA-1.5 and Qwen2-VL
+(real vision towers; the LLM measured on a few decoder layers and scaled to its real depth),
+with backend="torch" and "triton", and "triton" with every launch through Triton's own launcher
+instead of `launch.launch`'s cache. Every timing goes through `vlm_prune.benchmark` (the harness
+of all the benches). Prints Markdown tables; the numbers (JSON) and the printed tables with the
+harness's per-variant spread (.txt) go to --out (default bench-results/), --json FILE also
+writes the numbers there, --profile FILE torch.profiler op tables of one pruned prefill.
 
 `--smoke` runs tiny sizes on CPU through the Triton interpreter (set TRITON_INTERPRET=1 before
 starting Python) to check the script itself; its timings mean nothing.
@@ -16,63 +19,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 SIZES = {"llava-1.5": 576, "llava-next": 2880, "qwen2-vl": 16384}
 
 
-def _sampler(device: str):
-    """sample(fn, n, warmup) -> n timings of fn in ms (CUDA events on a GPU: host launch cost
-    included, as a user sees it)."""
-    def sample(fn, n: int, warmup: int = 2) -> list[float]:
-        for _ in range(warmup):
-            fn()
-        samples = []
-        for _ in range(n):
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                samples.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                samples.append(1000 * (time.perf_counter() - t0))
-        return samples
-
-    return sample
+def _timing(device: str) -> str:
+    """CUDA events on a GPU (host launch cost included, as a user sees it), the host clock on CPU."""
+    return "cuda_events" if device == "cuda" else "host"
 
 
-def _timer(device: str, repeats: int):
-    sample = _sampler(device)
-    return lambda fn: statistics.median(sample(fn, repeats))
+def _compare(device: str, repeats: int, ref, fused, graph: bool = False, on_error=None):
+    """Reference and Triton in `repeats` interleaved rounds after 2 warm-up rounds
+    (`vlm_prune.benchmark`); graph: each call captured 20 times in a CUDA graph, replays timed
+    (the kernels' own device time, without the host's launch cost)."""
+    from vlm_prune.benchmark import Variant, measure
 
-
-def _graph_timer(repeats: int, calls: int = 20):
-    """Device time per call: `calls` calls captured in one CUDA graph, replays timed with events.
-    This removes the host's launch cost, which on a busy host hides what a kernel saves."""
-    def measure(fn) -> float:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
-        return _timer("cuda", repeats)(graph.replay) / calls
-
-    return measure
+    return measure([Variant("reference", ref), Variant("triton", fused)], rounds=repeats, warmup_rounds=2,
+                   timing="cuda_graph" if graph else _timing(device), graph_calls=20, on_error=on_error)
 
 
 def kernel_rows(device: str, repeats: int, sizes: dict[str, int], dtype: torch.dtype) -> list[dict]:
@@ -81,8 +48,6 @@ def kernel_rows(device: str, repeats: int, sizes: dict[str, int], dtype: torch.d
     from .attention_received import attention_received_rotary_ref
     from .compaction import compact_prompt_ref
 
-    measure = _timer(device, repeats)
-    measure_graph = _graph_timer(repeats) if device == "cuda" else None
     rows = []
     for name, tokens in sizes.items():
         heads, head_dim = (16, 64) if name != "qwen2-vl" else (16, 80)
@@ -145,24 +110,29 @@ def kernel_rows(device: str, repeats: int, sizes: dict[str, int], dtype: torch.d
             try:
                 expected, got = ref().float(), fused().float()
                 error = ((got - expected).norm() / expected.norm().clamp(min=1e-30)).item()
-                ref_ms, fused_ms = measure(ref), measure(fused)
+                eager = _compare(device, repeats, ref, fused)
+                ref_ms, fused_ms = eager.ms("reference"), eager.ms("triton")
             except Exception as exc:  # one failing kernel must not hide the other rows
                 print(f"[bench] {name} / {op}: {exc!r}", file=sys.stderr)
                 continue
             row = dict(size=name, tokens=tokens, op=op, reference_ms=ref_ms, triton_ms=fused_ms,
                        speedup=ref_ms / fused_ms, relative_error=error,
-                       reference_graph_ms=None, triton_graph_ms=None, graph_speedup=None)
-            if measure_graph is not None:
-                # separately: a reference that reads the device (a boolean index) cannot be captured
-                for key, fn in (("reference_graph_ms", ref), ("triton_graph_ms", fused)):
-                    try:
-                        row[key] = measure_graph(fn)
-                    except Exception as exc:  # e.g. a reference that copies to the host
-                        first = str(exc).splitlines()[0] if str(exc) else ""
-                        print(f"[bench] {name} / {op}: {key} not measured, the call cannot be captured in a "
-                              f"CUDA graph ({type(exc).__name__}: {first})", file=sys.stderr)
+                       reference_graph_ms=None, triton_graph_ms=None, graph_speedup=None,
+                       timings={"eager": eager.to_dict()})
+            if device == "cuda":
+                # a reference that reads the device (a boolean index) cannot be captured: the other still runs
+                def not_captured(variant, exc, name=name, op=op):
+                    first = str(exc).splitlines()[0] if str(exc) else ""
+                    print(f"[bench] {name} / {op}: {variant.name}_graph_ms not measured, the call cannot be captured "
+                          f"in a CUDA graph ({type(exc).__name__}: {first})", file=sys.stderr)
+
+                graph = _compare(device, repeats, ref, fused, graph=True, on_error=not_captured)
+                for variant in ("reference", "triton"):
+                    if not graph.failed(variant):
+                        row[f"{variant}_graph_ms"] = graph.ms(variant)
                 if row["reference_graph_ms"] and row["triton_graph_ms"]:
                     row["graph_speedup"] = row["reference_graph_ms"] / row["triton_graph_ms"]
+                row["timings"]["graph"] = graph.to_dict()
             rows.append(row)
     return rows
 
@@ -264,7 +234,7 @@ def _models_own_positions(model, inputs: dict):
 
 
 def overhead_rows(device: str, repeats: int, dtype: torch.dtype, smoke: bool, keep: float = 0.25,
-                  rounds: int = 4) -> list[dict]:
+                  rounds: int = 4, reports: list | None = None) -> list[dict]:
     """Per 7B shape, batch and backend, the pruning overhead, each against the prefill of the
     full-depth model (the LLM's measured per-layer cost times the real depth):
 
@@ -279,11 +249,12 @@ def overhead_rows(device: str, repeats: int, dtype: torch.dtype, smoke: bool, ke
       than the pruning costs).
 
     A host-bound prefill drifts with the host's speed, so every variant is measured in `rounds`
-    interleaved rounds (each reported number is a median over all of them).
+    interleaved rounds (each reported number is a median over all of them). `reports` (a list)
+    receives the harness's report of each model and batch.
     """
     import vlm_prune
+    from vlm_prune.benchmark import Variant, measure
 
-    sample = _sampler(device)
     per_round = max(2, repeats // rounds)
     rows = []
     for name, shape in (SMOKE_SHAPES if smoke else SHAPES_7B).items():
@@ -312,51 +283,76 @@ def overhead_rows(device: str, repeats: int, dtype: torch.dtype, smoke: bool, ke
                 with torch.inference_mode():
                     model.model.get_image_features(**image_kw)
 
-            got: dict = {}
-            stats: dict = {}
-            failed: set = set()
-
-            def add(key, samples):
-                got.setdefault(key, []).extend(samples)
-
             lm_unpruned = language_model_alone(_language_model_inputs(model, prefill))
             own_positions = _models_own_positions(model, inputs)
             calls = {"unpruned": _host_calls(prefill)}
-            for _ in range(rounds):
-                with _sync_timings(False):
-                    add("prefill", sample(prefill, per_round, warmup=1))
-                    add("vision", sample(vision_alone, per_round, warmup=1))
-                    add("lm", sample(lm_unpruned, per_round, warmup=1))
-                    if own_positions is not None:
-                        add("own_positions", sample(own_positions, per_round, warmup=1))
-                for backend in VARIANTS:
-                    if backend in failed:
-                        continue
-                    try:
-                        with vlm_prune.pruned(model, "cls_attention", keep, backend=backend.split()[0]) as handle, \
-                                _launches(backend):
-                            timings = []
+            handles: dict = {}
+            lm_pruned: dict = {}
 
-                            def pruned_prefill():
-                                prefill()
-                                timings.append(handle.timings)
+            def pruned_block(backend: str, sync: bool, lm: bool = False):
+                @contextlib.contextmanager
+                def block():
+                    with vlm_prune.pruned(model, "cls_attention", keep, backend=backend.split()[0]) as handle, \
+                            _launches(backend), _sync_timings(sync):
+                        handles[backend] = handle
+                        if lm:  # the language model's inputs in this pruned prefill
+                            lm_pruned[backend] = language_model_alone(_language_model_inputs(model, prefill))
+                        yield
+                return block
 
-                            for sync in (True, False):
-                                with _sync_timings(sync):
-                                    add((backend, sync), sample(pruned_prefill, per_round, warmup=1))
-                                add((backend, sync, "vision"), [t["vision_s"] * 1000 for t in timings[-per_round:]])
-                                add((backend, sync, "select"), [t["select_s"] * 1000 for t in timings[-per_round:]])
-                                add((backend, sync, "positions"),
-                                    [t.get("positions_s", 0.0) * 1000 for t in timings[-per_round:]])
-                            with _sync_timings(False):
-                                lm_pruned = language_model_alone(_language_model_inputs(model, prefill))
-                                add((backend, "lm"), sample(lm_pruned, per_round, warmup=1))
-                            stats[backend] = handle.stats[0]
-                            calls[backend] = _host_calls(prefill)
-                    except Exception as exc:
-                        failed.add(backend)
-                        print(f"[bench] {name} / batch {batch} / {backend}: {exc!r}", file=sys.stderr)
-            med = {key: statistics.median(values) for key, values in got.items()}
+            def stages(backend: str):
+                def read(_):
+                    t = handles[backend].timings
+                    return {"vision": t["vision_s"], "select": t["select_s"], "positions": t.get("positions_s", 0.0)}
+                return read
+
+            undisturbed = lambda: _sync_timings(False)  # noqa: E731
+            variants = [Variant("prefill", prefill, around=undisturbed),
+                        Variant("vision", vision_alone, around=undisturbed),
+                        Variant("lm", lm_unpruned, around=undisturbed)]
+            if own_positions is not None:
+                variants.append(Variant("own positions", own_positions, around=undisturbed))
+            for backend in VARIANTS:
+                variants += [
+                    Variant(f"{backend} sync", prefill, around=pruned_block(backend, True), extras=stages(backend),
+                            group=backend),
+                    Variant(f"{backend} host", prefill, around=pruned_block(backend, False), extras=stages(backend),
+                            group=backend),
+                    Variant(f"{backend} lm", lambda backend=backend: lm_pruned[backend](),
+                            around=pruned_block(backend, False, lm=True), group=backend),
+                ]
+
+            def backend_failed(variant, exc):
+                if variant.group is None:  # the unpruned baseline: nothing to compare against
+                    raise exc
+                print(f"[bench] {name} / batch {batch} / {variant.group}: {exc!r}", file=sys.stderr)
+
+            measured = measure(variants, rounds=rounds, per_round=per_round, warmup_rounds=0, warmup_calls=1,
+                               timing=_timing(device), on_error=backend_failed)
+            if reports is not None:
+                reports.append(dict(model=name, batch=batch, report=measured.to_dict()))
+            failed = {v.group for v in variants if v.group is not None and measured.failed(v.name)}
+            stats: dict = {}
+            for backend in VARIANTS:
+                if backend in failed:
+                    continue
+                try:
+                    with vlm_prune.pruned(model, "cls_attention", keep, backend=backend.split()[0]) as handle, \
+                            _launches(backend), _sync_timings(False):
+                        calls[backend] = _host_calls(prefill)
+                        stats[backend] = handle.stats[0]
+                except Exception as exc:
+                    failed.add(backend)
+                    print(f"[bench] {name} / batch {batch} / {backend}: {exc!r}", file=sys.stderr)
+            med = {"prefill": measured.ms("prefill"), "vision": measured.ms("vision"), "lm": measured.ms("lm")}
+            if own_positions is not None:
+                med["own_positions"] = measured.ms("own positions")
+            for backend in set(VARIANTS) - failed:
+                med[backend, "lm"] = measured.ms(f"{backend} lm")
+                for sync, clock in ((True, "sync"), (False, "host")):
+                    med[backend, sync] = measured.ms(f"{backend} {clock}")
+                    for stage in ("vision", "select", "positions"):
+                        med[backend, sync, stage] = measured.ms(f"{backend} {clock}", stage)
             unpruned_ms, vision_alone_ms, lm_unpruned_ms = med["prefill"], med["vision"], med["lm"]
             glue_unpruned = unpruned_ms - vision_alone_ms - lm_unpruned_ms
             for backend in VARIANTS:
@@ -374,7 +370,7 @@ def overhead_rows(device: str, repeats: int, dtype: torch.dtype, smoke: bool, ke
                 rows.append(dict(
                     model=name, batch=batch, backend=backend,
                     tokens=f"{stats[backend]['visual_tokens']}->{stats[backend]['kept']}",
-                    measured_layers=n_layers, depth=shape["depth"], samples=len(got[backend, True]),
+                    measured_layers=n_layers, depth=shape["depth"], samples=measured.stats(f"{backend} sync").n,
                     vision_ms=vision_ms, select_ms=select_ms, select_host_ms=med[backend, False, "select"],
                     positions_host_ms=med[backend, False, "positions"],
                     measured_unpruned_ms=unpruned_ms, measured_pruned_ms=pruned_ms,
@@ -472,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU via the Triton interpreter")
     parser.add_argument("--json", help="also write the numbers here")
+    parser.add_argument("--out", default="bench-results",
+                        help="folder for this run's numbers (JSON) and its printed tables (.txt) ('' for none)")
     parser.add_argument("--profile", metavar="FILE", help="also write torch.profiler op tables of a pruned prefill here")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -486,63 +484,77 @@ def main(argv: list[str] | None = None) -> int:
         device, dtype, sizes, repeats = "cuda", getattr(torch, args.dtype), SIZES, args.repeats
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter)"
 
+    from vlm_prune.benchmark import RunLog, describe, report_table
+
+    log = RunLog(args.out or None, f"kernels-{name}-{args.dtype if device == 'cuda' else 'smoke'}", json_path=args.json)
+
     def save(**parts):  # after each section, so a run cut short still leaves its numbers
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"device": name, **parts}, f, indent=2)
+        log.save({"device": name, **parts})
 
     kernels = kernel_rows(device, repeats, sizes, dtype)
     save(kernels=kernels)
-    print(f"vlm_prune kernels on {name}, {args.dtype if device == 'cuda' else 'float32'}, median of {repeats}\n")
-    print("Eager: one call timed with events around it (host launch cost included). Device: calls "
-          "replayed from a CUDA graph (the kernels' own time).\n")
-    print("| size | tokens | op | eager reference ms | eager Triton ms | eager speed-up | device reference ms "
-          "| device Triton ms | device speed-up | rel. error |\n|---|---|---|---|---|---|---|---|---|---|")
+    log.print(f"vlm_prune kernels on {name}, {args.dtype if device == 'cuda' else 'float32'}, median of {repeats}\n")
+    log.print("Eager: one call timed with events around it (host launch cost included). Device: calls "
+              "replayed from a CUDA graph (the kernels' own time).\n")
+    log.print("| size | tokens | op | eager reference ms | eager Triton ms | eager speed-up | device reference ms "
+              "| device Triton ms | device speed-up | rel. error |\n|---|---|---|---|---|---|---|---|---|---|")
 
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
     for r in kernels:
-        print(f"| {r['size']} | {r['tokens']} | {r['op']} | {r['reference_ms']:.3f} | {r['triton_ms']:.3f} | "
-              f"{r['speedup']:.2f}x | {fmt(r['reference_graph_ms'], '.4f')} | {fmt(r['triton_graph_ms'], '.4f')} | "
-              f"{fmt(r['graph_speedup'], '.2f')}x | {r['relative_error']:.1e} |")
-    sys.stdout.flush()
-    overhead = overhead_rows(device, max(4, repeats // 2), dtype, args.smoke, rounds=1 if args.smoke else 4)
-    save(kernels=kernels, overhead=overhead)
-    print("\nPruning overhead, cls_attention keep 0.25, 640x480 image: LLM per-layer cost measured on the "
-          "first layers and scaled to the real depth; device-synchronised timings\n")
-    print("| model | batch | backend | visual tokens per image | vision ms | scoring + compaction ms "
-          "| measured (4 layers) unpruned -> pruned ms | full depth unpruned -> pruned ms | speed-up "
-          "| overhead (share of pruned prefill) |\n|---|---|---|---|---|---|---|---|---|---|")
+        log.print(f"| {r['size']} | {r['tokens']} | {r['op']} | {r['reference_ms']:.3f} | {r['triton_ms']:.3f} | "
+                  f"{r['speedup']:.2f}x | {fmt(r['reference_graph_ms'], '.4f')} | {fmt(r['triton_graph_ms'], '.4f')} | "
+                  f"{fmt(r['graph_speedup'], '.2f')}x | {r['relative_error']:.1e} |")
+    overhead_timings: list[dict] = []
+    overhead = overhead_rows(device, max(4, repeats // 2), dtype, args.smoke, rounds=1 if args.smoke else 4,
+                             reports=overhead_timings)
+    save(kernels=kernels, overhead=overhead, overhead_timings=overhead_timings)
+    log.print("\nPruning overhead, cls_attention keep 0.25, 640x480 image: LLM per-layer cost measured on the "
+              "first layers and scaled to the real depth; device-synchronised timings\n")
+    log.print("| model | batch | backend | visual tokens per image | vision ms | scoring + compaction ms "
+              "| measured (4 layers) unpruned -> pruned ms | full depth unpruned -> pruned ms | speed-up "
+              "| overhead (share of pruned prefill) |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in overhead:
-        print(f"| {r['model']} | {r['batch']} | {r['backend']} | {r['tokens']} | {r['vision_ms']:.2f} | "
-              f"{r['select_ms']:.3f} | {r['measured_unpruned_ms']:.2f} -> {r['measured_pruned_ms']:.2f} | "
-              f"{r['prefill_unpruned_ms']:.2f} -> {r['prefill_pruned_ms']:.2f} | {r['speedup']:.2f}x | "
-              f"{r['overhead_pct']:.2f}% |")
-    print("\nThe same from undisturbed prefills (no synchronising clocks). Glue: prefill - vision tower alone - "
-          "language model alone on that prefill's inputs; host: the pruning's own stretch on the host clock "
-          "(it includes the model's own position ids -- Qwen's M-RoPE index -- which the unpruned forward "
-          "computes too)\n")
-    print("| model | batch | backend | vision alone ms | LLM alone unpruned -> pruned ms | prefill unpruned -> "
-          "pruned ms | glue unpruned -> pruned ms | full depth unpruned -> pruned ms | pruning on the host ms "
-          "(share) | of which position ids ms | the unpruned forward's own position ids ms | share net of "
-          "those |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+        log.print(f"| {r['model']} | {r['batch']} | {r['backend']} | {r['tokens']} | {r['vision_ms']:.2f} | "
+                  f"{r['select_ms']:.3f} | {r['measured_unpruned_ms']:.2f} -> {r['measured_pruned_ms']:.2f} | "
+                  f"{r['prefill_unpruned_ms']:.2f} -> {r['prefill_pruned_ms']:.2f} | {r['speedup']:.2f}x | "
+                  f"{r['overhead_pct']:.2f}% |")
+    log.print("\nThe same from undisturbed prefills (no synchronising clocks). Glue: prefill - vision tower alone - "
+              "language model alone on that prefill's inputs; host: the pruning's own stretch on the host clock "
+              "(it includes the model's own position ids -- Qwen's M-RoPE index -- which the unpruned forward "
+              "computes too)\n")
+    log.print("| model | batch | backend | vision alone ms | LLM alone unpruned -> pruned ms | prefill unpruned -> "
+              "pruned ms | glue unpruned -> pruned ms | full depth unpruned -> pruned ms | pruning on the host ms "
+              "(share) | of which position ids ms | the unpruned forward's own position ids ms | share net of "
+              "those |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in overhead:
-        print(f"| {r['model']} | {r['batch']} | {r['backend']} | {r['vision_alone_ms']:.2f} | "
-              f"{r['lm_unpruned_ms']:.2f} -> {r['lm_pruned_ms']:.2f} | {r['measured_unpruned_ms']:.2f} -> "
-              f"{r['pruned_e2e_ms']:.2f} | {r['glue_unpruned_ms']:.2f} -> {r['glue_pruned_ms']:.2f} | "
-              f"{r['prefill_unpruned_e2e_ms']:.2f} -> {r['prefill_pruned_e2e_ms']:.2f} | "
-              f"{r['select_host_ms']:.3f} ({r['select_host_pct']:.2f}%) | {r['positions_host_ms']:.3f} | "
-              f"{r['positions_unpruned_ms']:.3f} | {r['select_host_net_pct']:.2f}% |")
-    print("\nHost calls of one prefill (counted, not timed): PyTorch ops that are not views, Triton launches, "
-          "device reads\n")
-    print("| model | batch | backend | ops unpruned -> pruned | Triton launches | device reads unpruned -> pruned |"
-          "\n|---|---|---|---|---|---|")
+        log.print(f"| {r['model']} | {r['batch']} | {r['backend']} | {r['vision_alone_ms']:.2f} | "
+                  f"{r['lm_unpruned_ms']:.2f} -> {r['lm_pruned_ms']:.2f} | {r['measured_unpruned_ms']:.2f} -> "
+                  f"{r['pruned_e2e_ms']:.2f} | {r['glue_unpruned_ms']:.2f} -> {r['glue_pruned_ms']:.2f} | "
+                  f"{r['prefill_unpruned_e2e_ms']:.2f} -> {r['prefill_pruned_e2e_ms']:.2f} | "
+                  f"{r['select_host_ms']:.3f} ({r['select_host_pct']:.2f}%) | {r['positions_host_ms']:.3f} | "
+                  f"{r['positions_unpruned_ms']:.3f} | {r['select_host_net_pct']:.2f}% |")
+    log.print("\nHost calls of one prefill (counted, not timed): PyTorch ops that are not views, Triton launches, "
+              "device reads\n")
+    log.print("| model | batch | backend | ops unpruned -> pruned | Triton launches | device reads unpruned -> pruned |"
+              "\n|---|---|---|---|---|---|")
     for r in overhead:
-        print(f"| {r['model']} | {r['batch']} | {r['backend']} | {r['host_ops_unpruned']} -> {r['host_ops']} | "
-              f"{r['launches']} | {r['reads_unpruned']} -> {r['reads']} |")
+        log.print(f"| {r['model']} | {r['batch']} | {r['backend']} | {r['host_ops_unpruned']} -> {r['host_ops']} | "
+                  f"{r['launches']} | {r['reads_unpruned']} -> {r['reads']} |")
+    log.note("\nThe harness's samples (vlm_prune.benchmark): per kernel and per model and batch, n, median and "
+             "spread\n")
+    for r in kernels:
+        for mode, report in r["timings"].items():
+            log.note(f"{r['size']} / {r['op']} / {mode}: {describe(report['settings'])}")
+            log.note(report_table(report, baseline="reference") + "\n")
+    for t in overhead_timings:
+        log.note(f"{t['model']} / batch {t['batch']}: {describe(t['report']['settings'])}")
+        log.note(report_table(t["report"], baseline="prefill") + "\n")
     if args.profile:
         profile_selection(device, dtype, args.profile, args.smoke)
+    if log.paths:
+        print(f"wrote {', '.join(map(str, log.paths))}")
     return 0
 
 

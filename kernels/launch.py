@@ -5,7 +5,7 @@ argument, builds a cache key from the string of the options, reads knobs, and (T
 the compiled launcher launch metadata and two empty hook chains, which it calls. A pruned prefill
 makes 5-8 launches between the vision tower and the language model; on an H200's host, skipping
 that work took 0.10-0.15 ms off the ~1.1-1.4 ms the pruning of a LLaVA-7B prefill spends on the
-host (`kernels/NOTES.md`, runs 10-11).
+host (`benchmarks/results/kernels/NOTES.md`, runs 10-11).
 
 `launch(kernel, grid, *args, **kw)` launches the same compiled kernel: the first call of each
 argument signature goes through Triton (compiling it if needed), later ones call the compiled

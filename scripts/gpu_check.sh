@@ -35,5 +35,7 @@ if [ "${KERNEL_TESTS:-1}" != 0 ]; then
   tail -n 4 "$OUT"/kernel_tests_*.txt
   echo "kernel tests: $(( $(date +%s) - start )) s"
 fi
+# --out: the run's numbers and tables with the harness's spread (kernels-<GPU>-<dtype>-<time>.json/.txt)
+# come back with $OUT too; keepers go to benchmarks/results/kernels/ (docs/kernels.md cites them)
 timeout 330 python3 -m vlm_prune.kernels.bench --repeats "${REPEATS:-50}" --json "$OUT/kernel_bench.json" \
-  --profile "$OUT/profiles.txt" 2>&1 | tee "$OUT/kernel_bench.txt"
+  --out "$OUT" --profile "$OUT/profiles.txt" 2>&1 | tee "$OUT/kernel_bench.txt"

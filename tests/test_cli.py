@@ -32,12 +32,23 @@ def test_flops_by_hand():
 
 def test_bench_runs_and_reports_consistent_numbers(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert cli.main(["bench", "--shape", "tiny", "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
+    assert cli.main(["bench", "--shape", "tiny", "--repeats", "2", "--threads", "1", "--json", str(out),
+                     "--out", str(tmp_path / "results")]) == 0
     data = json.loads(out.read_text())
     assert data["visual_tokens"] == 576 and data["kept_tokens"] == 64
     assert data["llm_tokens_unpruned"] - data["llm_tokens_pruned"] == 576 - 64
     assert data["theoretical_llm_ratio"] > 1 and data["llm_ms_pruned"] > 0
-    assert "theoretical LLM FLOPs ratio" in capsys.readouterr().out
+    # the harness's samples: a warm-up round, then 2 interleaved rounds; the medians are its medians
+    timings = data["timings"]
+    assert timings["settings"]["rounds"] == 2 and timings["settings"]["warmup_rounds"] == 1
+    assert timings["variants"]["pruned"]["select"]["n"] == 2
+    assert timings["variants"]["unpruned"]["llm"]["median_ms"] == pytest.approx(data["llm_ms_unpruned"])
+    printed = capsys.readouterr().out
+    assert "theoretical LLM FLOPs ratio" in printed and "| pruned | select | 2 |" in printed
+    # the run's numbers and report also land in --out
+    saved, = (tmp_path / "results").glob("bench-transformers-tiny-cls_attention-64-*.json")
+    assert json.loads(saved.read_text()) == data
+    assert "theoretical LLM FLOPs ratio" in saved.with_name(saved.name[:-5] + ".txt").read_text()
 
 
 def test_bad_cli_input_is_a_clear_error(capsys):

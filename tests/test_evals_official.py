@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from vlm_prune.evals import backend as backend_mod
+from vlm_prune.evals import backends as backends_mod
 from vlm_prune.evals import metrics, parsers
 from vlm_prune.evals.cli import main
 from vlm_prune.evals.configs import make_config
@@ -253,7 +253,7 @@ def _run(data, out, bench, *extra):
 @pytest.fixture
 def pope_cli(monkeypatch):
     """main() on POPE with a backend that always answers "yes"."""
-    monkeypatch.setattr(backend_mod, "make_backend", lambda *a, **k: Scripted(answer="yes"))
+    monkeypatch.setattr(backends_mod, "make_backend", lambda *a, **k: Scripted(answer="yes"))
     return lambda data, out, *extra: _run(data, out, "pope", *extra)
 
 
@@ -299,7 +299,7 @@ def test_stored_targets_are_checked_without_a_fingerprint(tmp_path):
 
 def test_vqav2_annotation_without_answers(tmp_path, monkeypatch, capsys):
     data, out = write_all(tmp_path / "data"), tmp_path / "out"
-    monkeypatch.setattr(backend_mod, "make_backend", lambda *a, **k: Scripted(answer="2"))
+    monkeypatch.setattr(backends_mod, "make_backend", lambda *a, **k: Scripted(answer="2"))
     assert _run(data, out, "pope") == 0
     written = (out / "none" / "pope" / "predictions.jsonl").read_text()
     path = data / "vqav2" / "v2_mscoco_val2014_annotations.json"
@@ -339,7 +339,7 @@ def test_scienceqa_problem_that_is_not_an_object(tmp_path, monkeypatch, capsys):
     problems = json.loads(path.read_text())
     problems["7"] = ["not", "an", "object"]
     path.write_text(json.dumps(problems))
-    monkeypatch.setattr(backend_mod, "make_backend", lambda *a, **k: Scripted(answer="B"))
+    monkeypatch.setattr(backends_mod, "make_backend", lambda *a, **k: Scripted(answer="B"))
     assert _run(data, tmp_path / "out", "sqa") == 2
     err = capsys.readouterr().err
     assert "problems.json: problem 7: expected an object, got list" in err and "Traceback" not in err
@@ -369,7 +369,7 @@ def test_undecodable_files_are_data_errors(tmp_path):
 
 def test_prediction_line_without_id(tmp_path, monkeypatch, capsys):
     data, out = write_all(tmp_path / "data"), tmp_path / "out"
-    monkeypatch.setattr(backend_mod, "make_backend", lambda *a, **k: Scripted())
+    monkeypatch.setattr(backends_mod, "make_backend", lambda *a, **k: Scripted())
     assert _run(data, out, "pope") == 0
     with open(out / "none" / "pope" / "predictions.jsonl", "a") as f:
         f.write("[1, 2]\n")
@@ -410,7 +410,7 @@ def test_llava_pope_layout(tmp_path):
 
 def test_lenient_parsing_is_a_named_option(tmp_path, monkeypatch):
     data, out = write_all(tmp_path / "data"), tmp_path / "out"
-    monkeypatch.setattr(backend_mod, "make_backend", lambda *a, **k: Scripted(answer="(B)"))
+    monkeypatch.setattr(backends_mod, "make_backend", lambda *a, **k: Scripted(answer="(B)"))
     assert _run(data, out, "sqa") == 0
     assert json.loads((out / "none" / "scienceqa_img" / "summary.json").read_text())["score"] == 0.0
     assert _run(data, out, "sqa", "--lenient-parsing") == 0  # same predictions, rescored

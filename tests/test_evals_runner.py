@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from vlm_prune.evals import backend as backend_mod
+from vlm_prune.evals import backends as backends_mod
 from vlm_prune.evals.backend import Backend, Prediction
 from vlm_prune.evals.cli import main
 from vlm_prune.evals.configs import make_config
@@ -102,7 +102,7 @@ def test_setup_change_is_refused(tmp_path, pope):
 def test_cli_interrupt_then_resume(tmp_path, monkeypatch, capsys):
     data = write_all(tmp_path / "data")
     backends = iter([Scripted(answer="B", fail_at=2), Scripted(answer="B")])
-    monkeypatch.setattr(backend_mod, "make_backend", lambda *a, **k: next(backends))
+    monkeypatch.setattr(backends_mod, "make_backend", lambda *a, **k: next(backends))
     argv = ["--model", "unused", "--compare", "none", "cls_attention:16", "--bench", "sqa,mmbench",
             "--data", str(data), "--out", str(tmp_path / "out"), "--no-progress"]
     assert main(argv) == 130

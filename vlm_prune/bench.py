@@ -2,9 +2,9 @@
 
 Models have random weights (no download) and real shapes: a ViT-B-size vision tower and an
 8-layer Llama/Qwen2 LM at hidden 1024, in the LLaVA-1.5 (576 tokens), LLaVA-NeXT (anyres, 2340
-tokens for 640x480) or Qwen2-VL (2x2 merge, M-RoPE, 391 tokens for 640x480) layout. Runs alternate
-between unpruned and pruned so drift hits both; medians are reported. Threads are pinned
-(torch.set_num_threads).
+tokens for 640x480) or Qwen2-VL (2x2 merge, M-RoPE, 391 tokens for 640x480) layout. Timed by
+`vlm_prune.benchmark`: one warm-up round, then rounds alternating unpruned and pruned so drift
+hits both; medians are reported. Threads are pinned (torch.set_num_threads) for the run.
 
 Printed: LLM prefill time (the language model alone, timed by hooks), end-to-end prefill time
 (vision tower + scoring + LLM), the measured LLM speed-up beside the theoretical FLOPs ratio,
@@ -13,15 +13,16 @@ and the scoring + compaction overhead as a share of the pruned prefill.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from . import api, tiny
+from .benchmark import Variant, describe, measure, pinned_threads, report_table
 from .flops import prefill_flops
 
 _VIT_B = dict(vision_hidden=768, vision_heads=12, vision_intermediate=3072)
@@ -61,6 +62,7 @@ class BenchResult:
     e2e_ms_pruned: float
     select_ms: float
     theoretical_llm_ratio: float
+    timings: dict = field(default_factory=dict, repr=False)  # the harness's report: per variant, n, median, spread
 
     @property
     def llm_speedup(self) -> float:
@@ -91,6 +93,10 @@ class BenchResult:
             f"{100 * self.select_ms / self.llm_ms_pruned:.2f}% of pruned LLM prefill",
         ]
         return "\n".join(rows)
+
+    def spread_report(self) -> str:
+        """The harness's table: samples, median, spread per variant and metric."""
+        return describe(self.timings["settings"]) + "\n" + report_table(self.timings, baseline="unpruned")
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -143,48 +149,56 @@ def run(shape: str = "llava-1.5", method: str = "cls_attention", keep: int | flo
         text_tokens: int = 64, repeats: int = 5, threads: int = 2, **options: Any) -> BenchResult:
     if repeats < 1 or threads < 1:
         raise ValueError(f"repeats={repeats}, threads={threads}: each must be >= 1")
-    torch.set_num_threads(threads)
-    builder, sizes, template = SHAPES[shape]
-    model, processor = getattr(tiny, builder)(**sizes)
-    inputs = build_inputs(processor, template, text_tokens)
-    timer = _LLMTimer(model.model.language_model)
-    samples: dict[str, list[tuple[float, float, float]]] = {"unpruned": [], "pruned": []}
-    handle = None
-    try:
-        with torch.inference_mode():
-            for step in range(repeats + 1):  # the first round warms up
-                for variant in ("unpruned", "pruned"):
-                    if variant == "pruned":
-                        handle = api.patch(model, method, keep, **options)
-                    start = time.perf_counter()
-                    model(**inputs, logits_to_keep=1)
-                    e2e = time.perf_counter() - start
-                    select = handle.timings.get("select_s", 0.0) if variant == "pruned" else 0.0
-                    tokens = timer.tokens
-                    if step > 0:
-                        samples[variant].append((timer.elapsed, e2e, select))
-                    if variant == "pruned":
-                        kept = sum(s["kept"] for s in handle.stats)
-                        pruned_lengths = handle.layer_lengths
-                        api.unpatch(model)
-                    else:
-                        unpruned_tokens = tokens
-    finally:
-        timer.close()
-        api.unpatch(model)
+    with pinned_threads(threads):
+        builder, sizes, template = SHAPES[shape]
+        model, processor = getattr(tiny, builder)(**sizes)
+        inputs = build_inputs(processor, template, text_tokens)
+        timer = _LLMTimer(model.model.language_model)
+        seen: dict[str, Any] = {}  # what the last prefill of each variant saw (tokens, kept, lengths)
 
-    def median(variant: str, i: int) -> float:
-        return 1000 * statistics.median(s[i] for s in samples[variant])
+        @contextlib.contextmanager
+        def patched():
+            seen["handle"] = api.patch(model, method, keep, **options)
+            try:
+                yield
+            finally:
+                api.unpatch(model)
+
+        def unpruned_extras(_):
+            seen["unpruned_tokens"] = timer.tokens
+            return {"llm": timer.elapsed}
+
+        def pruned_extras(_):
+            handle = seen["handle"]
+            seen["kept"] = sum(s["kept"] for s in handle.stats)
+            seen["pruned_lengths"] = handle.layer_lengths
+            return {"llm": timer.elapsed, "select": handle.timings.get("select_s", 0.0)}
+
+        def prefill():
+            model(**inputs, logits_to_keep=1)
+
+        try:
+            with torch.inference_mode():
+                measured = measure([Variant("unpruned", prefill, extras=unpruned_extras),
+                                    Variant("pruned", prefill, around=patched, extras=pruned_extras)],
+                                   rounds=repeats, warmup_rounds=1, threads=threads)
+        finally:
+            timer.close()
+            api.unpatch(model)
+
+    def median(variant: str, metric: str) -> float:
+        return measured.ms(variant, metric)
 
     text_config = model.config.text_config
     visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    unpruned_tokens, pruned_lengths = seen["unpruned_tokens"], seen["pruned_lengths"]
     ratio = prefill_flops(text_config, unpruned_tokens).ratio_to(prefill_flops(text_config, pruned_lengths))
     pruned_tokens = pruned_lengths[-1]  # what the last decoder layer saw (in-LLM methods prune inside)
     return BenchResult(
         shape=shape, method=method, keep=keep, threads=threads, repeats=repeats,
-        visual_tokens=visual, kept_tokens=kept,
+        visual_tokens=visual, kept_tokens=seen["kept"],
         llm_tokens_unpruned=unpruned_tokens, llm_tokens_pruned=pruned_tokens,
-        llm_ms_unpruned=median("unpruned", 0), llm_ms_pruned=median("pruned", 0),
-        e2e_ms_unpruned=median("unpruned", 1), e2e_ms_pruned=median("pruned", 1),
-        select_ms=median("pruned", 2), theoretical_llm_ratio=ratio,
+        llm_ms_unpruned=median("unpruned", "llm"), llm_ms_pruned=median("pruned", "llm"),
+        e2e_ms_unpruned=median("unpruned", "time"), e2e_ms_pruned=median("pruned", "time"),
+        select_ms=median("pruned", "select"), theoretical_llm_ratio=ratio, timings=measured.to_dict(),
     )

@@ -3,36 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from typing import Any
 
+from .benchmark import RunLog
+from .cli_args import parse_keep, parse_options
 from .registry import available_methods, get_method
 
-
-def parse_keep(text: str) -> int | float:
-    """"64" -> 64 tokens per image; "0.25" -> a quarter of them (a dot makes it a fraction)."""
-    try:
-        return float(text) if any(c in text for c in ".eE") else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--keep {text!r} must be an int (tokens per image) or a float in (0, 1] (fraction)"
-        ) from None
-
-
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """["layers=[-3,-2]", "seed=1", "mode=avg"] -> {"layers": [-3, -2], "seed": 1, "mode": "avg"}
-    (values parsed as JSON where they are JSON, else kept as text)."""
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"option {pair!r} must look like name=value")
-        name, value = pair.split("=", 1)
-        try:
-            options[name] = json.loads(value)
-        except json.JSONDecodeError:
-            options[name] = value
-    return options
+__all__ = ["build_parser", "main", "parse_keep", "parse_options"]
 
 
 def _cmd_bench(args) -> int:
@@ -51,10 +28,14 @@ def _cmd_bench(args) -> int:
         from . import bench
 
         result = bench.run(repeats=5 if args.repeats is None else args.repeats, **common)
-    print(result.report())
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(result.to_json())
+    keep = f"{args.keep}" + "".join(f"-{pair}" for pair in args.option)
+    log = RunLog(args.out or None, f"bench-{args.backend}-{args.shape}-{args.method}-{keep}", json_path=args.json)
+    log.print(result.report())
+    log.print()
+    log.print(result.spread_report())
+    log.save(result.to_json())
+    if log.log_path is not None:
+        print(f"wrote {', '.join(map(str, log.paths))}")
     return 0
 
 
@@ -103,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                        help="method option, value parsed as JSON (repeatable)")
     bench.add_argument("--json", help="also write the numbers to this JSON file")
+    bench.add_argument("--out", default="bench-results",
+                       help="folder for the numbers (JSON) and the report (.txt) of this run ('' for none)")
     bench.set_defaults(func=_cmd_bench)
 
     from .evals.cli import add_eval_arguments, run_from_args

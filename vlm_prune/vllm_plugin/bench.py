@@ -4,9 +4,10 @@ side in one process.
 Run it with an interpreter that has vLLM (on the CPU machines `.venv-vllm/bin/python -m
 vlm_prune.cli bench --backend vllm ...`). The model is the `vlm-prune bench` one (random weights,
 real shapes: ViT-B-size tower, 8-layer LM at hidden 1024, LLaVA-1.5 / LLaVA-NeXT / Qwen2-VL
-layout), saved to a temporary folder; both engines are started first and then used in turns, so
-drift hits both. Prefix caching and the multimodal processor cache are off and every request
-has its own image, so every request pays its whole prefill (vision tower included).
+layout), saved to a temporary folder; both engines are started first and then used in turns
+(`vlm_prune.benchmark`: one warm-up round, then interleaved rounds), so drift hits both. Prefix
+caching and the multimodal processor cache are off and every request has its own image, so
+every request pays its whole prefill (vision tower included).
 
 Measured per engine (medians over the rounds):
 - time to first token of one request (max_tokens=1): the prefill, vision tower included, plus
@@ -21,15 +22,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import tempfile
-import time
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import tiny
 from ..bench import SHAPES, build_prompt
+from ..benchmark import Variant, describe, measure, report_table
 from .config import plugin_config
 
 
@@ -49,6 +49,7 @@ class VLLMBenchResult:
     ttft_ms_pruned: float
     batch_s_unpruned: float
     batch_s_pruned: float
+    timings: dict = field(default_factory=dict, repr=False)  # the harness's report: per variant, n, median, spread
 
     @property
     def ttft_speedup(self) -> float:
@@ -74,6 +75,10 @@ class VLLMBenchResult:
             f"{'generated tokens/s':34}{tokens / self.batch_s_unpruned:>12.1f}{tokens / self.batch_s_pruned:>12.1f}",
         ]
         return "\n".join(rows)
+
+    def spread_report(self) -> str:
+        """The harness's table: samples, median, spread per engine and measurement."""
+        return describe(self.timings["settings"]) + "\n" + report_table(self.timings)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -121,22 +126,23 @@ def run(shape: str = "llava-1.5", method: str = "cls_attention", keep: int | flo
 
         first = SamplingParams(temperature=0, max_tokens=1)
         many = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        ttft: dict[str, list[float]] = {name: [] for name in engines}
-        batch_s: dict[str, list[float]] = {name: [] for name in engines}
         prompt_tokens = {}
-        for step in range(rounds + 1):  # the first round warms up
-            for name, llm in engines.items():
-                start = time.perf_counter()
-                out = llm.generate(requests(1), first, use_tqdm=False)
-                one = time.perf_counter() - start
+        variants = []
+        for name, llm in engines.items():  # per round: unpruned ttft, unpruned batch, pruned ttft, pruned batch
+            def one(llm=llm):
+                return llm.generate(requests(1), first, use_tqdm=False)
+
+            def whole(llm=llm):
+                return llm.generate(requests(batch), many, use_tqdm=False)
+
+            def count(out, name=name):
                 prompt_tokens[name] = len(out[0].prompt_token_ids)
-                start = time.perf_counter()
-                llm.generate(requests(batch), many, use_tqdm=False)
-                whole = time.perf_counter() - start
-                if step:
-                    ttft[name].append(one)
-                    batch_s[name].append(whole)
-        del engines
+                return {}
+
+            variants += [Variant(f"{name} ttft", one, extras=count), Variant(f"{name} batch", whole)]
+        # the first round warms up
+        measured = measure(variants, rounds=rounds, warmup_rounds=1, threads=None if cuda else threads)
+        del engines, variants, llm
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return VLLMBenchResult(
@@ -144,7 +150,7 @@ def run(shape: str = "llava-1.5", method: str = "cls_attention", keep: int | flo
         device=torch.cuda.get_device_name() if cuda else f"CPU, {threads} thread(s)",
         rounds=rounds, batch=batch, max_tokens=max_tokens,
         prompt_tokens_unpruned=prompt_tokens["unpruned"], prompt_tokens_pruned=prompt_tokens["pruned"],
-        ttft_ms_unpruned=1000 * statistics.median(ttft["unpruned"]),
-        ttft_ms_pruned=1000 * statistics.median(ttft["pruned"]),
-        batch_s_unpruned=statistics.median(batch_s["unpruned"]), batch_s_pruned=statistics.median(batch_s["pruned"]),
+        ttft_ms_unpruned=measured.ms("unpruned ttft"), ttft_ms_pruned=measured.ms("pruned ttft"),
+        batch_s_unpruned=measured.median("unpruned batch"), batch_s_pruned=measured.median("pruned batch"),
+        timings=measured.to_dict(),
     )

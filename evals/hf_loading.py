@@ -3,8 +3,8 @@
     model, processor, family = load_local("./llava-1.5-7b-hf", device="cpu", dtype="auto")
     text = prompt_for(processor, family, "What is it?\\nAnswer the question using a single word or phrase.")
 
-The model class comes from config.json's model_type (llava, llava_next, qwen2_vl, qwen2_5_vl);
-nothing is downloaded (local_files_only). Processor: AutoProcessor; for Qwen, where it needs a
+The model class comes from config.json's model_type (AutoModelForImageTextToText; the model
+types vlm_prune supports: `vlm_prune.registry.FAMILIES`); nothing is downloaded (local_files_only). Processor: AutoProcessor; for Qwen, where it needs a
 video processor (torchvision), `vlm_prune.processors.qwen_image_processor` instead. The
 tokenizer is set to left padding (batched greedy generation needs it).
 """
@@ -16,12 +16,6 @@ from pathlib import Path
 
 import torch
 
-MODEL_CLASSES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -29,9 +23,11 @@ def model_type(model_dir: str | Path) -> str:
     path = Path(model_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing (--model must be a local checkpoint folder)")
+    from vlm_prune.registry import supported_model_types
+
     kind = json.loads(path.read_text()).get("model_type")
-    if kind not in MODEL_CLASSES:
-        raise ValueError(f"{path}: model_type {kind!r} is not supported; choose from {', '.join(MODEL_CLASSES)}")
+    if kind not in supported_model_types():
+        raise ValueError(f"{path}: model_type {kind!r} is not supported; choose from {', '.join(supported_model_types())}")
     return kind
 
 
@@ -65,12 +61,12 @@ def load_processor(model_dir: str | Path, family: str):
 
 def load_local(model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
     """(model in eval mode on `device`, processor, model_type)."""
-    import transformers
+    from transformers import AutoModelForImageTextToText  # the class of config.json's model_type
 
     family = model_type(model_dir)
     device, torch_dtype = resolve(device, dtype)
-    cls = getattr(transformers, MODEL_CLASSES[family])
-    model = cls.from_pretrained(str(model_dir), dtype=torch_dtype, local_files_only=True).to(device).eval()
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch_dtype, local_files_only=True)
+    model = model.to(device).eval()
     return model, load_processor(model_dir, family), family
 
 

@@ -126,6 +126,30 @@ def test_bad_config_fails_at_startup(model_dir, config, message):
 CHAT_TEMPLATE = "{% for message in messages %}USER: {{ message['content'] }} ASSISTANT:{% endfor %}"
 
 
+def wait_until_serving(server: subprocess.Popen, port: int, timeout: float, output) -> None:
+    """Waits for a started OpenAI server's /health; kills it and fails with the end of its
+    output (`output()`: what it printed) when it exits or does not answer within `timeout` s."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                raise AssertionError("server did not start:\n" + output()[-5000:]) from None
+            time.sleep(1)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Ends a server started by a test (killed if it does not stop within 30 s)."""
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -145,15 +169,7 @@ def test_openai_server_reports_pruned_prompt_tokens(model_dir, tmp_path):
          "--hf-overrides", overrides],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError("server did not start:\n" + server.stdout.read()[-5000:])
-                time.sleep(1)
+        wait_until_serving(server, port, 300, lambda: server.stdout.read())
         buffer = io.BytesIO()
         tiny.random_image(140, 100, 0).save(buffer, format="PNG")
         image_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -170,8 +186,4 @@ def test_openai_server_reports_pruned_prompt_tokens(model_dir, tmp_path):
         assert reply["usage"]["prompt_tokens"] == unpruned - 64 + 16
         assert reply["choices"][0]["message"]["content"] is not None
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)

@@ -24,7 +24,6 @@ import io
 import json
 import os
 import subprocess
-import time
 import urllib.request
 
 import pytest
@@ -129,16 +128,7 @@ def test_data_parallel_server_replicas_equal_transformers(llava_dir, tmp_path):
          "--hf-overrides", json.dumps({"vlm_prune": {"method": "cls_attention", "keep": 16}})],
         stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **TWO_RANKS})
     try:
-        deadline = time.time() + 400
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    server.kill()
-                    raise AssertionError("server did not start:\n" + (tmp_path / "server.log").read_text()[-5000:])
-                time.sleep(1)
+        test_vllm.wait_until_serving(server, port, 400, lambda: (tmp_path / "server.log").read_text())
         expected = test_vllm.hf_generate(llava_dir, "cls_attention", 16)
         unpruned = test_vllm.hf_generate(llava_dir)
         questions = ["What is it?", "How many green triangles are there?"]  # test_vllm.REQUESTS[:2]
@@ -158,9 +148,5 @@ def test_data_parallel_server_replicas_equal_transformers(llava_dir, tmp_path):
                 assert reply["usage"]["prompt_tokens"] == u["prompt_tokens"] - 64 + 16, (rank, reply)
                 assert same_tokens(reply["choices"][0]["token_ids"], e["tokens"]), (rank, reply, e)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        test_vllm.stop(server)
         log.close()

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm_prune.evals import synthetic_vqa as sv
-from vlm_prune.fixture import DEFAULT_PATH, evaluate, load
+from vlm_prune.fixture import DEFAULT_PATH, evaluate, load, print_evaluation
 
 SIDE = sv.IMAGE_SIZE // sv.PATCH  # 12 patches per side
 N_PATCHES = SIDE**2  # 144
@@ -550,10 +550,7 @@ def main(argv=None):
               pos_aux=args.pos_aux, g_steps=args.g_steps,
               dense_qtypes=args.dense_qtypes.split(",") if args.dense_qtypes else None, proj_scale=args.proj_scale, text_layers=args.text_layers, l_stop=args.l_stop)
     else:
-        model, processor = load(args.path)
-        res = evaluate(model, processor, sv.make_split(args.split, args.n))
-        res.pop("correct")
-        print(json.dumps(res, indent=2))
+        print_evaluation(args.path, args.split, args.n)
 
 
 if __name__ == "__main__":

@@ -115,8 +115,13 @@ def main(argv=None):
         parser.exit(2, "the fixture's training is not part of the package: run `python tools/train_fixture.py train "
                        "...` (same arguments) in a checkout of the repository\n")
     args = parser.parse_args(argv)
-    model, processor = load(args.path)
-    res = evaluate(model, processor, sv.make_split(args.split, args.n))
+    print_evaluation(args.path, args.split, args.n)
+
+
+def print_evaluation(path: str | None, split: str, n: int) -> None:
+    """Scores the fixture at `path` (None: the shipped one) on n questions of a split; prints JSON."""
+    model, processor = load(path)
+    res = evaluate(model, processor, sv.make_split(split, n))
     res.pop("correct")
     print(json.dumps(res, indent=2))
 

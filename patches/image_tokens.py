@@ -64,12 +64,16 @@ class ImageTokens:
               "keys", and "pre_projection": the tokens before the projector, [N, Dv]).
     context:  per-image signals ("question": [D]), and per tower input ("cls_feature":
               [crops, Dv], read by the regions that are one crop, `Region.crop`).
+    streams:  other per-token inputs the LLM takes at these tokens, each [N, D] aligned with
+              `features` (Qwen3-VL's DeepStack levels): each is reduced with the decisions the
+              method takes on `features` (see `follow_reduction`).
     """
 
     features: torch.Tensor
     regions: list[Region]
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     context: dict[str, torch.Tensor] = field(default_factory=dict)  # per image, not per token
+    streams: list[torch.Tensor] = field(default_factory=list)
 
 
 # context signals given per tower input (image or crop), read by the region that is that input
@@ -106,6 +110,8 @@ class ReducedImages:
             fused kernels: [S, D] all images' tokens in placeholder order and [S] bool, so the
             compaction copies the kept rows from there (`features` is then gathered only if
             something reads it).
+    streams: per stream of the images (`ImageTokens.streams`): [sum K_i, D] all images' reduced
+            stream tokens in placeholder order (the order of `features`); empty without streams.
     """
 
     kept: list[torch.Tensor]
@@ -114,6 +120,7 @@ class ReducedImages:
     source: torch.Tensor | None = None
     source_keep: torch.Tensor | None = None
     _tokens: list[torch.Tensor] | None = None  # with `source`: each image's [N_i, D] tokens
+    streams: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def features(self) -> list[torch.Tensor]:
@@ -143,6 +150,9 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
     method's output as is; the tokens passed on are counted on the host, so nothing reads the
     device; and when every region was reduced by a fused top-k selection, nothing is gathered
     (`_selected_in_place`).
+
+    Images with `streams` get each stream reduced as their tokens were (`follow_reduction`),
+    in `ReducedImages.streams`.
     """
     budgets = [region_budgets(config, img.regions, budget) for img in images]
     whole = [len(img.regions) == 1 and img.regions[0].covers(img.features.shape[0]) for img in images]
@@ -155,7 +165,15 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
                 groups.setdefault((region.grid, k), []).append((i, region))
     pre_projection = (method.uses_pre_projection and project is not None
                       and all("pre_projection" in img.signals for img in images))
+    n_streams = len(images[0].streams) if images else 0
+    if any(len(img.streams) != n_streams for img in images):
+        raise ValueError("every image of a prefill must bring the same number of token streams")
+    if n_streams and pre_projection:
+        raise NotImplementedError(
+            f"vlm_prune: method {config.method!r} reduces the tokens before the projector here, and the images' "
+            "other token streams cannot follow a reduction of other tokens")
     reductions = []
+    settings = []  # per group: (grid, k, signals) of its reduction, which the streams follow
     for (grid, k), members in groups.items():
         source = "pre_projection" if pre_projection else None
         feats = _stack([(images[i].signals[source] if source else images[i].features, r) for i, r in members])
@@ -172,12 +190,93 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
             elif name in images[members[0][0]].context:
                 signals[name] = torch.stack([images[i].context[name] for i, _ in members])
         with use_backend(config.backend):
-            reductions.append((members, feats, method.reduce(feats, grid, k, signals, config.options)))
+            reduction = method.reduce(feats, grid, k, signals, config.options)
+        reductions.append((members, feats, reduction))
+        settings.append((grid, k, signals))
     if not pre_projection:
         selected = _selected_in_place(images, whole, counts, reductions)
         if selected is not None:
+            selected.streams = [_kept_rows([img.streams[s] for img in images], selected.source_keep,
+                                           sum(selected.counts)) for s in range(n_streams)]
             return selected
-    return _gathered(method, config, images, whole, counts, reductions, project if pre_projection else None)
+    reduced = _gathered(method, config, images, whole, counts, reductions, project if pre_projection else None)
+    for s in range(n_streams):
+        followed = [follow_reduction(method, config, reduction, feats,
+                                     _stack([(images[i].streams[s], r) for i, r in members]), *setting)
+                    for (members, feats, reduction), setting in zip(reductions, settings)]
+        reduced.streams.append(_gathered_stream(images, whole, reduced, reductions, followed, s))
+    return reduced
+
+
+def follow_reduction(method, config: PruneConfig, reduction, feats: torch.Tensor, stream: torch.Tensor,
+                     grid: tuple[int, int], k: int, signals: dict[str, torch.Tensor]):
+    """`stream` [M, n, D], tokens aligned with `feats` (a group the method reduced into
+    `reduction`), reduced with the decisions the method took on `feats`: [M, K, D], or a list
+    of [K_i, D] where the method's output is one.
+
+    A selection (`Reduction.of`) takes the same rows. Otherwise the stream is the method's
+    forward-mode derivative at `feats` in the stream's direction (`torch.autograd.forward_ad`):
+    the method runs again on `feats` with the same signals, so it takes the same decisions, and
+    the tangent carries the stream through what it does to the tokens once decided. For a
+    method whose output is linear in the tokens given its decisions -- every built-in one:
+    selections, means and score-weighted means of groups, pooling, the DCT low-pass -- that is
+    exactly the method's reduction applied to the stream. A kernel of the method's own run on
+    the tokens themselves (not on its signals) carries no tangent: refused, such a method must
+    return a selection."""
+    if reduction.selection is not None:
+        index = reduction.selection.index
+        return stream.gather(1, index[..., None].expand(-1, -1, stream.shape[-1]))
+    if stream.shape != feats.shape or stream.dtype != feats.dtype:
+        raise ValueError(f"a token stream of shape {tuple(stream.shape)} ({stream.dtype}) cannot follow the reduction "
+                         f"of tokens of shape {tuple(feats.shape)} ({feats.dtype})")
+    if "llm_features" in method.needs and "llm_features" not in signals:
+        # the tokens are in the LLM's space: what the method compares there is them, as plain
+        # values (its comparisons only decide)
+        signals = {**signals, "llm_features": feats}
+    from torch.autograd import forward_ad
+
+    # forward AD is off under inference mode and carries no tangent of an inference tensor (the
+    # caller's grad mode is kept: autograd goes through the tangents too)
+    with torch.inference_mode(False), forward_ad.dual_level(), use_backend(config.backend):
+        if feats.is_inference() or stream.is_inference():
+            feats, stream = feats.clone(), stream.clone()
+        try:
+            out = method.reduce(forward_ad.make_dual(feats, stream), grid, k, signals, config.options).features
+        except NotImplementedError as error:  # an op without a forward-mode derivative
+            raise NotImplementedError(f"vlm_prune: method {config.method!r} cannot carry the images' other token "
+                                      f"streams through its reduction ({error})") from error
+        parts = [out] if isinstance(out, torch.Tensor) else list(out)
+        tangents = [forward_ad.unpack_dual(part).tangent for part in parts]
+    if any(t is None for t in tangents):
+        raise NotImplementedError(
+            f"vlm_prune: method {config.method!r} computes its output tokens in a way the images' other token streams "
+            "cannot follow (a kernel of its own on the tokens?); return a selection (`Reduction.of`)")
+    return tangents[0] if isinstance(out, torch.Tensor) else tangents
+
+
+def _kept_rows(tokens: list[torch.Tensor], keep: torch.Tensor, count: int) -> torch.Tensor:
+    """[count, D]: the rows of the images' tokens (placeholder order) that `keep` [S] flags."""
+    source = _consecutive(tokens)
+    if source is None:
+        source = torch.cat(tokens)
+    return source.index_select(0, torch.nonzero_static(keep.to(source.device), size=count).flatten())
+
+
+def _gathered_stream(images: list[ImageTokens], whole: list[bool], reduced: ReducedImages, reductions: list,
+                     followed: list, s: int) -> torch.Tensor:
+    """Stream s of every image after the reduction, in placeholder order, laid out as
+    `_gathered` lays out the features (tokens in no region pass on unchanged). followed: per
+    group of `reductions`, its stream tokens reduced."""
+    outputs = [img.streams[s][:0] if w else img.streams[s].clone() for img, w in zip(images, whole)]
+    for (members, _, red), group in zip(reductions, followed):
+        for j, (i, region) in enumerate(members):
+            tokens = group[j].to(outputs[i].dtype)
+            if whole[i]:
+                outputs[i] = tokens
+            else:
+                outputs[i][region.slots[red.index[j]]] = tokens
+    return _cat([out if w else out.index_select(0, torch.nonzero_static(keep, size=n).flatten())
+                 for out, keep, w, n in zip(outputs, reduced.kept, whole, reduced.counts)])
 
 
 def _gathered(method, config: PruneConfig, images: list[ImageTokens], whole: list[bool], counts: list[int],

@@ -1,4 +1,4 @@
-"""The in-LLM pruning engine for stage-"llm" methods (transition, fastv), on all four families.
+"""The in-LLM pruning engine for stage-"llm" methods (transition, fastv), on every family.
 
 The outer sequence never changes: input ids, the 2D mask and position ids stay as the caller
 made them, and layer 0's cache holds every token. Inside the decoder, tokens are dropped after
@@ -25,7 +25,8 @@ given layers, progressively:
   never dropped), which is what the cached run computes.
 
 Rows that keep different numbers of tokens (different images per row) are left-padded inside
-the decoder; the padding is masked.
+the decoder; the padding is masked. A family that adds per-token inputs between decoder layers
+(Qwen3-VL's DeepStack) reads the columns the hidden states hold from `token_columns()`.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ class LLMStageEngine(PatchBase):
     _length = PerCall(0)
     _q = PerCall(None)
     _k = PerCall(None)
+    _entered = PerCall(False)  # whether this forward's decoder entered a stage yet (see token_columns)
 
     def __init__(self, model: torch.nn.Module, config: PruneConfig, adapter_cls: type[FamilyAdapter]):
         super().__init__(model, config)
@@ -194,6 +196,13 @@ class LLMStageEngine(PatchBase):
                                                                      with_kwargs=True))
         self._wrap_generate()
         self._hook_labels()
+        self.adapter.install(self)
+
+    def token_columns(self) -> torch.Tensor | None:
+        """[B, L'] the columns of this forward's sequence (-1: padding) the decoder's hidden
+        states hold now, for a family that adds per-token inputs between decoder layers
+        (Qwen3-VL's DeepStack, see `FamilyAdapter.install`); None while they hold them all."""
+        return self._index if self._entered and self.phase in (Phase.PREFILL, Phase.REPLAY) else None
 
     # -- outer forward: which phase, and the prompt's facts ------------------------------------
 
@@ -211,6 +220,7 @@ class LLMStageEngine(PatchBase):
             )
         self._sliced = self._cached = None  # per-stage slices of the previous forward
         self._columns = {}
+        self._entered = False
         if past > 0:
             state = self._state_of(cache)
             if self._brings_images(kw):
@@ -339,7 +349,7 @@ class LLMStageEngine(PatchBase):
         self._padded_now = self.stage_padded[s]
         # the sequence's columns: the prompt's at prefill, prompt + generated in a replay
         slots = _slots_of(self._index, new_index, self._length if self.phase == Phase.REPLAY else self.prompt.length)
-        self._index = new_index
+        self._index, self._entered = new_index, True
         self._ttv = _gather(self._ttv, slots, 0.0)
         return _gather(hidden, slots, 0.0)
 
@@ -599,13 +609,14 @@ class LLMStageEngine(PatchBase):
         """[B, L'] the attention the method's rows pay every token the current layers see.
 
         queries(slots [B, R]) -> [B, R, H * Dh] and k [B, L', G * Dh]: projections of the rows'
-        and of all those tokens by the attention layer `attn` (RoPE not applied); cos, sin:
+        and of all those tokens by the attention layer `attn` (its per-head q/k norms and RoPE
+        not applied: they are here); cos, sin:
         their position embeddings; kwargs: the layer's (its cache, when continuing one:
         `cache_updated` says whether it already holds this forward's keys)."""
         prompt, index = self.prompt, self._index
         batch, length = index.shape
         head_dim = attn.head_dim
-        k = k.view(batch, length, -1, head_dim).transpose(1, 2)
+        k = attn.k_norm(k.view(batch, length, -1, head_dim)).transpose(1, 2)
         if self.rows == "last":
             last_slot = (index == prompt.last[:, None]).float().argmax(1)
             row_slots, row_valid = last_slot[:, None], torch.ones(batch, 1, dtype=torch.bool, device=index.device)
@@ -615,7 +626,7 @@ class LLMStageEngine(PatchBase):
             order = torch.sort((~instruction).to(torch.int8), dim=1, stable=True).indices[:, :width]
             row_slots, row_valid = order, instruction.gather(1, order)
         rotary = attn.rotary
-        q_rows = queries(row_slots).view(batch, row_slots.shape[1], -1, head_dim).transpose(1, 2)
+        q_rows = attn.q_norm(queries(row_slots).view(batch, row_slots.shape[1], -1, head_dim)).transpose(1, 2)
         cos_rows, sin_rows = _gather_emb(cos, row_slots), _gather_emb(sin, row_slots)
         q_rows, _ = rotary(q_rows, q_rows, cos_rows, sin_rows)
         k, _ = rotary(k, k, cos, sin)

@@ -19,6 +19,9 @@ turns a method's reductions into a shorter sequence and keeps decode consistent 
   gets one compaction of the whole conversation (`CachedPart`, `Compaction.followed_by`);
 - generate(use_cache=False): every step re-runs the whole sequence; steps after the first
   reuse the prompt's reduction instead of re-scoring a longer sequence.
+- other per-token inputs of the image tokens (Qwen3-VL's DeepStack features,
+  `ImageTokens.streams`) are reduced with the tokens and handed to the adapter with the
+  columns of the kept visual tokens (`FamilyAdapter.reduced_inputs`), in prefills and replays.
 
 The vision tower runs inside the instance's wrapped `get_image_features`, whether the hook calls
 it or generate() does before the first forward (transformers >= 5.2x); the wrapper records the
@@ -166,11 +169,17 @@ class VisionStageEngine(PatchBase):
         self._wrap(owner, name, self._encoder_wrapper(getattr(owner, name)))
         self._wrap_generate()
         self._hook_labels()
+        self.adapter.install(self)
 
     def remove(self) -> None:
         super().remove()
         self.state = self._input_compaction = None
         self._last_encoded = None
+
+    def token_columns(self) -> None:
+        """The columns of the forward's sequence the decoder's hidden states hold (see
+        `FamilyAdapter.install`): all of them -- the sequence was compacted before the decoder."""
+        return None
 
     def _cache_state(self) -> PromptState | None:
         return self.state
@@ -380,6 +389,7 @@ class VisionStageEngine(PatchBase):
         else:
             self.state, positions = earlier.joined(out, self.positions == "renumber")
             new_kw = self._inputs(kw, out.embeds, positions, self.state.prompt_mask, out.compaction)
+        new_kw = self._with_streams(new_kw, reduced.streams, out.compaction, is_image, out.keep)
         self._kept_slots = reduced.kept  # turned into indices only when asked for (a device read each)
         n_layers = self._text_layers
         self.layer_lengths = [new_kw["inputs_embeds"].shape[1]] * n_layers
@@ -450,7 +460,17 @@ class VisionStageEngine(PatchBase):
             mask = state.prompt_mask if not extra and state.prompt_mask is not None else comp.gather(mask, 0)
         elif state.prompt_mask is not None:
             mask = _extend_mask(state.prompt_mask, extra)
-        return self._inputs(kw, embeds, positions, mask, comp)
+        return self._with_streams(self._inputs(kw, embeds, positions, mask, comp), state.reduced.streams, comp,
+                                  is_image, keep)
+
+    def _with_streams(self, new_kw: dict[str, Any], streams: list[torch.Tensor], comp: Compaction,
+                      is_image: torch.Tensor, keep: torch.Tensor) -> dict[str, Any]:
+        """`new_kw` with the images' other token streams (`ImageTokens.streams`, reduced) passed
+        on by the family; is_image, keep: [B, T] bool, the uncompacted sequence's visual columns
+        and the columns kept (combined only here: a prefill without streams adds no op)."""
+        if not streams:
+            return new_kw
+        return self.adapter.reduced_inputs(new_kw, comp.gather(is_image & keep, False), streams, self._scratch)
 
     def _inputs(self, kw: dict[str, Any], embeds: torch.Tensor, positions: torch.Tensor,
                 mask: torch.Tensor | None, comp: Compaction) -> dict[str, Any]:

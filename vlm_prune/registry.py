@@ -20,6 +20,8 @@ FAMILIES: dict[str, str] = {
     "llava_next": "vlm_prune.patches.adapters.llava_next:LlavaNextAdapter",
     "qwen2_vl": "vlm_prune.patches.adapters.qwen2_vl:QwenVLAdapter",
     "qwen2_5_vl": "vlm_prune.patches.adapters.qwen2_vl:QwenVLAdapter",
+    "qwen3_vl": "vlm_prune.patches.adapters.qwen3_vl:Qwen3VLAdapter",
+    "qwen3_vl_moe": "vlm_prune.patches.adapters.qwen3_vl:Qwen3VLAdapter",
 }
 
 

@@ -229,6 +229,56 @@ def qwen2_vl(seed: int = 0, dtype: torch.dtype = torch.float32, version: str = "
     return model, QwenImageOnlyProcessor(image_processor, tok)
 
 
+def qwen3_vl(seed: int = 0, dtype: torch.dtype = torch.float32, moe: bool = False, vision_depth: int = 3,
+             deepstack_layers: tuple[int, ...] = (0, 1), vision_hidden: int = 32, vision_heads: int = 4,
+             vision_intermediate: int | None = None, text_hidden: int = 64, text_layers: int = 3,
+             text_heads: int = 4, text_kv_heads: int = 2, text_intermediate: int | None = None,
+             vocab_size: int = 320, min_pixels: int = 4 * 32 * 32, max_pixels: int = 256 * 32 * 32):
+    """(model, processor): a random-weight Qwen3-VL (moe=True: Qwen3-VL-MoE, 4 experts, 2 per token).
+
+    Patches of 16 px, 2x2 merge (one LLM token per 32x32 px); the processor resizes images to
+    between min_pixels and max_pixels. The vision blocks listed in `deepstack_layers` feed the
+    DeepStack mergers, whose features are added to the outputs of the first len(deepstack_layers)
+    decoder layers at the image tokens (Qwen3-VL-8B: blocks 8, 16, 24 of 27). Text attention has
+    Qwen3's q/k RMS norms; M-RoPE is interleaved. The processor is
+    `vlm_prune.processors.Qwen3ImageOnlyProcessor`.
+    """
+    from transformers import (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                              Qwen3VLMoeForConditionalGeneration)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from .processors import Qwen3ImageOnlyProcessor
+
+    tok = tokenizer(vocab_size, QWEN_TOKENS)
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in QWEN_TOKENS.items()}
+    head_dim = text_hidden // text_heads
+    quarter = head_dim // 2 // 4  # mrope_section must sum to head_dim / 2
+    text = dict(
+        vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=text_intermediate or 2 * text_hidden,
+        num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_kv_heads,
+        head_dim=head_dim, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
+                         "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter]},
+    )
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=text_hidden, decoder_sparse_step=1)
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, num_heads=vision_heads,
+                  intermediate_size=vision_intermediate or 2 * vision_hidden, out_hidden_size=text_hidden,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                  num_position_embeddings=64, deepstack_visual_indexes=list(deepstack_layers))
+    token_ids = dict(image_token_id=ids["image_token"], video_token_id=ids["video_token"],
+                     vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"])
+    config_cls, cls = ((Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe
+                       else (Qwen3VLConfig, Qwen3VLForConditionalGeneration))
+    config = config_cls(vision_config=vision, text_config=text, **token_ids)
+    torch.manual_seed(seed)
+    model = cls(config).to(dtype).eval()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=16,
+                                               merge_size=2, temporal_patch_size=2,
+                                               image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return model, Qwen3ImageOnlyProcessor(image_processor, tok)
+
+
 def qwen_prompt(question: str, n_images: int = 1) -> str:
     """A Qwen-VL prompt with `n_images` image slots before the question."""
     return "<|vision_start|><|image_pad|><|vision_end|>" * n_images + question

@@ -9,7 +9,11 @@ A family adapter is the only code that names a family's transformers internals. 
   tower features (`embedding`, `project`), which position ids the unpruned model would use
   (`base_positions`, `decode_positions`) and how a reduced image is numbered
   (`reduced_positions`);
-- in-LLM methods: the decoder's layers and their attention parts (`decoder`).
+- in-LLM methods: the decoder's layers and their attention parts (`decoder`);
+- both: hooks of its own that the engine installs with its own (`install`), and, for a family
+  whose language model takes other per-token inputs at the visual tokens besides their
+  embeddings (Qwen3-VL's DeepStack: `ImageTokens.streams`), how the reduced ones reach it
+  (`reduced_inputs`).
 
 An adapter is made per patched model instance, with the `Plan` the engine resolved (the method,
 the resolved options, position and budget policies). Per-call data it needs between two of its
@@ -57,6 +61,10 @@ class Plan:
     budget: str
 
 
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 @dataclass(frozen=True)
 class AttentionParts:
     """One decoder layer's attention, as the in-LLM engine reads it."""
@@ -68,6 +76,10 @@ class AttentionParts:
     scaling: float
     layer_idx: int
     rotary: Callable  # (q, k, cos, sin) -> (q, k) with the positions' rotation applied
+    # what the layer does to the projections split into heads [..., heads, head_dim] before the
+    # rotation (Qwen3's per-head RMS norms); nothing for Llama-style attention
+    q_norm: Callable[[torch.Tensor], torch.Tensor] = _unchanged
+    k_norm: Callable[[torch.Tensor], torch.Tensor] = _unchanged
 
 
 @dataclass(frozen=True)
@@ -207,6 +219,22 @@ class FamilyAdapter:
         """The keyword arguments a generate() call passes on (`state_of(cache)`: what the
         pruned prefill that filled a cache decided, None for an unpruned cache)."""
         return kwargs
+
+    def reduced_inputs(self, kw: dict[str, Any], visual: torch.Tensor, streams: list[torch.Tensor],
+                       scratch: dict[str, Any]) -> dict[str, Any]:
+        """The pruned forward's keyword arguments `kw` with the images' other token streams
+        (`ImageTokens.streams`, as the reduction left them: each [K, D], the kept visual tokens
+        of all images in placeholder order) passed on to the language model; visual: [B, L']
+        bool, the columns of the compacted sequence those tokens sit at. Called only when the
+        images brought streams."""
+        raise NotImplementedError(f"{type(self).__name__} describes token streams it does not pass on")
+
+    def install(self, patch: Any) -> None:
+        """Installs the hooks and wrappers this family needs besides the engine's, through the
+        engine (`patch._hooks.append(handle)`, `patch._wrap(owner, name, wrapper)`: removed with
+        it; partials of bound methods, not closures, so a deep copy of the model gets its own).
+        `patch.token_columns()` tells which columns of the forward's sequence the decoder's
+        hidden states hold at the moment (in-LLM pruning drops some inside the decoder)."""
 
     # -- the decoder (in-LLM methods) -----------------------------------------------------------
 

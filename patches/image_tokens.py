@@ -7,6 +7,7 @@ plugin, and imports no model code: the families describe their images as `ImageT
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,7 @@ from vlm_prune.kernels import use_backend
 class Region:
     """A rectangular grid of one image's tokens that a method reduces as a unit.
 
+    grid: (h, w) for an image or one frame; (t, h, w) for a whole video reduced as one pool.
     slots: [h * w] int64 indices into the image's tokens, in raster order over `grid`. A span
     (`Region.span`: consecutive tokens) makes its index tensor only when something reads it --
     whole-image regions never do, and on a GPU host every tensor made is a launch.
@@ -30,15 +32,15 @@ class Region:
         self.start = start  # set by `span`: the slots are start, start+1, ..., read as a slice
         self._slots = slots
         self._device = device
-        self.size = len(slots) if slots is not None else grid[0] * grid[1]
-        if grid[0] * grid[1] != self.size:
-            raise ValueError(f"a {grid[0]}x{grid[1]} region needs {grid[0] * grid[1]} tokens, got {self.size}")
+        self.size = len(slots) if slots is not None else math.prod(grid)
+        if math.prod(grid) != self.size:
+            raise ValueError(f"a {'x'.join(map(str, grid))} region needs {math.prod(grid)} tokens, got {self.size}")
 
     @classmethod
     def span(cls, start: int, stop: int, grid: tuple[int, int], device=None, crop: int | None = None) -> "Region":
         """The consecutive tokens start..stop-1 as a region."""
-        if stop - start != grid[0] * grid[1]:
-            raise ValueError(f"a {grid[0]}x{grid[1]} region needs {grid[0] * grid[1]} tokens, got {stop - start}")
+        if stop - start != math.prod(grid):
+            raise ValueError(f"a {'x'.join(map(str, grid))} region needs {math.prod(grid)} tokens, got {stop - start}")
         return cls(None, grid, start, device, crop)
 
     @property
@@ -67,6 +69,9 @@ class ImageTokens:
     streams:  other per-token inputs the LLM takes at these tokens, each [N, D] aligned with
               `features` (Qwen3-VL's DeepStack levels): each is reduced with the decisions the
               method takes on `features` (see `follow_reduction`).
+    budget:   the budget policy of this item where it is not the call's (a video: "per_crop"
+              over its frames, or "per_image" for one region over all frames); None: the call's.
+    video:    whether the tokens are a video's (counted apart in `stats`).
     """
 
     features: torch.Tensor
@@ -74,6 +79,8 @@ class ImageTokens:
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     context: dict[str, torch.Tensor] = field(default_factory=dict)  # per image, not per token
     streams: list[torch.Tensor] = field(default_factory=list)
+    budget: str | None = None
+    video: bool = False
 
 
 # context signals given per tower input (image or crop), read by the region that is that input
@@ -154,7 +161,7 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
     Images with `streams` get each stream reduced as their tokens were (`follow_reduction`),
     in `ReducedImages.streams`.
     """
-    budgets = [region_budgets(config, img.regions, budget) for img in images]
+    budgets = [region_budgets(config, img.regions, img.budget or budget) for img in images]
     whole = [len(img.regions) == 1 and img.regions[0].covers(img.features.shape[0]) for img in images]
     # tokens passed on outside the regions (an image's [CLS] feature, LLaVA-NeXT's newlines)
     counts = [0 if w else img.features.shape[0] - sum(r.size for r in img.regions) for img, w in zip(images, whole)]

@@ -144,6 +144,9 @@ class LLMStageEngine(PatchBase):
         self.adapter = adapter_cls(model, Plan(self.method, config, config, self.positions, "pooled"))
         self.decoder = self.adapter.decoder()
         self.layers = [parts.module for parts in self.decoder.layers]
+        # layers whose token mixer keeps a recurrent state (Qwen3.5's Gated DeltaNet): a 2-D padding mask
+        self.recurrent = frozenset(i for i, parts in enumerate(self.decoder.layers)
+                                   if getattr(parts, "recurrent", False))
         self.stages = self.method.stages(config.options, config.keep, len(self.layers))
         self.transition_layers = self.method.transition_layers(config.options, self.stages)
         self.rows = self.method.query_rows(config.options)
@@ -324,7 +327,12 @@ class LLMStageEngine(PatchBase):
             if self.phase == Phase.PREFILL and self.rows_from_next:
                 self._next_layer_rows(i, hidden, kwargs)
             hidden = self._enter_stage(self.stage_starts[i], hidden)
-        if self.phase == Phase.DECODE:
+        if i in self.recurrent:
+            # decode steps: the state holds the stage's tokens already; the new tokens are never padding
+            kwargs = kwargs if self.phase == Phase.DECODE else self._recurrent_kwargs(kwargs)
+            if self.phase == Phase.PREFILL:
+                self._lengths.append(hidden.shape[1])
+        elif self.phase == Phase.DECODE:
             kwargs = self._decode_kwargs(kwargs, self._stage_of(i))
         else:
             kwargs = self._layer_kwargs(kwargs)
@@ -448,6 +456,20 @@ class LLMStageEngine(PatchBase):
             return out
 
         return {**kwargs, **self._per_stage((index, cos, sin, positions, kwargs.get("attention_mask")), sliced)}
+
+    def _recurrent_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A recurrent layer's (prefill and no-cache replay) 2-D padding mask [B, L'] of the
+        columns it sees: 0 at the caller's padding and at the stage's -1 slots. Both sit before a
+        row's real tokens, so zeroing their inputs keeps them out of the layer's state, as the
+        model does for left padding. The model's mask: [B, L] of this forward's columns, or None
+        (no padding)."""
+        mask = kwargs.get("attention_mask")
+        if mask is None and not self._padded_now:
+            return kwargs
+        keep = self._index >= 0
+        if mask is not None:
+            keep = keep & _gather(mask.bool(), self._index, False)
+        return {**kwargs, "attention_mask": keep.to(torch.long if mask is None else mask.dtype)}
 
     def _rotary(self, like: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of position ids [B, L'] from the language model's own rotary embedding

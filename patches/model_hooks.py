@@ -331,7 +331,10 @@ class PatchBase:
 
     def image_token_mask(self, kw: dict[str, Any]) -> torch.Tensor:
         """[B, L] bool: the image placeholders, from input_ids or by comparing embeddings."""
-        token_id = self._image_token_id
+        return self.token_mask(kw, self._image_token_id)
+
+    def token_mask(self, kw: dict[str, Any], token_id: int) -> torch.Tensor:
+        """[B, L] bool: the placeholders of `token_id`, from input_ids or by comparing embeddings."""
         if kw.get("input_ids") is not None:
             return kw["input_ids"] == token_id
         embed = self.adapter.embedding()
@@ -343,7 +346,7 @@ class PatchBase:
 def _refuse_chunked_prefill(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
     """generate(prefill_chunk_size=...) runs the prompt in pieces, each seeing part of an image's
     tokens: no method can choose among tokens it does not see together."""
-    if kwargs.get("pixel_values") is None:
+    if kwargs.get("pixel_values") is None and kwargs.get("pixel_values_videos") is None:
         return
     chunk = kwargs.get("prefill_chunk_size")
     if chunk is None:

@@ -40,8 +40,8 @@ from typing import Any
 
 import torch
 
-from vlm_prune.compat import (bind_to_kwargs, cache_length, encoded_features, get_cache, static_cache_slots,
-                              without_pre_encoded)
+from vlm_prune.compat import (bind_to_kwargs, cache_length, encoded_features, get_cache, pre_encoded,
+                              static_cache_slots, without_pre_encoded)
 from vlm_prune.config import PruneConfig
 from vlm_prune.kernels.compaction import compact_prompt, compacted_inputs
 from vlm_prune.registry import get_method
@@ -114,8 +114,10 @@ class VisionStageEngine(PatchBase):
     _input_compaction = PerCall(None)  # of the last prefill's own tokens (labels)
     _image_outputs = PerCall(None)  # see _return_image_outputs
     _scratch = PerCall(factory=dict)  # what the adapter keeps between its hooks (grid sizes read before the tower...)
-    # the wrapped encoder's last output, its per-image tensors then, and their description
-    _last_encoded = PerCall(None)
+    # per kind ("image", "video"): the wrapped encoder's last output, its per-item tensors
+    # then, and their description
+    _last_encoded = PerCall(factory=dict)
+    _encoding_video = PerCall(False)  # inside the video encoder (Qwen3-VL's calls the image one)
 
     def __init__(self, model: torch.nn.Module, config: PruneConfig, adapter_cls: type[FamilyAdapter]):
         method_cls = get_method(config.method)
@@ -139,6 +141,7 @@ class VisionStageEngine(PatchBase):
         self.run_config = dataclasses.replace(config, options=self.method.resolve_options(config.options, self.positions))
         self.adapter = adapter_cls(model, Plan(self.method, config, self.run_config, self.positions, self.budget))
         self._kept_slots: list[torch.Tensor] | None = None
+        self._video_id = self.adapter.video_token_id()  # None: videos pass through unpruned
 
     @property
     def kept_indices(self) -> list[torch.Tensor]:
@@ -166,7 +169,10 @@ class VisionStageEngine(PatchBase):
         self._hooks.append(module.register_forward_hook(self._tag_cache))
         self._hooks.append(module.register_forward_hook(self._return_image_outputs))
         owner, name = self.adapter.image_encoder()
-        self._wrap(owner, name, self._encoder_wrapper(getattr(owner, name)))
+        self._wrap(owner, name, self._encoder_wrapper(getattr(owner, name), "image"))
+        if self._video_id is not None:
+            owner, name = self.adapter.video_encoder()
+            self._wrap(owner, name, self._encoder_wrapper(getattr(owner, name), "video"))
         self._wrap_generate()
         self._hook_labels()
         self.adapter.install(self)
@@ -174,7 +180,7 @@ class VisionStageEngine(PatchBase):
     def remove(self) -> None:
         super().remove()
         self.state = self._input_compaction = None
-        self._last_encoded = None
+        self._last_encoded = {}
 
     def token_columns(self) -> None:
         """The columns of the forward's sequence the decoder's hidden states hold (see
@@ -198,24 +204,46 @@ class VisionStageEngine(PatchBase):
         if self.state is not None:  # replays happen inside one generate() call only
             self.state.reduced = None
 
-    def _encoder_wrapper(self, original):
+    def _encoder_wrapper(self, original, kind: str):
         # a partial of bound methods, not a closure: a deep copy of the model gets its own
-        encoder = functools.partial(self._encode_recording, original, inspect.signature(original))
+        encoder = functools.partial(self._encode_recording, original, inspect.signature(original), kind)
         encoder.__wrapped__ = original  # generate() reads the signature through this
         return encoder
 
-    def _encode_recording(self, original, signature: inspect.Signature, *args, **kwargs):
-        """The instance's image encoder, recording the method's signals while it runs."""
+    def _encode_recording(self, original, signature: inspect.Signature, kind: str, *args, **kwargs):
+        """The instance's image (or video) encoder, recording the method's signals while it runs."""
+        if self._encoding_video:  # the video encoder runs the image one: recorded as the video
+            return original(*args, **kwargs)
         call = signature.bind_partial(*args, **kwargs).arguments
         call.update(call.pop("kwargs", {}))
         self.adapter.before_tower(call, self._scratch)
-        with self.adapter.capture_signals(self._scratch) as signals:
-            out = original(*args, **kwargs)
+        self._encoding_video = kind == "video"
+        try:
+            with self.adapter.capture_signals(self._scratch) as signals:
+                out = original(*args, **kwargs)
+        finally:
+            self._encoding_video = False
         # a caller's return_dict=False gives a tuple, which no forward of the model consumes
         features = encoded_features(out)
         if features is not None:
-            self._last_encoded = (out, features, self.adapter.describe_images(out, call, signals, self._scratch))
+            describe = self.adapter.describe_videos if kind == "video" else self.adapter.describe_images
+            self._last_encoded[kind] = (out, features, describe(out, call, signals, self._scratch))
         return out
+
+    # -- which placeholders: images, and videos where the family prunes them ----------------
+
+    def image_token_mask(self, kw: dict[str, Any]) -> torch.Tensor:
+        """[B, L] bool: the placeholders the reduction covers -- images', and videos' where the
+        family prunes them."""
+        mask = super().image_token_mask(kw)
+        return mask if self._video_id is None else mask | self.token_mask(kw, self._video_id)
+
+    def _has_image_inputs(self, kw: dict[str, Any]) -> bool:
+        return super()._has_image_inputs(kw) or self._has_videos(kw)
+
+    def _has_videos(self, kw: dict[str, Any]) -> bool:
+        return self._video_id is not None and (kw.get("pixel_values_videos") is not None
+                                               or pre_encoded(kw, "video") is not None)
 
     # -- the hook --------------------------------------------------------------------------
 
@@ -307,26 +335,42 @@ class VisionStageEngine(PatchBase):
         model's output as the unpruned forward returns it (the pruned forward got the kept tokens
         as embeddings, so the model itself has none to return)."""
         encoded, self._image_outputs = self._image_outputs, None
-        if encoded is None or getattr(output, "image_outputs", encoded) is not None:
-            return None
-        return with_fields(output, image_outputs=encoded)
+        fields = {f"{kind}_outputs": out for kind, out in (encoded or {}).items()
+                  if getattr(output, f"{kind}_outputs", out) is None}
+        return with_fields(output, **fields) if fields else None
 
-    def _images(self, kw: dict[str, Any]) -> list[ImageTokens]:
-        out = self._pre_encoded(kw)
+    def _images(self, kw: dict[str, Any], is_image: torch.Tensor) -> list[ImageTokens]:
+        """The forward's images and pruned videos as `ImageTokens`, in placeholder order."""
+        self._image_outputs = {}  # returned with the forward's output
+        recorded, self._last_encoded = self._last_encoded, {}
+        images = self._encoded(kw, "image", recorded.get("image")) if super()._has_image_inputs(kw) else []
+        videos = self._encoded(kw, "video", recorded.get("video")) if self._has_videos(kw) else []
+        if not (images and videos):
+            return images or videos
+        # both: the items in the order their placeholders come (a device read, mixed prompts only)
+        is_video = self.token_mask(kw, self._video_id)[is_image].tolist()
+        return _in_placeholder_order(images, videos, is_video)
+
+    def _encoded(self, kw: dict[str, Any], kind: str, last: tuple | None) -> list[ImageTokens]:
+        """The forward's images (kind "image") or videos described; last: what the wrapped
+        encoder recorded of that kind before the forward (generate() encodes first), if anything."""
+        out = pre_encoded(kw, kind)
         if out is None:
-            out = self.adapter.encode(kw)
-        self._image_outputs = out  # returned with the forward's output
-        last, self._last_encoded = self._last_encoded, None
-        images = _recorded_images(last, out) if last is not None else None
-        if images is None:  # encoded before the patch: no signals were recorded
-            images = self.adapter.describe_images(out, kw, {}, self._scratch)
-        missing = self.method.needs - self.method.optional_needs - set(images[0].signals if images else ()) - {"question"}
+            out = self.adapter.encode_videos(kw) if kind == "video" else self.adapter.encode(kw)
+            last = self._last_encoded.pop(kind, None)
+        self._image_outputs[kind] = out
+        items = _recorded_images(last, out) if last is not None else None
+        if items is None:  # encoded before the patch: no signals were recorded
+            describe = self.adapter.describe_videos if kind == "video" else self.adapter.describe_images
+            items = describe(out, kw, {}, self._scratch)
+        missing = self.method.needs - self.method.optional_needs - set(items[0].signals if items else ()) - {"question"}
         if missing:
+            pixels = "pixel_values_videos" if kind == "video" else "pixel_values"
             raise ValueError(
                 f"method {self.config.method!r} needs {sorted(missing)} from the vision tower, but the "
-                "image features were computed before vlm_prune.patch; pass pixel_values instead"
+                f"{kind} features were computed before vlm_prune.patch; pass {pixels} instead"
             )
-        return images
+        return items
 
     def _prefill(self, kw: dict[str, Any], earlier: CachedPart | None = None,
                  prompt_end: int | None = None) -> dict[str, Any] | None:
@@ -353,7 +397,7 @@ class VisionStageEngine(PatchBase):
             base = self.adapter.base_positions(kw, is_image.shape[1], self._scratch)
         positions_s = clock(self.model) - positions_start
         vision_start = clock(self.model)
-        images = self._images(kw)
+        images = self._images(kw, is_image)
         vision_s = clock(self.model) - vision_start
         if "question" in self.method.needs:
             self._add_question(kw, is_image, images, prompt_end)
@@ -394,6 +438,12 @@ class VisionStageEngine(PatchBase):
         n_layers = self._text_layers
         self.layer_lengths = [new_kw["inputs_embeds"].shape[1]] * n_layers
         self.stats = [{"visual_tokens": int(n), "kept": int(k)} for n, k in zip(counts, row_kept)]
+        if any(img.video for img in images):  # of which video tokens
+            sizes = [img.features.shape[0] for img in images]
+            video_tokens = _per_row(counts, sizes, [n if img.video else 0 for n, img in zip(sizes, images)])
+            video_kept = _per_row(counts, sizes, [k if img.video else 0 for k, img in zip(reduced.counts, images)])
+            for row, n, k in zip(self.stats, video_tokens, video_kept):
+                row.update(video_tokens=int(n), video_kept=int(k))
         total = clock(self.model) - start
         # the scoring hooks run inside the tower's forward: their time belongs to selection
         signal_s = self._scratch.get("signal_s", 0.0)
@@ -483,9 +533,13 @@ class VisionStageEngine(PatchBase):
                 if value.shape[-1] < comp.prompt_len:  # assisted decoding: the draft's candidates follow, as text
                     value = torch.nn.functional.pad(value, (0, comp.prompt_len - value.shape[-1]))
                 new_kw[key] = comp.gather(value, 0)
-        # the image features are in inputs_embeds now; other modalities (video) pass through
+        # the image (and pruned video) features are in inputs_embeds now; other modalities pass through
         new_kw["pixel_values"] = None
-        return without_pre_encoded(new_kw, "image")
+        new_kw = without_pre_encoded(new_kw, "image")
+        if self._video_id is not None:
+            new_kw["pixel_values_videos"] = None
+            new_kw = without_pre_encoded(new_kw, "video")
+        return new_kw
 
     def _decode(self, kw: dict[str, Any], past: int, state: PromptState) -> dict[str, Any]:
         """A decode step after a pruned prefill: new tokens only, the cache holds the pruned prompt."""
@@ -528,6 +582,20 @@ class VisionStageEngine(PatchBase):
             positions = positions - shift.view(*([1] * (positions.dim() - 2)), -1, 1)
         new_kw["position_ids"] = positions
         return new_kw
+
+
+def _in_placeholder_order(images: list[ImageTokens], videos: list[ImageTokens],
+                          is_video: list[bool]) -> list[ImageTokens]:
+    """Images and videos merged in the order of their placeholders; is_video: per placeholder
+    of the forward (row by row), whether it is a video's. Each item's placeholders come
+    together (a Qwen3-VL video's frames are separated by text, but by no other item's tokens)."""
+    queues = {False: iter(images), True: iter(videos)}
+    ordered, slot = [], 0
+    while slot < len(is_video):
+        item = next(queues[is_video[slot]])
+        ordered.append(item)
+        slot += item.features.shape[0]
+    return ordered
 
 
 def _recorded_images(last: tuple, given: Any) -> list[ImageTokens] | None:

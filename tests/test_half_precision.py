@@ -35,5 +35,8 @@ def test_every_method_in_half_precision(half_model, method):
             logits = model(**inputs).logits
             out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert logits.dtype == reference.dtype and bool(torch.isfinite(logits).all())
-    assert all(s["kept"] < s["visual_tokens"] for s in handle.stats)
+    if method == "evs":  # a video method: images (one frame, nothing to compare with) stay whole
+        assert all(s["kept"] == s["visual_tokens"] for s in handle.stats)
+    else:
+        assert all(s["kept"] < s["visual_tokens"] for s in handle.stats)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3

@@ -386,16 +386,6 @@ def test_static_cache_equals_the_dynamic_one(models):
         assert torch.equal(greedy(model, inputs, cache_implementation="static"), greedy(model, inputs))
 
 
-def test_a_prompt_with_a_video_is_refused_under_vision_stage_methods(models):
-    model, processor = models["qwen3_vl"]
-    inputs = dict(inputs_of(processor, rows=(0,)))
-    inputs["video_grid_thw"] = torch.tensor([[2, 4, 6]])
-    inputs["pixel_values_videos"] = torch.randn(48, 3 * 2 * 16 * 16)
-    with vlm_prune.pruned(model, "cls_attention", 0.5):
-        with pytest.raises(NotImplementedError, match="video and images is not supported"):
-            logits(model, inputs)
-
-
 def test_the_offline_processor_of_a_checkpoint_folder(models, tmp_path):
     from vlm_prune.processors import qwen3_image_processor
 

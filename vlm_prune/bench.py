@@ -2,7 +2,8 @@
 
 Models have random weights (no download) and real shapes: a ViT-B-size vision tower and an
 8-layer Llama/Qwen2 LM at hidden 1024, in the LLaVA-1.5 (576 tokens), LLaVA-NeXT (anyres, 2340
-tokens for 640x480) or Qwen2-VL (2x2 merge, M-RoPE, 391 tokens for 640x480) layout. Timed by
+tokens for 640x480), Qwen2-VL (2x2 merge, M-RoPE, 391 tokens for 640x480) or Qwen3-VL video
+(an 8-frame 448x448 video, 784 tokens) layout. Timed by
 `vlm_prune.benchmark`: one warm-up round, then rounds alternating unpruned and pruned so drift
 hits both; medians are reported. Threads are pinned (torch.set_num_threads) for the run.
 
@@ -24,6 +25,7 @@ import torch
 from . import api, tiny
 from .benchmark import Variant, describe, measure, pinned_threads, report_table
 from .flops import prefill_flops
+from .video_inputs import VIDEO_SLOT, qwen_video_inputs
 
 _VIT_B = dict(vision_hidden=768, vision_heads=12, vision_intermediate=3072)
 _LLAMA_8L = dict(text_hidden=1024, text_layers=8, text_heads=16, text_kv_heads=16, text_intermediate=2816)
@@ -39,6 +41,11 @@ SHAPES: dict[str, tuple[str, dict[str, Any], str]] = {
     # Qwen2-VL layout (14 px patches, 2x2 merge, M-RoPE): 640x480 -> 34x46 patches -> 391 tokens
     "qwen2-vl": ("qwen2_vl", dict(vision_depth=12, **_VIT_B, **_LLAMA_8L, min_pixels=3136, max_pixels=12845056),
                  "<|vision_start|><|image_pad|><|vision_end|>{q}"),
+    # Qwen3-VL layout (16 px patches, 2x2 merge, DeepStack from 3 blocks) with an 8-frame
+    # 448x448 video: 4 temporal patches of 14x14 merged tokens, 784 video tokens
+    "qwen3-vl-video": ("qwen3_vl", dict(vision_depth=12, deepstack_layers=(3, 7, 11), **_VIT_B, **_LLAMA_8L,
+                                        max_pixels=448 * 448),
+                       "<|vision_start|><|video_pad|><|vision_end|>{q}"),
     # a quick smoke-test size
     "tiny": ("llava", dict(image_size=336, vision_hidden=64, vision_layers=2, text_hidden=128, text_layers=2),
              "USER: <image>\n{q} ASSISTANT:"),
@@ -139,10 +146,17 @@ def build_prompt(processor, template: str, text_tokens: int) -> str:
     return template.format(q=question.strip())
 
 
+VIDEO_FRAMES, VIDEO_SIZE = 8, (448, 448)
+
+
 def build_inputs(processor, template: str, text_tokens: int):
-    """One image (640x480) and a prompt with about `text_tokens` text tokens."""
-    return processor(images=[tiny.random_image(640, 480)], text=[build_prompt(processor, template, text_tokens)],
-                     return_tensors="pt")
+    """One image (640x480) -- or, for a video template, one 8-frame 448x448 video -- and a
+    prompt with about `text_tokens` text tokens."""
+    prompt = build_prompt(processor, template, text_tokens)
+    if VIDEO_SLOT in template:
+        frames = [tiny.random_image(*VIDEO_SIZE, seed=i) for i in range(VIDEO_FRAMES)]
+        return qwen_video_inputs(processor, [prompt], [frames])
+    return processor(images=[tiny.random_image(640, 480)], text=[prompt], return_tensors="pt")
 
 
 def run(shape: str = "llava-1.5", method: str = "cls_attention", keep: int | float = 64,
@@ -190,7 +204,8 @@ def run(shape: str = "llava-1.5", method: str = "cls_attention", keep: int | flo
         return measured.ms(variant, metric)
 
     text_config = model.config.text_config
-    visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    placeholders = {model.config.image_token_id, getattr(model.config, "video_token_id", None)} - {None}
+    visual = int(sum((inputs["input_ids"] == token).sum() for token in placeholders))
     unpruned_tokens, pruned_lengths = seen["unpruned_tokens"], seen["pruned_lengths"]
     ratio = prefill_flops(text_config, unpruned_tokens).ratio_to(prefill_flops(text_config, pruned_lengths))
     pruned_tokens = pruned_lengths[-1]  # what the last decoder layer saw (in-LLM methods prune inside)

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="prefill time pruned vs unpruned, in one process")
     bench.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
                        help="vllm: an engine with the plugin against one without (needs vLLM)")
-    bench.add_argument("--shape", default="llava-1.5", choices=["llava-1.5", "llava-next", "qwen2-vl", "tiny"])
+    bench.add_argument("--shape", default="llava-1.5", choices=["llava-1.5", "llava-next", "qwen2-vl", "qwen3-vl-video", "tiny"])
     bench.add_argument("--method", default="cls_attention", choices=available_methods())
     bench.add_argument("--keep", type=parse_keep, default=64)
     bench.add_argument("--text-tokens", type=int, default=64)

@@ -13,8 +13,9 @@ from typing import Any, Callable, Mapping
 
 POSITION_POLICIES = ("renumber", "original")
 BUDGET_POLICIES = ("per_image", "per_crop", "pooled")
+VIDEO_BUDGET_POLICIES = ("per_frame", "per_video")
 BACKENDS = ("auto", "torch", "triton")
-COMMON_OPTIONS = ("positions", "budget", "backend")
+COMMON_OPTIONS = ("positions", "budget", "video_budget", "backend")
 
 
 @dataclass(frozen=True)
@@ -106,17 +107,19 @@ def split_budget(total: int, sizes: list[int]) -> list[int]:
     return [min(s, n) for s, n in zip(shares, sizes)]
 
 
-def tokens_to_keep(keep: int | float, n_tokens: int) -> int:
+def tokens_to_keep(keep: int | float, n_tokens: int, rounding: str = "nearest") -> int:
     """Budget for one image of `n_tokens` visual tokens.
 
     An int keeps that many (clamped to the tokens there are); a float keeps
-    round(keep * n_tokens), at least one. keep=1 keeps one token, keep=1.0 keeps all.
+    round(keep * n_tokens) (rounding="floor": floor(keep * n_tokens), as vLLM's EVS counts), at
+    least one. keep=1 keeps one token, keep=1.0 keeps all.
     """
     if n_tokens <= 0:
         return 0
     if isinstance(keep, int):
         return min(keep, n_tokens)
-    return min(n_tokens, max(1, math.floor(keep * n_tokens + 0.5)))
+    share = keep * n_tokens if rounding == "floor" else keep * n_tokens + 0.5
+    return min(n_tokens, max(1, math.floor(share)))
 
 
 # -- the config --------------------------------------------------------------------------
@@ -137,6 +140,11 @@ class PruneConfig:
             crops and row-end newline tokens together); only LLaVA-NeXT images have crops.
             None = the method's default (its release's: FasterVLM and VisionZip per crop,
             DivPrune pooled, the others per image).
+        video_budget: how a video's tokens are budgeted (Qwen-VL families): "per_frame" (each
+            frame keeps `keep` tokens, or that fraction of its tokens, chosen within the frame)
+            or "per_video" (the video keeps `keep` tokens, or that fraction of all its tokens,
+            chosen in one pool over its frames: for methods that make no coarser grid). None =
+            the method's default ("per_video" for `evs`, else "per_frame").
         backend: "auto" (Triton on CUDA when available, else PyTorch), "torch" or "triton".
         options: method options; unknown names are rejected, missing ones take defaults.
     """
@@ -147,6 +155,7 @@ class PruneConfig:
     budget: str | None = None
     backend: str = "auto"
     options: Mapping[str, Any] = field(default_factory=dict)
+    video_budget: str | None = None
 
     def __post_init__(self) -> None:
         from .registry import get_method  # late: the registry imports the methods
@@ -180,6 +189,7 @@ class PruneConfig:
         if self.budget not in (None, "pooled") and method_cls.stage != "vision":
             raise ValueError(f"budget={self.budget!r} is not available for {self.method!r}, which prunes inside the "
                              "LLM: each image's tokens are one pool there (budget='pooled', the default)")
+        self._check_video_budget(method_cls)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not allowed; choose one of {list(BACKENDS)}")
         if self.backend == "triton":
@@ -188,6 +198,29 @@ class PruneConfig:
             if not triton_available():
                 raise ValueError("backend='triton' needs Triton installed (pip install triton); use 'auto' or 'torch'")
         object.__setattr__(self, "options", method_cls.validate_options(dict(self.options)))
+
+    def _check_video_budget(self, method_cls: Any) -> None:
+        if self.video_budget is None:
+            return
+        if self.video_budget not in VIDEO_BUDGET_POLICIES:
+            raise ValueError(f"video_budget={self.video_budget!r} is not allowed; choose one of "
+                             f"{list(VIDEO_BUDGET_POLICIES)}")
+        if method_cls.stage != "vision":
+            raise ValueError(f"video_budget={self.video_budget!r} is not available for {self.method!r}, which prunes "
+                             "inside the LLM (videos pass through it unpruned)")
+        if self.video_budget == "per_video" and method_cls.output_is_grid:
+            raise ValueError(f"video_budget='per_video' puts a video's frames in one pool without a 2D grid; method "
+                             f"{self.method!r} makes a coarser grid of each frame: use video_budget='per_frame'")
+        if self.video_budget == "per_frame" and method_cls.video_budgets == ("per_video",):
+            raise ValueError(f"method {self.method!r} compares each frame with the one before: it needs "
+                             "video_budget='per_video'")
+
+    @property
+    def video_policy(self) -> str:
+        """The video budget policy in force: the given one, else the method's default."""
+        from .registry import get_method
+
+        return self.video_budget or getattr(get_method(self.method), "video_budgets", ("per_frame",))[0]
 
     @classmethod
     def from_kwargs(cls, method: str, keep: int | float, **options: Any) -> "PruneConfig":
@@ -198,8 +231,10 @@ class PruneConfig:
     def as_kwargs(self) -> dict[str, Any]:
         """The arguments of `vlm_prune.patch` that rebuild this config."""
         return dict(method=self.method, keep=self.keep, positions=self.positions,
-                    budget=self.budget, backend=self.backend, **self.options)
+                    budget=self.budget, video_budget=self.video_budget, backend=self.backend, **self.options)
 
     def budget_for(self, n_tokens: int) -> int:
-        """Visual tokens kept for one image of `n_tokens` tokens."""
-        return tokens_to_keep(self.keep, n_tokens)
+        """Visual tokens kept for one image of `n_tokens` tokens (the method's rounding)."""
+        from .registry import get_method
+
+        return tokens_to_keep(self.keep, n_tokens, getattr(get_method(self.method), "budget_rounding", "nearest"))

@@ -22,6 +22,8 @@ FAMILIES: dict[str, str] = {
     "qwen2_5_vl": "vlm_prune.patches.adapters.qwen2_vl:QwenVLAdapter",
     "qwen3_vl": "vlm_prune.patches.adapters.qwen3_vl:Qwen3VLAdapter",
     "qwen3_vl_moe": "vlm_prune.patches.adapters.qwen3_vl:Qwen3VLAdapter",
+    "qwen3_5": "vlm_prune.patches.adapters.qwen3_5:Qwen3_5Adapter",
+    "qwen3_5_moe": "vlm_prune.patches.adapters.qwen3_5:Qwen3_5Adapter",
 }
 
 

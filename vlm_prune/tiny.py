@@ -294,3 +294,62 @@ def random_image(width: int, height: int, seed: int = 0):
     image = Image.fromarray(blocks).resize((width, height), Image.NEAREST)
     noise = rng.integers(-20, 21, size=(height, width, 3))
     return Image.fromarray(np.clip(np.asarray(image, dtype=np.int64) + noise, 0, 255).astype(np.uint8))
+
+
+def qwen3_5(seed: int = 0, dtype: torch.dtype = torch.float32, moe: bool = False, vision_depth: int = 2,
+            vision_hidden: int = 32, vision_heads: int = 4, vision_intermediate: int | None = None,
+            text_hidden: int = 64, text_heads: int = 4, text_kv_heads: int = 2, head_dim: int = 16,
+            layer_types: tuple[str, ...] = ("full_attention", "linear_attention", "full_attention", "linear_attention"),
+            text_intermediate: int | None = None, vocab_size: int = 320,
+            min_pixels: int = 4 * 32 * 32, max_pixels: int = 256 * 32 * 32):
+    """(model, processor): a random-weight Qwen3.5 (moe=True: Qwen3.5-MoE, 4 experts, 2 per token,
+    and a shared expert).
+
+    A hybrid decoder: `layer_types` lists each layer's token mixer, "linear_attention" (a Gated
+    DeltaNet: a causal convolution and a recurrent state, no KV cache) or "full_attention"
+    (softmax attention with an output gate, per-head q/k RMS norms and partial M-RoPE: half of
+    each head's dimensions rotate, interleaved (t, h, w) sections). The released models put one
+    full-attention layer after every three linear ones; this default starts with a full one so
+    that in-LLM stages after layer 1 or 3 are allowed (see patches/adapters/qwen3_5.py). The
+    vision tower is Qwen3-VL's without DeepStack: 16 px patches, 2x2 merge (one LLM token per
+    32x32 px). The processor is `vlm_prune.processors.Qwen3ImageOnlyProcessor` (Qwen3.5
+    checkpoints ship Qwen3-VL's processor).
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from .processors import Qwen3ImageOnlyProcessor
+
+    tok = tokenizer(vocab_size, QWEN_TOKENS)
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in QWEN_TOKENS.items()}
+    rotary = head_dim // 2  # partial_rotary_factor 0.5
+    quarter = rotary // 2 // 4  # mrope_section sums to the rotated dimensions / 2
+    text = dict(
+        vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=text_intermediate or 2 * text_hidden,
+        num_hidden_layers=len(layer_types), layer_types=list(layer_types), num_attention_heads=text_heads,
+        num_key_value_heads=text_kv_heads, head_dim=head_dim, max_position_embeddings=4096,
+        linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+        linear_num_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "mrope_interleaved": True, "mrope_section": [rotary // 2 - 2 * quarter, quarter, quarter]},
+    )
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=text_hidden,
+                    shared_expert_intermediate_size=text_hidden)
+        del text["intermediate_size"]
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, num_heads=vision_heads,
+                  intermediate_size=vision_intermediate or 2 * vision_hidden, out_hidden_size=text_hidden,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                  num_position_embeddings=64)
+    token_ids = dict(image_token_id=ids["image_token"], video_token_id=ids["video_token"],
+                     vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"])
+    if moe:
+        from transformers import Qwen3_5MoeConfig as config_cls, Qwen3_5MoeForConditionalGeneration as cls
+    else:
+        from transformers import Qwen3_5Config as config_cls, Qwen3_5ForConditionalGeneration as cls
+    config = config_cls(vision_config=vision, text_config=text, **token_ids)
+    torch.manual_seed(seed)
+    model = cls(config).to(dtype).eval()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=16,
+                                               merge_size=2, temporal_patch_size=2,
+                                               image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return model, Qwen3ImageOnlyProcessor(image_processor, tok)

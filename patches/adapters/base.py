@@ -8,7 +8,8 @@ A family adapter is the only code that names a family's transformers internals. 
   signals the tower gave (`capture_signals`, `describe_images`), how to embed tokens and project
   tower features (`embedding`, `project`), which position ids the unpruned model would use
   (`base_positions`, `decode_positions`) and how a reduced image is numbered
-  (`reduced_positions`);
+  (`reduced_positions`); a family whose videos are pruned too names their placeholder and
+  encoder (`video_token_id`, `video_encoder`, `encode_videos`, `describe_videos`);
 - in-LLM methods: the decoder's layers and their attention parts (`decoder`);
 - both: hooks of its own that the engine installs with its own (`install`), and, for a family
   whose language model takes other per-token inputs at the visual tokens besides their
@@ -185,9 +186,31 @@ class FamilyAdapter:
         generate()'s own call): the place for host-side layout work that reads small inputs."""
 
     def expected_visual_tokens(self, kw: dict[str, Any], scratch: dict[str, Any]) -> int | None:
-        """How many placeholders the images of a forward need, when known before the tower runs
-        (None: checked after it)."""
+        """How many placeholders the images (and pruned videos) of a forward need, when known
+        before the tower runs (None: checked after it)."""
         return None
+
+    # -- videos (a family that prunes them: `video_token_id` is not None) -------------------------
+
+    def video_token_id(self) -> int | None:
+        """The placeholder id of video tokens, when the family prunes videos (their tokens then
+        take part in the reduction as images' do, in placeholder order); None: videos pass
+        through to the model untouched."""
+        return None
+
+    def video_encoder(self) -> tuple[Any, str]:
+        """(object, method name) of the function that runs the vision tower for videos."""
+        return self.target_module(), "get_video_features"
+
+    def encode_videos(self, kw: dict[str, Any]) -> Any:
+        """Calls the (wrapped) video encoder on the forward's video inputs; returns its output."""
+        raise NotImplementedError
+
+    def describe_videos(self, output: Any, call: dict[str, Any], signals: dict[str, Any],
+                        scratch: dict[str, Any]) -> list[ImageTokens]:
+        """Per video, its tokens as an `ImageTokens` (`video=True`, regions and budget after the
+        plan's video budget policy)."""
+        raise NotImplementedError
 
     # -- positions ---------------------------------------------------------------------------
 

@@ -19,7 +19,11 @@ fallback), then averaged over each 2x2 merge unit. q/k come from that block's ow
 chunks, so the tower keeps SDPA. Qwen2.5-VL runs blocks on window-permuted merge units; the
 permutation is undone before the scores reach the method.
 
-Videos are passed through untouched (their tokens are never pruned); only images are pruned.
+Videos are pruned as images are, in the same prefill (their tokens join the images' in
+placeholder order): a video is t temporal patches ("frames") of (h/2) x (w/2) merged tokens.
+`video_budget="per_frame"` makes each frame a region with its own budget (`keep` per frame);
+"per_video" makes the whole video one region of grid (t, h/2, w/2), its tokens one pool
+(`keep` per video). Kept video tokens keep their M-RoPE positions, as image tokens do.
 """
 
 from __future__ import annotations
@@ -100,10 +104,15 @@ class QwenVLAdapter(FamilyAdapter):
                 scratch["window_index"] = (grid_thw, vision_window_index(self.visual, grid_thw).to(grid_thw.device))
 
     def expected_visual_tokens(self, kw: dict[str, Any], scratch: dict[str, Any]) -> int | None:
-        grid_thw = kw.get("image_grid_thw")
-        if grid_thw is None or kw.get("pixel_values") is None:
+        grid_thw, video_thw = kw.get("image_grid_thw"), kw.get("video_grid_thw")
+        images = kw.get("pixel_values") is not None
+        videos = kw.get("pixel_values_videos") is not None
+        if (images and grid_thw is None) or (videos and video_thw is None) or not (images or videos):
             return None
-        return sum(t * h * w for t, h, w in self._grid_list(grid_thw, scratch)) // self.merge_unit
+        count = sum(t * h * w for t, h, w in self._grid_list(grid_thw, scratch)) if images else 0
+        if videos:  # a device read, in prompts with videos only
+            count += sum(t * h * w for t, h, w in video_thw.tolist())
+        return count // self.merge_unit
 
     @staticmethod
     def _grid_list(grid_thw: torch.Tensor, scratch: dict[str, Any]) -> list[list[int]]:
@@ -215,24 +224,49 @@ class QwenVLAdapter(FamilyAdapter):
         grid_thw = call.get("image_grid_thw")
         if grid_thw is None:
             raise ValueError("Qwen-VL image features came without image_grid_thw; pass pixel_values and image_grid_thw")
-        features = list(output.pooler_output)
+        return self._describe(list(output.pooler_output), self._grid_list(grid_thw, scratch), signals, "image")
+
+    # -- videos -----------------------------------------------------------------------------
+
+    def video_token_id(self) -> int | None:
+        return self.model.config.video_token_id
+
+    def encode_videos(self, kw: dict[str, Any]) -> Any:
+        return self.model.model.get_video_features(kw["pixel_values_videos"], kw.get("video_grid_thw"),
+                                                   return_dict=True)
+
+    def describe_videos(self, output, call, signals, scratch) -> list[ImageTokens]:
+        grid_thw = call.get("video_grid_thw")
+        if grid_thw is None:
+            raise ValueError("Qwen-VL video features came without video_grid_thw; pass pixel_values_videos and "
+                             "video_grid_thw")
+        return self._describe(list(output.pooler_output), grid_thw.tolist(), signals, "video")
+
+    def _describe(self, features: list[torch.Tensor], grids: list[list[int]], signals: dict[str, torch.Tensor],
+                  kind: str) -> list[ImageTokens]:
+        """Per image or video of the tower's call: its tokens, one region per frame (a video under
+        video_budget="per_video": one region over all frames), its share of the call's signals."""
         merge = self.visual.spatial_merge_size
-        grids = self._grid_list(grid_thw, scratch)
         sizes = [int(t * h * w) // self.merge_unit for t, h, w in grids]
-        per_image = {name: signals[name].split(sizes) for name in ("cls_attention", "keys") if name in signals}
-        images = []
+        per_item = {name: signals[name].split(sizes) for name in ("cls_attention", "keys") if name in signals}
+        video = kind == "video"
+        whole_video = video and self.plan.config.video_policy == "per_video"
+        items = []
         for i, (feats, (t, h, w)) in enumerate(zip(features, grids)):
             rows, cols = h // merge, w // merge
             per_frame = rows * cols
             if feats.shape[0] != t * per_frame:
-                raise ValueError(f"image {i}: {feats.shape[0]} features for a {t}x{rows}x{cols} token grid")
-            regions = [
-                Region.span(f * per_frame, (f + 1) * per_frame, (rows, cols), feats.device)
-                for f in range(t)
-            ]
-            image_signals = {name: values[i].to(feats.device) for name, values in per_image.items()}
-            images.append(ImageTokens(feats, regions, image_signals))
-        return images
+                raise ValueError(f"{kind} {i}: {feats.shape[0]} features for a {t}x{rows}x{cols} token grid")
+            if whole_video:
+                regions = [Region.span(0, t * per_frame, (t, rows, cols), feats.device)]
+            else:
+                regions = [Region.span(f * per_frame, (f + 1) * per_frame, (rows, cols), feats.device)
+                           for f in range(t)]
+            item_signals = {name: values[i].to(feats.device) for name, values in per_item.items()}
+            # a video's frames each keep `keep` (per frame); an image's frames share it
+            budget = ("per_image" if whole_video else "per_crop") if video else None
+            items.append(ImageTokens(feats, regions, item_signals, budget=budget, video=video))
+        return items
 
     def capture_signals(self, scratch):
         if self.plan.method.needs & {"cls_attention", "keys"}:

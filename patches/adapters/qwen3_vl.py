@@ -30,9 +30,10 @@ language model adds to the hidden states of the image tokens after its first dec
 - the in-LLM engine recomputes attention rows from a layer's q/k projections: Qwen3's per-head
   RMS norms (`q_norm`, `k_norm`) are applied there as the layer applies them.
 
-Videos: a prompt with a video and images is refused under vision-stage methods (its video
-tokens carry DeepStack levels of their own, merged with the images' in one stream); video-only
-prompts pass through unpruned.
+Videos are pruned as Qwen2-VL's are (`QwenVLAdapter`); each temporal patch sits in its own
+vision run after its timestamp text, and a video's DeepStack levels follow its tokens' reduction
+as an image's do (the model merges image and video levels in placeholder order, as the engine
+orders the items).
 """
 
 from __future__ import annotations
@@ -55,23 +56,11 @@ DEEPSTACK_KWARG = "_vlm_prune_deepstack"
 class Qwen3VLAdapter(QwenVLAdapter):
     model_types = ("qwen3_vl", "qwen3_vl_moe")
 
-    def prepare(self, kw: dict[str, Any], scratch: dict[str, Any]) -> None:
-        if kw.get("pixel_values_videos") is not None or kw.get("video_grid_thw") is not None:
-            raise NotImplementedError(
-                "vlm_prune: a Qwen3-VL prompt with a video and images is not supported by vision-stage methods yet "
-                "(the video's DeepStack features share one stream with the images'); prune its images in a "
-                "prompt without the video, or use an in-LLM method")
-        super().prepare(kw, scratch)
-
     def describe_images(self, output, call, signals, scratch) -> list[ImageTokens]:
-        images = super().describe_images(output, call, signals, scratch)
-        levels = getattr(output, "deepstack_features", None) or []
-        for level in levels:
-            if len(level) != len(images):
-                raise ValueError(f"{len(level)} DeepStack features for {len(images)} images")
-        for i, image in enumerate(images):
-            image.streams = [level[i].to(image.features.device) for level in levels]
-        return images
+        return _with_deepstack(super().describe_images(output, call, signals, scratch), output)
+
+    def describe_videos(self, output, call, signals, scratch) -> list[ImageTokens]:
+        return _with_deepstack(super().describe_videos(output, call, signals, scratch), output)
 
     def reduced_inputs(self, kw: dict[str, Any], visual: torch.Tensor, streams: list[torch.Tensor],
                        scratch: dict[str, Any]) -> dict[str, Any]:
@@ -113,6 +102,18 @@ class Qwen3VLAdapter(QwenVLAdapter):
             layer.attention, q_norm=layer.attention.module.q_norm, k_norm=layer.attention.module.k_norm))
             for layer in parts.layers]
         return dataclasses.replace(parts, layers=layers)
+
+
+def _with_deepstack(items: list[ImageTokens], output: Any) -> list[ImageTokens]:
+    """`items` (an encoder call's images or videos) with their DeepStack levels as streams: level
+    i of item j is the encoder output's deepstack_features[i][j], [N_j, D]."""
+    levels = getattr(output, "deepstack_features", None) or []
+    for level in levels:
+        if len(level) != len(items):
+            raise ValueError(f"{len(level)} DeepStack features for {len(items)} images or videos")
+    for i, item in enumerate(items):
+        item.streams = [level[i].to(item.features.device) for level in levels]
+    return items
 
 
 def deepstack_at_columns(mask: torch.Tensor, embeds: torch.Tensor,

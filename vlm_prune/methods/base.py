@@ -6,6 +6,7 @@ the signals a method declares in `needs` and hands them over as tensors.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -105,6 +106,10 @@ class VisionMethod(Method):
     output_is_grid: ClassVar[bool] = False
     # the position policy of the release where a family allows more than one; None: the family's
     release_positions: ClassVar[str | None] = None
+    # the video budget policies the method supports (see PruneConfig.video_budget), default first
+    video_budgets: ClassVar[tuple[str, ...]] = ("per_frame", "per_video")
+    # how a fractional keep becomes a count: "nearest" (round) or "floor" (vLLM EVS's rule)
+    budget_rounding: ClassVar[str] = "nearest"
 
     def cls_score(self, options: Mapping[str, Any]) -> tuple[tuple[int, ...] | None, bool]:
         """How the family computes "cls_attention" for this method: (vision layers, summed --
@@ -127,7 +132,7 @@ class VisionMethod(Method):
     def output_count(self, k: int, grid: tuple[int, int], options: Mapping[str, Any]) -> int | None:
         """Tokens `reduce` returns per image for budget k on `grid`, known before the image is
         seen (vLLM reserves placeholders up front); None if it depends on the image."""
-        return min(k, grid[0] * grid[1])
+        return min(k, math.prod(grid))
 
     def reduce(
         self,

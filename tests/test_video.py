@@ -280,6 +280,20 @@ def test_video_budget_is_validated():
     assert PruneConfig.from_kwargs("divprune", 0.5).video_policy == "per_frame"
 
 
+@pytest.mark.parametrize("entry", [{"method": "evs", "keep": 0.25},
+                                   {"method": "cls_attention", "keep": 0.25, "video_budget": "per_video"}])
+def test_the_vllm_plugin_refuses_video_pruning_at_start_up(entry):
+    """The plugin passes videos through: a video method or budget is a start-up error pointing to
+    vLLM's own --video-pruning-rate (the plugin's config check imports no vLLM)."""
+    from types import SimpleNamespace
+
+    from vlm_prune.vllm_plugin.config import plugin_config
+
+    with pytest.raises(ValueError, match="--video-pruning-rate"):
+        plugin_config(SimpleNamespace(vlm_prune=entry), "qwen2_vl")
+    assert plugin_config(SimpleNamespace(vlm_prune={"method": "cls_attention", "keep": 0.25}), "qwen2_vl").keep == 0.25
+
+
 def test_evs_count_is_vllms():
     """floor(N * keep), at least one frame; an image (no earlier frame) stays whole."""
     method = EVS()

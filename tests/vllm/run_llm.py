@@ -8,6 +8,11 @@
                                     #  "logprobs": true (optional: each generated token's logprob),
                                     #  "env": {...} (optional, set before vLLM is imported, e.g.
                                     #  VLLM_CPU_OMP_THREADS_BIND="0|1" for two ranks)}
+
+    With "runs": [{"overrides": ..., "llm_kwargs": ...}, ...] in the spec, one engine per run, one
+    after another in this process (the imports are paid once; each engine is shut down before
+    the next starts): prints "RESULT " + the list of each run's results, and "TIMINGS " + each
+    engine's start-up seconds.
 """
 
 import json
@@ -18,6 +23,22 @@ import sys
 def main() -> None:
     spec = json.loads(sys.argv[1])
     os.environ.update(spec.get("env") or {})  # seen by vLLM and by the workers it starts
+    if "runs" not in spec:
+        print("RESULT " + json.dumps(run(spec)[0]))
+        return
+    results, timings = [], []
+    for one in spec["runs"]:
+        result, started = run({**spec, **one}, shut_down=True)
+        results.append(result)
+        timings.append(round(started, 1))
+    print("TIMINGS " + json.dumps(timings))
+    print("RESULT " + json.dumps(results))
+
+
+def run(spec: dict, shut_down: bool = False) -> tuple[list, float]:
+    """(the results of the spec's requests, the engine's start-up seconds)."""
+    import time
+
     from vllm import LLM, SamplingParams
 
     from vlm_prune import tiny
@@ -30,7 +51,9 @@ def main() -> None:
     if spec.get("overrides"):
         kwargs["hf_overrides"] = spec["overrides"]
     kwargs.update(spec.get("llm_kwargs") or {})
+    started = time.perf_counter()
     llm = LLM(**kwargs)
+    started = time.perf_counter() - started
     def images(r):
         if "images" in r:
             return [tiny.random_image(*i) for i in r["images"]]
@@ -44,7 +67,9 @@ def main() -> None:
     if spec.get("logprobs"):  # the sampled token's logprob at each step
         for r, o in zip(result, outputs):
             r["logprobs"] = [step[token].logprob for step, token in zip(o.outputs[0].logprobs, r["tokens"])]
-    print("RESULT " + json.dumps(result))
+    if shut_down:  # the engine core and its workers exit before the next engine starts
+        llm.llm_engine.engine_core.shutdown()
+    return result, started
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ _ARCHITECTURES = {
     "LlavaNextForConditionalGeneration": "vlm_prune.vllm_plugin.llava_next:PrunedLlavaNextForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "vlm_prune.vllm_plugin.qwen2_vl:PrunedQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "vlm_prune.vllm_plugin.qwen2_vl:PrunedQwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "vlm_prune.vllm_plugin.qwen3_vl:PrunedQwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration": "vlm_prune.vllm_plugin.qwen3_vl:PrunedQwen3VLMoeForConditionalGeneration",
 }
 _registered = False
 

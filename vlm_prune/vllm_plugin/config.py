@@ -48,6 +48,12 @@ def plugin_config(hf_config: Any, family: str) -> PruneConfig | None:
             "methods run (vLLM's paged KV cache is shared by all layers). Use it with transformers "
             "(vlm_prune.patch), or choose one of: cls_attention, dct, random, pool, visionzip, divprune"
         )
+    if method.video_budgets == ("per_video",) or config.video_budget is not None:
+        raise ValueError(
+            f"vlm_prune: {config.method!r} / video_budget prune videos, which the vLLM plugin passes through "
+            "unpruned; on vLLM prune videos with vLLM's own --video-pruning-rate (its EVS: keep = 1 - q), or use "
+            "vlm_prune.patch with transformers"
+        )
     if "question" in method.needs:
         raise ValueError(
             f"vlm_prune: method {config.method!r} needs the question, which vLLM's image encoder "

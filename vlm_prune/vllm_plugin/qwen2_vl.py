@@ -13,9 +13,11 @@ every override below defers to vLLM's own class. Videos are never pruned.
 - `_process_image_input`: runs the tower with hooks on the last block (the [CLS]-free score: the
   attention each patch receives, averaged over heads and its image's query rows, then over each
   2x2 merge unit, Qwen2.5-VL's window permutation undone; keys for VisionZip -- the same
-  definitions as patches/qwen2_vl.py), reduces with the SHARED `reduce_images`, and returns the
-  kept embeddings with 6 extra channels: each kept token's (t, h, w) grid coordinate, split as
-  (v // 256, v % 256) so no channel exceeds 255 (exact in bf16 / fp16);
+  definitions as patches/qwen2_vl.py), reduces with the SHARED `reduce_image_tokens`, and returns
+  the kept embeddings with 6 extra channels: each kept token's (t, h, w) grid coordinate, split as
+  (v // 256, v % 256) so no channel exceeds 255 (exact in bf16 / fp16). Other per-token streams
+  the tower returns beside the embeddings (Qwen3-VL's DeepStack levels, `_split_streams`) are
+  reduced with the embeddings' decisions and returned in their channels;
 - `recompute_mrope_positions`: strips the channels and writes base + (t, h, w) at the kept
   tokens' placeholders (chunked prefill aware); text positions are never touched, so the
   decode offset (mrope_position_delta) equals the unpruned model's.
@@ -38,6 +40,7 @@ video EVS (--video-pruning-rate) and vlm_prune cannot be combined.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
@@ -64,7 +67,7 @@ from vllm.multimodal.processing import PromptReplacement
 from vllm.sequence import IntermediateTensors
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
-from ..patches.image_tokens import ImageTokens, Region, reduce_images
+from ..patches.image_tokens import ImageTokens, Region, reduce_image_tokens
 from ..patches.adapters.qwen2_vl import QWEN_SCORED_BY, merge_unit_mean
 from ..registry import get_method
 from ..sharded_scores import keys_over_heads, received_attention
@@ -236,10 +239,7 @@ class _PrunedQwenMixin:
         pieces: list[np.ndarray] = []
         st = 0
         next_position = 0
-        grids = {id(f): g for f, g in zip(sorted(mm_features, key=lambda f: f.mm_position.offset),
-                                          self.iter_mm_grid_thw(mm_features))}
-        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
-            offset, t, h, w, t_factor = grids[id(feature)]
+        for feature, offset, t, h, w, t_factor in self._media_runs(input_tokens, mm_features):
             text_len = offset - st
             pieces.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + next_position)
             base = next_position + text_len
@@ -264,6 +264,13 @@ class _PrunedQwenMixin:
         positions = np.concatenate(pieces, axis=1).reshape(3, -1).astype(np.int64)
         return torch.from_numpy(positions), next_position - len(input_tokens)
 
+    def _media_runs(self, input_tokens, mm_features):
+        """(feature, offset, t, h, w, t_factor) per run of consecutive media placeholders, in prompt
+        order; (t, h, w) in merged tokens. Qwen2-VL / 2.5-VL: one run per image and per video."""
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        for feature, grid in zip(features, self.iter_mm_grid_thw(features)):
+            yield (feature, *grid)
+
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
         """Writes the kept tokens' (t, h, w) + base at their placeholders; returns the embeddings
         without the position channels. Text positions were right from the start."""
@@ -282,7 +289,8 @@ class _PrunedQwenMixin:
             out = []
             cursor = num_computed_tokens
             for embeddings in multimodal_embeddings:
-                start = next(i for i in media_index if i >= cursor)  # where this chunk's first token sits
+                first = bisect.bisect_left(media_index, cursor)
+                start = media_index[first]  # where this chunk's first token sits
                 length = embeddings.shape[0]
                 if int(ids[start]) == image_id:
                     run_start = start  # the item's first placeholder: base follows the text before it
@@ -293,7 +301,8 @@ class _PrunedQwenMixin:
                     positions[:, start:start + length] = coords + base
                     embeddings = embeddings[:, :-POSITION_CHANNELS]
                 out.append(embeddings)  # videos: unpruned, positions already right
-                cursor = start + length
+                # past the item's last placeholder (a Qwen3-VL video's frames have text between them)
+                cursor = media_index[first + length - 1] + 1
             return out, positions, int(positions.max()) + 1 - n
 
     def _reduced_grid(self, rows: int, cols: int) -> tuple[int, int]:
@@ -305,6 +314,11 @@ class _PrunedQwenMixin:
 
     def _run_tower(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _split_streams(self, embeds: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The tower's output [T / 4, C] as (embeddings [T / 4, D], other per-token streams, each
+        [T / 4, D]): none here (Qwen3-VL: its DeepStack levels)."""
+        return embeds, []
 
     def _process_image_input(self, image_input):
         if self.prune_config is None:
@@ -321,17 +335,22 @@ class _PrunedQwenMixin:
             with self._capture_signals(grids) as signals:
                 embeds = self._run_tower(image_input["pixel_values"], grid_thw)
         sizes = [t * h * w // (merge * merge) for t, h, w in grids]
+        embeds, streams = self._split_streams(embeds)
         per_image = {name: value.split(sizes) for name, value in signals.items()}
+        streams_per_image = [stream.split(sizes) for stream in streams]
         images = []
         for i, (feats, (t, h, w)) in enumerate(zip(embeds.split(sizes), grids)):
             rows, cols = h // merge, w // merge
             regions = [Region.span(f * rows * cols, (f + 1) * rows * cols, (rows, cols), feats.device)
                        for f in range(t)]
-            images.append(ImageTokens(feats, regions, {name: v[i].to(feats.device) for name, v in per_image.items()}))
-        kept, features = reduce_images(self.prune_method, self.prune_config, images,
-                                       self.prune_config.budget or "per_image")
+            images.append(ImageTokens(feats, regions, {name: v[i].to(feats.device) for name, v in per_image.items()},
+                                      streams=[stream[i] for stream in streams_per_image]))
+        reduced = reduce_image_tokens(self.prune_method, self.prune_config, images,
+                                      self.prune_config.budget or "per_image")
+        # each stream reduced: [sum K_i, D] in image order, back to per image
+        reduced_streams = [stream.split(reduced.counts) for stream in reduced.streams]
         out = []
-        for slots_kept, feats, (t, h, w) in zip(kept, features, grids):
+        for i, (slots_kept, feats, (t, h, w)) in enumerate(zip(reduced.kept, reduced.features, grids)):
             rows, cols = h // merge, w // merge
             if self.prune_config.positions == "renumber":  # numbered as an image of the coarse grid
                 coarse = self._reduced_grid(rows, cols)
@@ -340,7 +359,8 @@ class _PrunedQwenMixin:
             else:
                 slots = slots_kept.nonzero().flatten().cpu()
             coords = torch.stack([slots // (rows * cols), (slots % (rows * cols)) // cols, slots % cols], dim=1)
-            out.append(torch.cat([feats, encode_positions(coords, feats.dtype).to(feats.device)], dim=1))
+            out.append(torch.cat([feats, *(stream[i] for stream in reduced_streams),
+                                  encode_positions(coords, feats.dtype).to(feats.device)], dim=1))
         return tuple(out)
 
     # -- the [CLS]-free score (patches/qwen2_vl.py, on vLLM's tower modules) -------------------

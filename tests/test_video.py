@@ -320,3 +320,20 @@ def test_video_inputs_pair_frames_into_temporal_patches(models):
             assert torch.equal(patches[j, :, :, slot], still.view(h * w, 3, 2, -1)[:, :, 0])
     with pytest.raises(ValueError, match="1 <|video_pad|> slots for 2 videos"):
         qwen_video_inputs(processor, [VIDEO], [clip, clip])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("method, options", [("fastv", {"layer": 1}), ("transition", {})])
+def test_in_llm_methods_prune_the_images_and_pass_videos_through(models, family, method, options):
+    """In-LLM methods drop image tokens only: a prompt with a video and an image keeps every
+    video token (the stats count the image's), and cache equals no cache; keep=1.0 is identical."""
+    model, processor = models[family]
+    inputs = mixed_inputs(family, processor, rows=(1,))
+    expected = logits(model, inputs)
+    with vlm_prune.pruned(model, method, 1.0, **options):
+        assert torch.equal(logits(model, inputs), expected)
+    n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    with vlm_prune.pruned(model, method, 0.25, **options) as handle:
+        with_cache = greedy(model, inputs)
+        assert handle.stats[0]["visual_tokens"] == n_image and handle.stats[0]["kept"] < n_image
+        assert torch.equal(with_cache, greedy(model, inputs, use_cache=False))

@@ -142,6 +142,7 @@ class LLMStageEngine(PatchBase):
         self.method = get_method(config.method)()
         self.positions = self._position_policy(model, config, adapter_cls)
         self.adapter = adapter_cls(model, Plan(self.method, config, config, self.positions, "pooled"))
+        self.upstream = None  # a pipeline's vision stage, whose compacted forwards this engine sees
         self.decoder = self.adapter.decoder()
         self.layers = [parts.module for parts in self.decoder.layers]
         # layers whose token mixer keeps a recurrent state (Qwen3.5's Gated DeltaNet): a 2-D padding mask
@@ -197,9 +198,19 @@ class LLMStageEngine(PatchBase):
                 self._hooks.append(attn.k_proj.register_forward_hook(partial(self._keep_output, "k")))
                 self._hooks.append(attn.module.register_forward_hook(partial(self._attention_rows_hook, i),
                                                                      with_kwargs=True))
-        self._wrap_generate()
-        self._hook_labels()
+        # a pipeline's second stage: generate() chained over the first stage's wrapper, the
+        # labels left to the first stage (which gathers them through this one's columns)
+        self._wrap_generate(chain=self.upstream is not None)
+        if self.upstream is None:
+            self._hook_labels()
         self.adapter.install(self)
+
+    def image_token_mask(self, kw: dict[str, Any]) -> torch.Tensor:
+        """[B, L] the image placeholders; in a pipeline, the columns of the image tokens the
+        vision stage passed on, where it compacted this forward."""
+        if self.upstream is not None and self.upstream.visual_columns is not None:
+            return self.upstream.visual_columns
+        return super().image_token_mask(kw)
 
     def token_columns(self) -> torch.Tensor | None:
         """[B, L'] the columns of this forward's sequence (-1: padding) the decoder's hidden
@@ -240,7 +251,8 @@ class LLMStageEngine(PatchBase):
             self._index = torch.arange(self._length, device=kw_device(kw)).expand(kw_batch(kw), -1)
             self._ttv = torch.zeros(self._index.shape, device=self._index.device)
             return None
-        prompt_end = self._prompt_end()
+        # in a pipeline, generate()'s prompt length counts the columns the vision stage dropped
+        prompt_end = None if self.upstream is not None else self._prompt_end()
         self._prefilled_in_generate = self._in_generate
         mask = kw.get("attention_mask")
         if _is_prepared(mask):  # generate() with a static cache: the padding behind its 4D mask

@@ -120,6 +120,8 @@ class PatchBase:
         self.layer_lengths: list[int] = []  # tokens each decoder layer saw in the last prefill
         self._hooks: list[Any] = []
         self._wrapped: list[tuple[Any, str, Any]] = []  # (object, attribute, our wrapper)
+        # the cache attribute that carries this patch's decisions (a pipeline's in-LLM stage has its own)
+        self.cache_attr = CACHE_STATE
         self._calls = threading.local()  # per thread: the current call's state (see PerCall)
         # read once: a transformers config attribute costs microseconds, and the prefill path is
         # host-bound on a GPU
@@ -175,7 +177,7 @@ class PatchBase:
         cache = _output_cache(output)
         if cache is not None:
             try:
-                setattr(cache, CACHE_STATE, self._cache_state())
+                setattr(cache, self.cache_attr, self._cache_state())
             except (AttributeError, TypeError) as error:  # untagged, it would decode as unpruned
                 raise TypeError(
                     f"vlm_prune: cannot tag the KV cache ({type(cache).__name__}) with what the pruned prefill "
@@ -185,7 +187,7 @@ class PatchBase:
 
     def _state_of(self, cache: Any) -> Any:
         """The state of the prefill that filled `cache`; None when no pruned prefill did."""
-        state = getattr(cache, CACHE_STATE, None)
+        state = getattr(cache, self.cache_attr, None)
         if state is not None and not self._decodes(state):
             raise ValueError(
                 f"vlm_prune: this KV cache was filled by a prefill pruned with another configuration "
@@ -198,13 +200,16 @@ class PatchBase:
         """Whether this patch can decode a cache with this tag (one its engine and layout made)."""
         raise NotImplementedError
 
-    def _wrap(self, owner: Any, name: str, wrapper: Any) -> None:
-        if name in vars(owner):  # someone else already set an instance attribute: leave it
+    def _wrap(self, owner: Any, name: str, wrapper: Any, chain: bool = False) -> None:
+        """Sets `wrapper` as the instance attribute `name` of `owner` (removed with the patch).
+        chain: over an instance attribute already set (a pipeline's second stage wrapping the
+        first's generate()); otherwise someone else's instance attribute is left alone."""
+        if name in vars(owner) and not chain:
             return
         setattr(owner, name, wrapper)
         self._wrapped.append((owner, name, wrapper))
 
-    def _wrap_generate(self) -> None:
+    def _wrap_generate(self, chain: bool = False) -> None:
         """Marks where each generate() call starts (its first forward is the prompt's prefill, or
         the first on a reused cache) and notes what that forward will need: whether generate()
         cuts its input at the cache's length, and where the prompt ends."""
@@ -215,7 +220,7 @@ class PatchBase:
         # wrapper to the copy's patch and the copy's own generate
         generate = functools.partial(self._generate, original)
         generate.__wrapped__ = original
-        self._wrap(self.model, "generate", generate)
+        self._wrap(self.model, "generate", generate, chain)
 
     def _generate(self, original, *args, **kwargs):
         """The patched instance's generate(): `original` with the call's facts noted, in a state

@@ -118,6 +118,8 @@ class VisionStageEngine(PatchBase):
     # then, and their description
     _last_encoded = PerCall(factory=dict)
     _encoding_video = PerCall(False)  # inside the video encoder (Qwen3-VL's calls the image one)
+    # in a pipeline: [B, L'] the image columns of the forward this engine compacted, for the next stage
+    visual_columns = PerCall(None)
 
     def __init__(self, model: torch.nn.Module, config: PruneConfig, adapter_cls: type[FamilyAdapter]):
         method_cls = get_method(config.method)
@@ -142,6 +144,7 @@ class VisionStageEngine(PatchBase):
         self.adapter = adapter_cls(model, Plan(self.method, config, self.run_config, self.positions, self.budget))
         self._kept_slots: list[torch.Tensor] | None = None
         self._video_id = self.adapter.video_token_id()  # None: videos pass through unpruned
+        self.downstream = None  # a pipeline's in-LLM stage, which gets this engine's compacted forwards
 
     @property
     def kept_indices(self) -> list[torch.Tensor]:
@@ -182,10 +185,11 @@ class VisionStageEngine(PatchBase):
         self.state = self._input_compaction = None
         self._last_encoded = {}
 
-    def token_columns(self) -> None:
+    def token_columns(self) -> torch.Tensor | None:
         """The columns of the forward's sequence the decoder's hidden states hold (see
-        `FamilyAdapter.install`): all of them -- the sequence was compacted before the decoder."""
-        return None
+        `FamilyAdapter.install`): all of them -- the sequence was compacted before the decoder --
+        unless a pipeline's in-LLM stage drops more inside it."""
+        return None if self.downstream is None else self.downstream.token_columns()
 
     def _cache_state(self) -> PromptState | None:
         return self.state
@@ -195,10 +199,11 @@ class VisionStageEngine(PatchBase):
 
     def _kept_labels(self, labels: torch.Tensor) -> torch.Tensor:
         comp = self._input_compaction  # of the last prefill's own tokens, not of the cached part
-        if comp is None:
-            return labels
-        # the caller's labels, not moved yet: accelerate moves inputs inside forward, after the hook took them
-        return comp.gather(labels.to(comp.index.device), -100)
+        if comp is not None:
+            # the caller's labels, not moved yet: accelerate moves inputs inside forward, after the hook took them
+            labels = comp.gather(labels.to(comp.index.device), -100)
+        # a pipeline: the in-LLM stage's last layer holds fewer columns still
+        return labels if self.downstream is None else self.downstream._kept_labels(labels)
 
     def _after_generate(self) -> None:
         if self.state is not None:  # replays happen inside one generate() call only
@@ -250,6 +255,7 @@ class VisionStageEngine(PatchBase):
     def _pre_hook(self, module, args, kwargs):
         self._filled = False  # a forward that failed after setting it must not tag the next one's cache
         self._image_outputs = None
+        self.visual_columns = None
         kw = bind_to_kwargs(self._forward, args, kwargs)
         cache = get_cache(kw)
         past = cache_length(cache)
@@ -278,6 +284,10 @@ class VisionStageEngine(PatchBase):
         part, None for a cache no pruned prefill filled)."""
         mask = kw.get("attention_mask")
         self._refuse_continuation(static_cache=_is_prepared(mask))
+        if self.downstream is not None:
+            raise NotImplementedError(
+                "vlm_prune: a prompt with images that continues a non-empty KV cache is not supported under a "
+                "pipeline; start a new cache for that prompt")
         n_new, device = kw_length(kw), kw_device(kw)
         if state is None:  # nothing pruned so far: every cached column kept
             keep = torch.ones(kw_batch(kw), past, dtype=torch.bool, device=device)
@@ -379,6 +389,9 @@ class VisionStageEngine(PatchBase):
         prompt ends among these tokens (PatchBase._prompt_end), None: at their end."""
         start = clock(self.model)
         self.state = self._input_compaction = None
+        if self.downstream is not None and prompt_end is not None and prompt_end < kw_length(kw):
+            raise NotImplementedError(
+                "vlm_prune: assisted decoding (assistant_model=) is not supported under a pipeline")
         is_image = self.image_token_mask(kw)
         counts = is_image.sum(1).tolist()
         if not self._has_image_inputs(kw) or not any(counts) or self._malformed(kw, sum(counts)):
@@ -434,6 +447,7 @@ class VisionStageEngine(PatchBase):
             self.state, positions = earlier.joined(out, self.positions == "renumber")
             new_kw = self._inputs(kw, out.embeds, positions, self.state.prompt_mask, out.compaction)
         new_kw = self._with_streams(new_kw, reduced.streams, out.compaction, is_image, out.keep)
+        self._hand_on(kw, out.compaction, out.keep)
         self._kept_slots = reduced.kept  # turned into indices only when asked for (a device read each)
         n_layers = self._text_layers
         self.layer_lengths = [new_kw["inputs_embeds"].shape[1]] * n_layers
@@ -510,8 +524,19 @@ class VisionStageEngine(PatchBase):
             mask = state.prompt_mask if not extra and state.prompt_mask is not None else comp.gather(mask, 0)
         elif state.prompt_mask is not None:
             mask = _extend_mask(state.prompt_mask, extra)
+        self._hand_on(kw, comp, keep)
         return self._with_streams(self._inputs(kw, embeds, positions, mask, comp), state.reduced.streams, comp,
                                   is_image, keep)
+
+    def _hand_on(self, kw: dict[str, Any], comp: Compaction, keep: torch.Tensor) -> None:
+        """In a pipeline: the image columns of the compacted forward, for the in-LLM stage
+        (videos pass it untouched, as they pass an in-LLM method alone). keep: [B, T] bool."""
+        if self.downstream is None:
+            return
+        images = super().image_token_mask(kw)[:, :comp.prompt_len]
+        # a replay's generated tokens are text, whatever ids the model emitted
+        images = torch.nn.functional.pad(images, (0, keep.shape[1] - images.shape[1]))
+        self.visual_columns = comp.gather(images & keep, False)
 
     def _with_streams(self, new_kw: dict[str, Any], streams: list[torch.Tensor], comp: Compaction,
                       is_image: torch.Tensor, keep: torch.Tensor) -> dict[str, Any]:

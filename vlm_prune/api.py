@@ -65,21 +65,31 @@ class PruneHandle:
         return f"PruneHandle({type(self.model).__name__}, {self.config}, {state})"
 
 
-def patch(model: torch.nn.Module, method: str, keep: int | float, **options: Any) -> PruneHandle:
+def patch(model: torch.nn.Module, method: str, keep: Any = None, **options: Any) -> PruneHandle:
     """Prunes the visual tokens of one loaded transformers VLM instance, in place, reversibly.
 
     keep: int = visual tokens kept per image (keep=1 keeps one); float in (0, 1] = fraction kept
     (keep=1.0 keeps all). options: `positions`, `backend` and the method's own options.
-    Patching an already patched model replaces its configuration. On any error the model is
-    left exactly as it was.
+    A pipeline runs a vision-stage method, then an in-LLM one: `method="visionzip+transition"`,
+    `keep=(192, 64)` (or the string form "visionzip:192+transition:64"; see
+    `vlm_prune.pipeline_config`). Patching an already patched model replaces its configuration.
+    On any error the model is left exactly as it was.
     """
-    config = PruneConfig.from_kwargs(method, keep, **options)
-    adapter = get_family(model)  # an unsupported model fails here
-    if get_method(config.method).stage == "llm":
-        from .patches.in_llm import LLMStageEngine as Engine  # validates the schedule against the depth
+    from .pipeline_config import is_pipeline, pipeline_config
+
+    if is_pipeline(method):
+        config = pipeline_config(method, keep, **options)
+        if len(config.stages) == 1:  # one stage: that method alone
+            config = config.stages[0]
+    elif "stage_options" in options:
+        raise ValueError(f"stage_options applies to pipelines ('a+b'); method={method!r} is one method")
     else:
-        from .patches.vision_stage import VisionStageEngine as Engine  # validates the model against the method
-    family_patch = Engine(model, config, adapter)
+        if keep is None:
+            raise TypeError(f"patch() needs keep= for method {method!r}")
+        config = PruneConfig.from_kwargs(method, keep, **options)
+    adapter = get_family(model)  # an unsupported model fails here
+    family_patch = _engine(model, config, adapter) if isinstance(config, PruneConfig) else _pipeline(model, config,
+                                                                                                      adapter)
     previous = getattr(model, _HANDLE_ATTR, None)
     if previous is not None:
         previous.remove()
@@ -87,6 +97,21 @@ def patch(model: torch.nn.Module, method: str, keep: int | float, **options: Any
     family_patch.install()
     setattr(model, _HANDLE_ATTR, handle)
     return handle
+
+
+def _engine(model: torch.nn.Module, config: PruneConfig, adapter: Any) -> Any:
+    if get_method(config.method).stage == "llm":
+        from .patches.in_llm import LLMStageEngine as Engine  # validates the schedule against the depth
+    else:
+        from .patches.vision_stage import VisionStageEngine as Engine  # validates the model against the method
+    return Engine(model, config, adapter)
+
+
+def _pipeline(model: torch.nn.Module, config: Any, adapter: Any) -> Any:
+    from .patches.pipeline import PipelinePatch
+
+    vision, llm = (_engine(model, stage, adapter) for stage in config.stages)
+    return PipelinePatch(vision, llm)
 
 
 def unpatch(model: torch.nn.Module) -> None:
@@ -102,7 +127,7 @@ def get_handle(model: torch.nn.Module) -> PruneHandle | None:
 
 
 @contextlib.contextmanager
-def pruned(model: torch.nn.Module, method: str, keep: int | float, **options: Any) -> Iterator[PruneHandle]:
+def pruned(model: torch.nn.Module, method: str, keep: Any = None, **options: Any) -> Iterator[PruneHandle]:
     """`with vlm_prune.pruned(model, "cls_attention", 64): ...` — patched inside the block only;
     a configuration active before the block is restored after it."""
     previous = get_handle(model)

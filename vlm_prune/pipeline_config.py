@@ -1,0 +1,149 @@
+"""Pipelines: several methods run in order, one configuration.
+
+    vlm_prune.patch(model, "visionzip+transition", keep=(192, 64))     # VisionZip to 192, then TransPrune to 64
+    vlm_prune.patch(model, "visionzip:192+transition:64:alpha=0.5")    # the string form: keep and options per stage
+
+A pipeline is a vision-stage method followed by an in-LLM method; each stage's `keep` applies to
+the tokens that reach it (an int: tokens kept per image; a float: the fraction of those).
+Options: one a stage's method declares goes to that stage (an option both methods declare is
+ambiguous: give it per stage with `stage_options=[{...}, {...}]`); common options (`positions`,
+`budget`, `video_budget`, `backend`) go to every stage that takes them. A configuration string
+(`vlm-prune eval --compare`, bench, demo) is "method[:keep[:name=value...]]" per stage, joined by
+'+'; values are read as JSON where they parse, else as strings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .config import COMMON_OPTIONS, PruneConfig, is_number
+from .registry import get_method
+
+SEPARATOR = "+"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The validated stages of a pipeline, in order (a vision-stage, then an in-LLM config)."""
+
+    stages: tuple[PruneConfig, ...]
+
+    @property
+    def method(self) -> str:
+        return SEPARATOR.join(stage.method for stage in self.stages)
+
+    @property
+    def keep(self) -> tuple[int | float, ...]:
+        return tuple(stage.keep for stage in self.stages)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The arguments of `vlm_prune.patch` that rebuild this pipeline."""
+        stage_options = []
+        for stage in self.stages:
+            kwargs = stage.as_kwargs()
+            del kwargs["method"], kwargs["keep"]
+            stage_options.append({k: v for k, v in kwargs.items() if v is not None})
+        return dict(method=self.method, keep=self.keep, stage_options=stage_options)
+
+
+def is_pipeline(method: Any) -> bool:
+    return isinstance(method, str) and (SEPARATOR in method or ":" in method)
+
+
+def parse_stages(method: str) -> list[tuple[str, int | float | None, dict[str, Any]]]:
+    """"a:192+b:64:alpha=0.5" -> [("a", 192, {}), ("b", 64, {"alpha": 0.5})]; a stage without a
+    keep gives None."""
+    stages = []
+    for text in method.split(SEPARATOR):
+        parts = text.strip().split(":")
+        name = parts[0].strip()
+        if not name:
+            raise ValueError(f"method={method!r}: an empty stage; write stages as 'method[:keep[:name=value]]' "
+                             f"joined by {SEPARATOR!r}")
+        keep = _read_value(parts[1], f"the keep of stage {name!r}") if len(parts) > 1 and parts[1] else None
+        options = {}
+        for item in parts[2:]:
+            if "=" not in item:
+                raise ValueError(f"method={method!r}: stage option {item!r} is not 'name=value'")
+            key, value = item.split("=", 1)
+            options[key.strip()] = _read_value(value, f"option {key.strip()!r}")
+        stages.append((name, keep, options))
+    return stages
+
+
+def _read_value(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text.strip()
+
+
+def pipeline_config(method: str, keep: Any = None, stage_options: Sequence[dict[str, Any]] | None = None,
+                    **options: Any) -> PipelineConfig:
+    """Validates a pipeline (see the module docstring); ValueError / TypeError naming what is wrong."""
+    stages = parse_stages(method)
+    n = len(stages)
+    if keep is not None:
+        if is_number(keep) and n == 1:
+            keep = (keep,)
+        if not isinstance(keep, (list, tuple)) or len(keep) != n:
+            raise ValueError(f"keep={keep!r}: a pipeline of {n} stages ({method!r}) takes one keep per stage, "
+                             f"e.g. keep={tuple([64] * n)!r}")
+        given = [k for _, k, _ in stages if k is not None]
+        if given:
+            raise ValueError(f"method={method!r} gives keeps in the string and keep={keep!r} as well; give one")
+    else:
+        keep = [k for _, k, _ in stages]
+        if None in keep:
+            missing = [name for name, k, _ in stages if k is None]
+            raise ValueError(f"method={method!r}: no keep for stage(s) {missing}; pass keep=(...) with one per stage "
+                             "or write 'method:keep' for each")
+    if stage_options is not None and (not isinstance(stage_options, (list, tuple)) or len(stage_options) != n
+                                      or not all(isinstance(o, dict) for o in stage_options)):
+        raise ValueError(f"stage_options={stage_options!r} must be a list of {n} dicts, one per stage of {method!r}")
+    classes = [get_method(name) for name, _, _ in stages]  # an unknown method fails here
+    per_stage = [dict(opts) for _, _, opts in stages]
+    for name, value in options.items():
+        if name in COMMON_OPTIONS:
+            takers = [i for i, cls in enumerate(classes) if _takes_common(cls, name)]
+        else:
+            takers = [i for i, cls in enumerate(classes) if name in cls.options]
+        if not takers:
+            raise ValueError(f"option {name!r} belongs to no stage of {method!r}; the stages' options: "
+                             + "; ".join(f"{cls.name}: {sorted(cls.options)}" for cls in classes))
+        if len(takers) > 1 and name not in COMMON_OPTIONS:
+            raise ValueError(f"option {name!r} is an option of several stages of {method!r} "
+                             f"({[classes[i].name for i in takers]}); give it per stage with stage_options=[{{...}}, ...]")
+        for i in takers:
+            per_stage[i][name] = value
+    for i, extra in enumerate(stage_options or []):
+        per_stage[i].update(extra)
+    if n > 1:
+        _check_order(method, classes)
+    return PipelineConfig(tuple(PruneConfig.from_kwargs(cls.name, k, **opts)
+                                for cls, k, opts in zip(classes, keep, per_stage)))
+
+
+def _takes_common(cls: Any, name: str) -> bool:
+    """Whether a stage's method takes the common option `name` (the in-LLM methods take
+    `positions` only where they declare position policies, `budget` and `video_budget` not)."""
+    if cls.stage == "vision" or name == "backend":
+        return True
+    return name == "positions" and bool(getattr(cls, "position_policies", ()))
+
+
+def _check_order(method: str, classes: list[Any]) -> None:
+    stages = [cls.stage for cls in classes]
+    if stages != ["vision", "llm"]:
+        raise ValueError(
+            f"method={method!r}: a pipeline is a vision-stage method then an in-LLM method (stages here: "
+            f"{' then '.join(stages)}); vision-stage methods: "
+            f"{sorted(c for c in _names('vision'))}, in-LLM: {sorted(_names('llm'))}")
+
+
+def _names(stage: str) -> list[str]:
+    from .registry import available_methods
+
+    return [name for name in available_methods() if get_method(name).stage == stage]

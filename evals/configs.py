@@ -5,6 +5,9 @@
     parse_config("pool:0.25:mode=subsample")     -> Config("pool", 0.25, {"mode": "subsample"})
     parse_config("fastv:64:layer=2,query=last")  -> options are name=value, comma separated,
                                                     values JSON when they parse ("[-3,-2]", "1")
+    parse_config("visionzip:192+transition:64:alpha=0.5")
+                                                 -> a pipeline (vlm_prune.pipeline_config): the
+                                                    string is the method, each stage its keep
 
 `Config.name` names its output folder: "none", "cls_attention-64", "pool-0.25-mode=subsample".
 """
@@ -22,13 +25,15 @@ from vlm_prune.registry import available_methods
 @dataclass(frozen=True)
 class Config:
     method: str
-    keep: int | float = 1.0
+    keep: int | float | None = 1.0  # None: a pipeline, whose string holds each stage's keep
     options: dict = field(default_factory=dict, hash=False)
 
     @property
     def name(self) -> str:
         if self.method == "none":
             return "none"
+        if self.keep is None:  # a pipeline: its string says it all
+            return re.sub(r"[^A-Za-z0-9_.,=\-\[\]]", "_", self.method)
         opts = "".join(f"-{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}" for k, v in sorted(self.options.items()))
         return re.sub(r"[^A-Za-z0-9_.,=\-\[\]]", "_", f"{self.method}-{self.keep}{opts}")
 
@@ -56,7 +61,12 @@ def make_config(method: str, keep: int | float, options: dict | None = None) -> 
 
 
 def parse_config(spec: str) -> Config:
-    """"method[:keep[:name=value,...]]" (see the module docstring)."""
+    """"method[:keep[:name=value,...]]", or stages of those joined by '+' (see the module docstring)."""
+    if "+" in spec:
+        from vlm_prune.pipeline_config import pipeline_config
+
+        pipeline_config(spec)  # a bad pipeline fails here, naming what is wrong
+        return Config(spec, None, {})
     method, _, rest = spec.partition(":")
     keep_text, _, opts = rest.partition(":")
     if method != "none" and not keep_text:

@@ -200,3 +200,23 @@ def test_pruned_restores_an_earlier_pipeline(families):
         assert torch.equal(logits(model, inputs), expected)
     finally:
         vlm_prune.unpatch(model)
+
+
+def test_the_string_form_where_configurations_are_read(capsys):
+    """`vlm-prune eval --compare` and `vlm-prune bench --method` take a pipeline string; a bad one
+    is refused with the reason before anything runs."""
+    from evals.configs import parse_config
+
+    from vlm_prune import cli
+
+    config = parse_config("cls_attention:0.5+fastv:0.25:layer=1,query=instruction")
+    assert config.keep is None and config.name == "cls_attention_0.5_fastv_0.25_layer=1,query=instruction"
+    with pytest.raises(ValueError, match="then an in-LLM method"):
+        parse_config("fastv:0.5+pool:0.25")
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--method", "fastv:0.5+pool:0.25"])
+    assert "a pipeline is a vision-stage method then an in-LLM method" in capsys.readouterr().err
+    assert cli.main(["bench", "--shape", "tiny", "--method", "cls_attention:0.25+fastv:0.5:layer=1",
+                     "--repeats", "1", "--out", ""]) == 0
+    report = capsys.readouterr().out
+    assert "cls_attention:0.25+fastv:0.5:layer=1" in report and "576          72" in report

@@ -56,7 +56,7 @@ SHAPES: dict[str, tuple[str, dict[str, Any], str]] = {
 class BenchResult:
     shape: str
     method: str
-    keep: int | float
+    keep: int | float | None  # None: a pipeline, whose method string holds each stage's keep
     threads: int
     repeats: int
     visual_tokens: int
@@ -82,7 +82,8 @@ class BenchResult:
     def report(self) -> str:
         share = self.llm_speedup / self.theoretical_llm_ratio
         rows = [
-            f"vlm-prune bench | shape {self.shape} | {self.method} keep={self.keep} | "
+            f"vlm-prune bench | shape {self.shape} | {self.method}"
+            f"{'' if self.keep is None else f' keep={self.keep}'} | "
             f"{self.threads} thread(s), median of {self.repeats}",
             f"{'':28}{'unpruned':>12}{'pruned':>12}{'ratio':>9}",
             f"{'visual tokens':28}{self.visual_tokens:>12}{self.kept_tokens:>12}"
@@ -159,7 +160,7 @@ def build_inputs(processor, template: str, text_tokens: int):
     return processor(images=[tiny.random_image(640, 480)], text=[prompt], return_tensors="pt")
 
 
-def run(shape: str = "llava-1.5", method: str = "cls_attention", keep: int | float = 64,
+def run(shape: str = "llava-1.5", method: str = "cls_attention", keep: int | float | None = 64,
         text_tokens: int = 64, repeats: int = 5, threads: int = 2, **options: Any) -> BenchResult:
     if repeats < 1 or threads < 1:
         raise ValueError(f"repeats={repeats}, threads={threads}: each must be >= 1")

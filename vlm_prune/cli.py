@@ -13,7 +13,10 @@ __all__ = ["build_parser", "main", "parse_keep", "parse_options"]
 
 
 def _cmd_bench(args) -> int:
-    common = dict(shape=args.shape, method=args.method, keep=args.keep, text_tokens=args.text_tokens,
+    from .pipeline_config import is_pipeline
+
+    keep = None if is_pipeline(args.method) else args.keep  # a pipeline's keeps are in its string
+    common = dict(shape=args.shape, method=args.method, keep=keep, text_tokens=args.text_tokens,
                   threads=args.threads, **parse_options(args.option))
     if args.backend == "vllm":
         try:
@@ -28,8 +31,10 @@ def _cmd_bench(args) -> int:
         from . import bench
 
         result = bench.run(repeats=5 if args.repeats is None else args.repeats, **common)
-    keep = f"{args.keep}" + "".join(f"-{pair}" for pair in args.option)
-    log = RunLog(args.out or None, f"bench-{args.backend}-{args.shape}-{args.method}-{keep}", json_path=args.json)
+    label = (f"{args.method}" if keep is None else f"{args.method}-{args.keep}") + "".join(
+        f"-{pair}" for pair in args.option)
+    label = "".join(c if c.isalnum() or c in "._=-" else "_" for c in label)
+    log = RunLog(args.out or None, f"bench-{args.backend}-{args.shape}-{label}", json_path=args.json)
     log.print(result.report())
     log.print()
     log.print(result.spread_report())
@@ -55,6 +60,20 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _method_or_pipeline(text: str) -> str:
+    """A registered method, or a pipeline string checked by vlm_prune.pipeline_config."""
+    from .pipeline_config import is_pipeline, pipeline_config
+
+    try:
+        if is_pipeline(text):
+            pipeline_config(text)
+        elif text not in available_methods():
+            raise ValueError(f"unknown method {text!r}; choose one of {', '.join(available_methods())}")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-prune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
                        help="vllm: an engine with the plugin against one without (needs vLLM)")
     bench.add_argument("--shape", default="llava-1.5", choices=["llava-1.5", "llava-next", "qwen2-vl", "qwen3-vl-video", "tiny"])
-    bench.add_argument("--method", default="cls_attention", choices=available_methods())
+    bench.add_argument("--method", default="cls_attention", type=_method_or_pipeline,
+                       help=f"one of {', '.join(available_methods())}, or a pipeline "
+                            "'visionzip:192+transition:64' (each stage's keep in the string; --keep unused)")
     bench.add_argument("--keep", type=parse_keep, default=64)
     bench.add_argument("--text-tokens", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=None,

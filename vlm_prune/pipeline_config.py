@@ -8,8 +8,9 @@ the tokens that reach it (an int: tokens kept per image; a float: the fraction o
 Options: one a stage's method declares goes to that stage (an option both methods declare is
 ambiguous: give it per stage with `stage_options=[{...}, {...}]`); common options (`positions`,
 `budget`, `video_budget`, `backend`) go to every stage that takes them. A configuration string
-(`vlm-prune eval --compare`, bench, demo) is "method[:keep[:name=value...]]" per stage, joined by
-'+'; values are read as JSON where they parse, else as strings.
+(`vlm-prune eval --compare`, `vlm-prune bench --method`) is "method[:keep[:name=value...]]" per
+stage, joined by '+' (options separated by ':' or ','); values are read as JSON where they parse,
+else as strings.
 """
 
 from __future__ import annotations
@@ -56,24 +57,38 @@ def parse_stages(method: str) -> list[tuple[str, int | float | None, dict[str, A
     """"a:192+b:64:alpha=0.5" -> [("a", 192, {}), ("b", 64, {"alpha": 0.5})]; a stage without a
     keep gives None."""
     stages = []
-    for text in method.split(SEPARATOR):
-        parts = text.strip().split(":")
-        name = parts[0].strip()
+    for text in _split(method, SEPARATOR):
+        parts = _split(text.strip(), ":,")
+        name = parts[0].strip() if parts else ""
         if not name:
             raise ValueError(f"method={method!r}: an empty stage; write stages as 'method[:keep[:name=value]]' "
                              f"joined by {SEPARATOR!r}")
-        keep = _read_value(parts[1], f"the keep of stage {name!r}") if len(parts) > 1 and parts[1] else None
+        keep = _read_value(parts[1]) if len(parts) > 1 and parts[1] else None
         options = {}
-        for item in parts[2:]:
+        for item in filter(None, parts[2:]):
             if "=" not in item:
                 raise ValueError(f"method={method!r}: stage option {item!r} is not 'name=value'")
             key, value = item.split("=", 1)
-            options[key.strip()] = _read_value(value, f"option {key.strip()!r}")
+            options[key.strip()] = _read_value(value)
         stages.append((name, keep, options))
     return stages
 
 
-def _read_value(text: str, what: str) -> Any:
+def _split(text: str, separators: str) -> list[str]:
+    """`text` split at the separators outside brackets ("a:b=[1,[2,3]]" -> ["a", "b=[1,[2,3]]"])."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{(" and 1 or 0
+        depth -= char in "]})" and 1 or 0
+        if char in separators and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
+
+
+def _read_value(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError:

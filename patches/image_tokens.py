@@ -95,6 +95,18 @@ def region_budgets(config: PruneConfig, regions: list[Region], budget: str = "pe
     return split_budget(config.budget_for(sum(sizes)), sizes)
 
 
+def video_regions(frames: int, rows: int, cols: int, per_video: bool,
+                  device: torch.device | str | None = None) -> tuple[list[Region], str]:
+    """A video's regions and their budget policy. Its tokens are `frames` frames of rows x cols,
+    frame after frame in raster order: per frame (video_budget="per_frame"), one region per
+    frame, each with its own budget ("per_crop"); per video, one region of grid
+    (frames, rows, cols), one pool with one budget ("per_image")."""
+    per_frame = rows * cols
+    if per_video:
+        return [Region.span(0, frames * per_frame, (frames, rows, cols), device)], "per_image"
+    return [Region.span(f * per_frame, (f + 1) * per_frame, (rows, cols), device) for f in range(frames)], "per_crop"
+
+
 def passed_on_count(method, config: PruneConfig, regions: list[Region], n_tokens: int,
                     budget: str = "per_image") -> int | None:
     """How many of an image's n_tokens `reduce_image_tokens` passes on, known before the image is

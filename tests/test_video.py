@@ -280,18 +280,36 @@ def test_video_budget_is_validated():
     assert PruneConfig.from_kwargs("divprune", 0.5).video_policy == "per_frame"
 
 
-@pytest.mark.parametrize("entry", [{"method": "evs", "keep": 0.25},
-                                   {"method": "cls_attention", "keep": 0.25, "video_budget": "per_video"}])
-def test_the_vllm_plugin_refuses_video_pruning_at_start_up(entry):
-    """The plugin passes videos through: a video method or budget is a start-up error pointing to
-    vLLM's own --video-pruning-rate (the plugin's config check imports no vLLM)."""
+@pytest.mark.parametrize("entry, policy", [({"method": "evs", "keep": 0.25}, "per_video"),
+                                           ({"method": "cls_attention", "keep": 0.25}, "per_frame"),
+                                           ({"method": "cls_attention", "keep": 0.25, "video_budget": "per_video"},
+                                            "per_video")])
+def test_the_vllm_plugin_takes_video_budgets_and_refuses_what_it_cannot_serve(entry, policy):
+    """The plugin prunes Qwen videos with fixed budgets (`evs` and video_budget included, the
+    placeholder counts known before the encoder); what it cannot serve is a start-up error (the
+    plugin's config check imports no vLLM): a video budget on a model without videos, a
+    per-video pool whose count depends on the video. vLLM's own --video-pruning-rate beside the
+    plugin is refused when the model is built (tests/test_vllm_video.py)."""
     from types import SimpleNamespace
 
     from vlm_prune.vllm_plugin.config import plugin_config
 
-    with pytest.raises(ValueError, match="--video-pruning-rate"):
-        plugin_config(SimpleNamespace(vlm_prune=entry), "qwen2_vl")
-    assert plugin_config(SimpleNamespace(vlm_prune={"method": "cls_attention", "keep": 0.25}), "qwen2_vl").keep == 0.25
+    config = plugin_config(SimpleNamespace(vlm_prune=entry), "qwen2_vl")
+    assert config.video_policy == policy
+    with pytest.raises(ValueError, match="applies to Qwen-VL videos only"):
+        plugin_config(SimpleNamespace(vlm_prune={**entry, "video_budget": policy}), "llava")
+    with pytest.raises(ValueError, match="needs video_budget='per_video'"):  # the same validation as patch()
+        plugin_config(SimpleNamespace(vlm_prune={"method": "evs", "keep": 0.25, "video_budget": "per_frame"}),
+                      "qwen2_vl")
+
+    class Adaptive(EVS):  # a per-video count known only once the video is seen
+        def output_count(self, k, grid, options):
+            return None if len(grid) == 3 else super().output_count(k, grid, options)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("vlm_prune.vllm_plugin.config.get_method", lambda name: Adaptive)
+        with pytest.raises(ValueError, match="depends on the video; vLLM needs a fixed budget"):
+            plugin_config(SimpleNamespace(vlm_prune={"method": "evs", "keep": 0.25}), "qwen2_vl")
 
 
 def test_evs_count_is_vllms():

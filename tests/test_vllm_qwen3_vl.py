@@ -6,8 +6,9 @@ model's DeepStack levels (vision blocks 0 and 1) are added to the image tokens a
 layers 0 and 1, so a kept token set whose levels were not reduced the same way (or not at all)
 changes the greedy tokens (checked in transformers: zeroing the levels changes all three
 requests). The images are not square and one is tall (h > w in tokens). One subprocess starts
-four engines one after another (about 17 s each on 2 cores, the imports paid once), the last
-with two tensor-parallel ranks (one core each, as in tests/test_vllm_parallel.py).
+five engines one after another (about 17 s each on 2 cores, the imports paid once), the fourth
+with two tensor-parallel ranks (one core each, as in tests/test_vllm_parallel.py), the fifth on a
+tiny Qwen3-VL-MoE saved in vLLM's expert layout (`save_for_vllm`).
 """
 
 from __future__ import annotations
@@ -47,8 +48,13 @@ RUNS = {
     "cls_attention": ("cls_attention", 0.25, CHUNKED),
     "dct": ("dct", 0.25, None),  # merging: each kept token a DCT low-pass of the grid, levels too
     "keep_all": ("cls_attention", 1.0, None),
+    "fopru": ("fopru", 0.25, None),  # a fixed-count method added later: the attention received, top-k
     # merging with the keys averaged over heads (all-reduced), kept tokens at original positions
     "visionzip_tp2": ("visionzip", 0.25, TP2),
+}
+# the same, on Qwen3-VL-MoE (run after RUNS, in the same subprocess)
+MOE_RUNS = {
+    "moe_cls_attention": ("cls_attention", 0.25, None),
 }
 
 
@@ -63,22 +69,6 @@ def sharpen_text_attention(model, factor: float = 16.0) -> None:
             layer.self_attn.k_norm.weight.mul_(factor)
 
 
-def write_video_processor_config(processor, path) -> None:
-    """vLLM builds the stock Qwen3VLProcessor, which refuses to load without a video processor
-    config; the image-only processor saves none (as for Qwen2-VL in `save_for_vllm`)."""
-    target = path / "video_preprocessor_config.json"
-    if target.exists():
-        return
-    image = processor.image_processor
-    target.write_text(json.dumps({
-        "video_processor_type": "Qwen3VLVideoProcessor", "patch_size": image.patch_size,
-        "temporal_patch_size": image.temporal_patch_size, "merge_size": image.merge_size,
-        "image_mean": list(image.image_mean), "image_std": list(image.image_std), "do_convert_rgb": True,
-        "do_resize": True, "do_rescale": True, "do_normalize": True, "rescale_factor": image.rescale_factor,
-        "do_sample_frames": False,
-    }, indent=2) + "\n")
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     if not VLLM_PYTHON.exists():
@@ -86,25 +76,50 @@ def model_dir(tmp_path_factory):
     # text head size 32: vLLM's CPU attention supports 32, 64, 80, 96, 112, 128, ...
     model, processor = tiny.qwen3_vl(text_hidden=128, text_heads=4)
     sharpen_text_attention(model)
-    path = save_for_vllm(model, processor, tmp_path_factory.mktemp("tiny_qwen3_vl_vllm"))
-    write_video_processor_config(processor, path)
-    return path
+    # save_for_vllm also writes the video processor config vLLM's stock Qwen3VLProcessor needs
+    return save_for_vllm(model, processor, tmp_path_factory.mktemp("tiny_qwen3_vl_vllm"))
+
+
+def tiny_qwen3_vl_moe(moe_intermediate: int = 96):
+    """The tiny Qwen3-VL-MoE (4 experts, 2 per token) with neither expert matrix square (hidden 128,
+    intermediate 96: gate_up 192 x 128, down 128 x 96): transformers re-transposes vLLM's expert
+    layout on load only where the shapes tell it to (see vlm_prune/vllm_plugin/checkpoint.py), so
+    square ones would not survive the round trip."""
+    model, processor = tiny.qwen3_vl(moe=True, text_hidden=128, text_heads=4)
+    config = model.config
+    config.text_config.moe_intermediate_size = moe_intermediate
+    torch.manual_seed(1)
+    model = type(model)(config).eval()
+    sharpen_text_attention(model)
+    return model, processor
 
 
 @pytest.fixture(scope="module")
-def vllm_results(model_dir):
-    """name -> the vLLM results of RUNS[name] (one subprocess, one engine per run)."""
+def moe_model():
+    return tiny_qwen3_vl_moe()
+
+
+@pytest.fixture(scope="module")
+def moe_dir(moe_model, tmp_path_factory):
+    return save_for_vllm(*moe_model, tmp_path_factory.mktemp("tiny_qwen3_vl_moe_vllm"))
+
+
+@pytest.fixture(scope="module")
+def vllm_results(model_dir, moe_dir):
+    """name -> the vLLM results of RUNS[name] and MOE_RUNS[name] (one subprocess, one engine per run)."""
     runs = [{"overrides": {"vlm_prune": {"method": method, "keep": keep}}, "llm_kwargs": llm_kwargs}
             for method, keep, llm_kwargs in RUNS.values()]
+    runs += [{"model": str(moe_dir), "overrides": {"vlm_prune": {"method": method, "keep": keep}},
+              "llm_kwargs": llm_kwargs} for method, keep, llm_kwargs in MOE_RUNS.values()]
     spec = {"model": str(model_dir), "requests": REQUESTS, "max_tokens": MAX_TOKENS, "runs": runs,
             "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}}  # one core per rank (one-rank engines: core 0)
     proc = subprocess.run([str(VLLM_PYTHON), str(RUNNER), json.dumps(spec)], capture_output=True, text=True,
                           timeout=900, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
     for line in proc.stdout.splitlines():
         if line.startswith("TIMINGS "):
-            print(f"vLLM engine starts (s): {dict(zip(RUNS, json.loads(line[len('TIMINGS '):])))}")
+            print(f"vLLM engine starts (s): {dict(zip([*RUNS, *MOE_RUNS], json.loads(line[len('TIMINGS '):])))}")
         if line.startswith("RESULT "):
-            return dict(zip(RUNS, json.loads(line[len("RESULT "):])))
+            return dict(zip([*RUNS, *MOE_RUNS], json.loads(line[len("RESULT "):])))
     raise AssertionError(f"vLLM run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
 
@@ -116,6 +131,18 @@ def hf_model(model_dir):
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     yield model, qwen3_image_processor(str(model_dir))
+    vlm_prune.unpatch(model)
+
+
+@pytest.fixture(scope="module")
+def hf_moe(moe_dir):
+    """The MoE reference, loaded by transformers from the folder vLLM loads (experts transposed)."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_prune.processors import qwen3_image_processor
+
+    model = AutoModelForImageTextToText.from_pretrained(moe_dir).eval()
+    yield model, qwen3_image_processor(str(moe_dir))
     vlm_prune.unpatch(model)
 
 
@@ -139,10 +166,7 @@ def hf_generate(hf_model, method=None, keep=None):
     return results
 
 
-@pytest.mark.parametrize("name", ["cls_attention", "dct", "visionzip_tp2"])
-def test_vllm_equals_transformers_token_for_token(vllm_results, hf_model, name):
-    method, keep, _ = RUNS[name]
-    got = vllm_results[name]
+def assert_equals_pruned_transformers(got, hf_model, method, keep):
     expected = hf_generate(hf_model, method, keep)
     unpruned = hf_generate(hf_model)
     for g, e, u in zip(got, expected, unpruned):
@@ -151,6 +175,39 @@ def test_vllm_equals_transformers_token_for_token(vllm_results, hf_model, name):
         # exactly the pruned amount: the prompt loses what transformers' patch dropped
         assert g["prompt_tokens"] == u["prompt_tokens"] - u["image_tokens"] + e["kept"], (g, e, u)
     assert any(e["tokens"] != u["tokens"] for e, u in zip(expected, unpruned))  # pruning mattered
+
+
+@pytest.mark.parametrize("name", ["cls_attention", "dct", "visionzip_tp2", "fopru"])
+def test_vllm_equals_transformers_token_for_token(vllm_results, hf_model, name):
+    method, keep, _ = RUNS[name]
+    assert_equals_pruned_transformers(vllm_results[name], hf_model, method, keep)
+
+
+def test_moe_checkpoint_layout(moe_model, moe_dir, hf_moe):
+    """save_for_vllm stores the fused experts as vLLM 0.32 loads them (gate_up_proj [E, H, 2I],
+    down_proj [E, I, H]: transposed from transformers' [E, 2I, H] / [E, H, I]) and sets
+    norm_topk_prob; transformers loads the folder back to the same weights."""
+    from safetensors import safe_open
+
+    model, _ = moe_model
+    experts = model.model.language_model.layers[0].mlp.experts
+    (num, two_inter, hidden), inter = experts.gate_up_proj.shape, experts.down_proj.shape[2]
+    with safe_open(str(moe_dir / "model.safetensors"), "pt") as f:
+        prefix = "model.language_model.layers.0.mlp.experts."
+        assert f.get_slice(prefix + "gate_up_proj").get_shape() == [num, hidden, two_inter]
+        assert f.get_slice(prefix + "down_proj").get_shape() == [num, inter, hidden]
+    assert json.loads((moe_dir / "config.json").read_text())["text_config"]["norm_topk_prob"] is True
+    assert json.loads((moe_dir / "video_preprocessor_config.json").read_text())["video_processor_type"] == \
+        "Qwen3VLVideoProcessor"
+    reloaded = hf_moe[0].state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(reloaded[key], value), key
+
+
+@pytest.mark.parametrize("name", list(MOE_RUNS))
+def test_moe_vllm_equals_transformers_token_for_token(vllm_results, hf_moe, name):
+    method, keep, _ = MOE_RUNS[name]
+    assert_equals_pruned_transformers(vllm_results[name], hf_moe, method, keep)
 
 
 def test_keep_all_equals_transformers_unpruned(vllm_results, hf_model):

@@ -41,7 +41,7 @@ from vlm_prune.kernels.attention_received import attention_received_rotary
 from vlm_prune.timing import clock
 from vlm_prune.vision_layers import refuse_layers
 
-from ..image_tokens import ImageTokens, Region, region_budgets
+from ..image_tokens import ImageTokens, Region, region_budgets, video_regions
 from ..model_hooks import kw_batch, kw_device
 from ..mrope import image_rope_index
 from .base import FamilyAdapter, this_thread_only
@@ -257,14 +257,12 @@ class QwenVLAdapter(FamilyAdapter):
             per_frame = rows * cols
             if feats.shape[0] != t * per_frame:
                 raise ValueError(f"{kind} {i}: {feats.shape[0]} features for a {t}x{rows}x{cols} token grid")
-            if whole_video:
-                regions = [Region.span(0, t * per_frame, (t, rows, cols), feats.device)]
-            else:
-                regions = [Region.span(f * per_frame, (f + 1) * per_frame, (rows, cols), feats.device)
-                           for f in range(t)]
             item_signals = {name: values[i].to(feats.device) for name, values in per_item.items()}
-            # a video's frames each keep `keep` (per frame); an image's frames share it
-            budget = ("per_image" if whole_video else "per_crop") if video else None
+            if video:  # per frame (each keeps `keep`) or one pool (see image_tokens.video_regions)
+                regions, budget = video_regions(t, rows, cols, whole_video, feats.device)
+            else:  # an image's frames share its budget
+                regions, budget = [Region.span(f * per_frame, (f + 1) * per_frame, (rows, cols), feats.device)
+                                   for f in range(t)], None
             items.append(ImageTokens(feats, regions, item_signals, budget=budget, video=video))
         return items
 

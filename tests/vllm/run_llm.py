@@ -9,10 +9,17 @@
                                     #  "env": {...} (optional, set before vLLM is imported, e.g.
                                     #  VLLM_CPU_OMP_THREADS_BIND="0|1" for two ranks)}
 
+    A request may carry a video instead of (or beside) images: {"prompt", "video": [w, h, frames,
+    seed], "fps": 2.0 (optional)}: frame i is tiny.random_image(w, h, seed + i), sent as
+    (array [frames, h, w, 3], metadata) with frames_indices 0..frames-1 at `fps` (what Qwen3-VL's
+    timestamps are computed from); the engine gets limit_mm_per_prompt {"video": 1}.
+
     With "runs": [{"overrides": ..., "llm_kwargs": ...}, ...] in the spec, one engine per run, one
     after another in this process (the imports are paid once; each engine is shut down before
     the next starts): prints "RESULT " + the list of each run's results, and "TIMINGS " + each
-    engine's start-up seconds.
+    engine's start-up seconds. A run may name its own "model" and "requests"; a run with
+    "expect_error": true must fail to start (its result: {"error": the exception's text}; the
+    engine core's own message goes to stderr): keep it last.
 """
 
 import json
@@ -28,6 +35,17 @@ def main() -> None:
         return
     results, timings = [], []
     for one in spec["runs"]:
+        if one.get("expect_error"):  # a start-up that must fail (keep such a run last): its message
+            import time
+
+            started = time.perf_counter()
+            try:
+                run({**spec, **one}, shut_down=True)
+                results.append({"error": None})
+            except Exception as error:  # noqa: BLE001 -- vLLM wraps the engine core's error
+                results.append({"error": f"{type(error).__name__}: {error}"})
+            timings.append(round(time.perf_counter() - started, 1))
+            continue
         result, started = run({**spec, **one}, shut_down=True)
         results.append(result)
         timings.append(round(started, 1))
@@ -48,6 +66,8 @@ def run(spec: dict, shut_down: bool = False) -> tuple[list, float]:
     per_prompt = max(len(r.get("images", [None])) for r in spec["requests"])
     if per_prompt > 1:
         kwargs["limit_mm_per_prompt"] = {"image": per_prompt}
+    if any("video" in r for r in spec["requests"]):
+        kwargs["limit_mm_per_prompt"] = {**kwargs.get("limit_mm_per_prompt", {}), "video": 1}
     if spec.get("overrides"):
         kwargs["hf_overrides"] = spec["overrides"]
     kwargs.update(spec.get("llm_kwargs") or {})
@@ -59,7 +79,20 @@ def run(spec: dict, shut_down: bool = False) -> tuple[list, float]:
             return [tiny.random_image(*i) for i in r["images"]]
         return tiny.random_image(*r["image"])
 
-    requests = [{"prompt": r["prompt"], "multi_modal_data": {"image": images(r)}} for r in spec["requests"]]
+    def media(r):
+        data = {"image": images(r)} if "image" in r or "images" in r else {}
+        if "video" in r:
+            import numpy as np
+
+            w, h, n, seed = r["video"]
+            fps = r.get("fps", 2.0)
+            frames = np.stack([np.asarray(tiny.random_image(w, h, seed=seed + i)) for i in range(n)])
+            metadata = {"total_num_frames": n, "fps": fps, "width": w, "height": h, "duration": n / fps,
+                        "frames_indices": list(range(n)), "video_backend": "opencv"}
+            data["video"] = (frames, metadata)
+        return data
+
+    requests = [{"prompt": r["prompt"], "multi_modal_data": media(r)} for r in spec["requests"]]
     params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 6),
                             logprobs=0 if spec.get("logprobs") else None)
     outputs = llm.generate(requests, params, use_tqdm=False)

@@ -19,6 +19,8 @@ _ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": "vlm_prune.vllm_plugin.qwen2_vl:PrunedQwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration": "vlm_prune.vllm_plugin.qwen3_vl:PrunedQwen3VLForConditionalGeneration",
     "Qwen3VLMoeForConditionalGeneration": "vlm_prune.vllm_plugin.qwen3_vl:PrunedQwen3VLMoeForConditionalGeneration",
+    "Qwen3_5ForConditionalGeneration": "vlm_prune.vllm_plugin.qwen3_5:PrunedQwen3_5ForConditionalGeneration",
+    "Qwen3_5MoeForConditionalGeneration": "vlm_prune.vllm_plugin.qwen3_5:PrunedQwen3_5MoeForConditionalGeneration",
 }
 _registered = False
 

@@ -36,6 +36,9 @@ def plugin_config(hf_config: Any, family: str) -> PruneConfig | None:
     inside the LLM (vLLM's paged KV cache is shared by all layers), budgets that depend on the
     image (vLLM reserves the placeholder tokens before the encoder runs), methods that need the
     question (the encoder never sees the prompt), and position policies the family cannot keep.
+    Qwen-VL videos are pruned with the images, under `video_budget` (per frame or per video, the
+    same validation as `vlm_prune.patch`; `evs` per video, its count fixed before the encoder);
+    vLLM's own video pruning beside it is refused when the model is built (qwen2_vl.py).
     """
     options = raw_options(hf_config)
     if options is None:
@@ -48,12 +51,9 @@ def plugin_config(hf_config: Any, family: str) -> PruneConfig | None:
             "methods run (vLLM's paged KV cache is shared by all layers). Use it with transformers "
             "(vlm_prune.patch), or choose one of: cls_attention, dct, random, pool, visionzip, divprune"
         )
-    if method.video_budgets == ("per_video",) or config.video_budget is not None:
-        raise ValueError(
-            f"vlm_prune: {config.method!r} / video_budget prune videos, which the vLLM plugin passes through "
-            "unpruned; on vLLM prune videos with vLLM's own --video-pruning-rate (its EVS: keep = 1 - q), or use "
-            "vlm_prune.patch with transformers"
-        )
+    if config.video_budget is not None and family != "qwen2_vl":
+        raise ValueError(f"vlm_prune: video_budget={config.video_budget!r} applies to Qwen-VL videos only "
+                         "(this model takes no videos)")
     if "question" in method.needs:
         raise ValueError(
             f"vlm_prune: method {config.method!r} needs the question, which vLLM's image encoder "
@@ -63,6 +63,12 @@ def plugin_config(hf_config: Any, family: str) -> PruneConfig | None:
         raise ValueError(
             f"vlm_prune: {config.method!r} with options {dict(config.options)} keeps a number of "
             "tokens that depends on the image; vLLM needs a fixed budget"
+        )
+    if family == "qwen2_vl" and config.video_policy == "per_video" and \
+            method.output_count(1, (2, 2, 2), config.options) is None:
+        raise ValueError(
+            f"vlm_prune: {config.method!r} with video_budget='per_video' keeps a number of video tokens that "
+            "depends on the video; vLLM needs a fixed budget (use video_budget='per_frame')"
         )
     allowed_positions = {"llava": ("renumber",), "llava_next": ("renumber",), "qwen2_vl": ("original",)}[family]
     if family == "qwen2_vl" and method.output_is_grid:  # numbered as an image of the coarse grid

@@ -2,19 +2,24 @@
 embeddings at their ORIGINAL M-RoPE positions (positions="original", as `vlm_prune.patch` does).
 
 Active only when the model config carries `vlm_prune` (--hf-overrides or $VLM_PRUNE); without it
-every override below defers to vLLM's own class. Videos are never pruned.
+every override below defers to vLLM's own class. Images and videos are pruned.
 
-- processor: each image's prompt replacement emits the pruned count (method.output_count), fixed
-  before the encoder runs (hence fixed budgets only);
+- processor: each image's and video's prompt replacement emits the pruned count
+  (method.output_count over the item's regions), fixed before the encoder runs (hence fixed
+  budgets only; `evs` counts max(h w, floor(N keep)) per video, fixed too);
 - `get_mrope_input_positions`: the prompt's positions as the unpruned model numbers them. Text
-  after an image continues from the image's full (t, h, w) extent, exactly as unpruned (this
-  replaces vLLM's EVS numbering, whose text offset is llm_grid_w, not the extent). The image's
-  own placeholders get a provisional position (the image's base) until the encoder has run;
-- `_process_image_input`: runs the tower with hooks on the last block (the [CLS]-free score: the
-  attention each patch receives, averaged over heads and its image's query rows, then over each
-  2x2 merge unit, Qwen2.5-VL's window permutation undone; keys for VisionZip -- the same
-  definitions as patches/qwen2_vl.py), reduces with the SHARED `reduce_image_tokens`, and returns
-  the kept embeddings with 6 extra channels: each kept token's (t, h, w) grid coordinate, split as
+  after an image or a video continues from the item's full (t, h, w) extent, exactly as unpruned
+  (this replaces vLLM's EVS numbering, whose text offset is llm_grid_w, not the extent). The
+  item's own placeholders get a provisional position (the item's base) until the encoder has run;
+- `_process_image_input` / `_process_video_input` (`_process_media`): runs the tower with hooks
+  on the last block (the [CLS]-free score: the attention each patch receives, averaged over
+  heads and its item's query rows, then over each 2x2 merge unit, Qwen2.5-VL's window
+  permutation undone; keys for VisionZip -- the same
+  definitions as patches/qwen2_vl.py), reduces with the SHARED `reduce_image_tokens` (a video's
+  regions: its frames, or one (t, h, w) region under video_budget="per_video", as the
+  transformers adapter makes them: `video_regions`), and returns
+  the kept embeddings with 6 extra channels: each kept token's (t, h, w) grid coordinate (a
+  video's t scaled by second_per_grid_ts * tokens_per_second, as vLLM numbers it), split as
   (v // 256, v % 256) so no channel exceeds 255 (exact in bf16 / fp16). Other per-token streams
   the tower returns beside the embeddings (Qwen3-VL's DeepStack levels, `_split_streams`) are
   reduced with the embeddings' decisions and returned in their channels;
@@ -35,7 +40,8 @@ model passes the first stage's positions to the later stages with the hidden sta
 
 Limits: the V1 model runner only (V2 builds its own pruning state from EVS settings); image
 placeholders must follow a text token (`<|vision_start|>`, as vLLM's own EVS also assumes);
-video EVS (--video-pruning-rate) and vlm_prune cannot be combined.
+vLLM's own video pruning (--video-pruning-rate) and vlm_prune would prune the same videos: the
+combination is a start-up error.
 """
 
 from __future__ import annotations
@@ -67,12 +73,12 @@ from vllm.multimodal.processing import PromptReplacement
 from vllm.sequence import IntermediateTensors
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
-from ..patches.image_tokens import ImageTokens, Region, reduce_image_tokens
+from ..patches.image_tokens import ImageTokens, Region, reduce_image_tokens, region_budgets, video_regions
 from ..patches.adapters.qwen2_vl import QWEN_SCORED_BY, merge_unit_mean
 from ..registry import get_method
 from ..sharded_scores import keys_over_heads, received_attention
 from ..vision_layers import refuse_layers
-from .config import plugin_config
+from .config import ENV_VAR, plugin_config
 
 FAMILY = "qwen2_vl"
 POSITION_CHANNELS = 6  # (t, h, w), each as (high, low) base-256 digits
@@ -93,6 +99,20 @@ def pruned_image_tokens(config, method, grid_thw: Sequence[int], merge: int) -> 
     return method.output_count(config.budget_for(rows * cols), (rows, cols), config.options)
 
 
+def pruned_video_frames(config, method, grid_thw: Sequence[int], merge: int) -> list[int]:
+    """Placeholders per frame of a video of patch grid (t, h, w) (t frames of (h / merge) x
+    (w / merge) tokens; regions as the transformers path makes them, `video_regions`).
+    video_budget="per_frame": each frame's output count. "per_video" (evs): the video's count,
+    all in the first frame and 0 in the others -- how many of each frame stay is known only
+    once the encoder ran (vLLM's own EVS lays its tokens out the same way)."""
+    t, h, w = (int(v) for v in grid_thw)
+    per_video = config.video_policy == "per_video"
+    regions, budget = video_regions(t, h // merge, w // merge, per_video)
+    counts = [method.output_count(k, region.grid, config.options) if k > 0 else 0
+              for region, k in zip(regions, region_budgets(config, regions, budget))]
+    return counts + [0] * (t - 1) if per_video else counts
+
+
 def encode_positions(coords: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[K, 3] int -> [K, 6] channels (high, low digits) exact in any float dtype."""
     if coords.numel() and int(coords.max()) >= _DIGIT * _DIGIT:
@@ -110,7 +130,8 @@ def decode_positions(channels: torch.Tensor) -> torch.Tensor:
 
 
 class _PrunedPromptUpdates:
-    """Mixin for the multimodal processors: an image's replacement has the pruned count."""
+    """Mixin for the multimodal processors: an image's and a video's replacement have the pruned
+    count (Qwen2-VL / 2.5-VL: a video is one run of placeholders)."""
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
@@ -126,11 +147,21 @@ class _PrunedPromptUpdates:
             grid = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data
             return tokens[:1] * pruned_image_tokens(config, method, grid.tolist(), merge)
 
+        replacements = {"image": pruned,
+                        "video": partial(self._pruned_video, config=config, method=method, merge=merge,
+                                         out_mm_kwargs=out_mm_kwargs)}
         return [
-            PromptReplacement(modality=u.modality, target=u.target, replacement=partial(pruned, original=u.replacement))
-            if u.modality == "image" else u
+            PromptReplacement(modality=u.modality, target=u.target,
+                              replacement=partial(replacements[u.modality], original=u.replacement))
+            if u.modality in replacements else u
             for u in updates
         ]
+
+    def _pruned_video(self, item_idx: int, original, config, method, merge: int, out_mm_kwargs):
+        """A video's replacement: one run of its pruned count."""
+        tokens = original(item_idx)
+        grid = out_mm_kwargs["video"][item_idx]["video_grid_thw"].data
+        return tokens[:1] * sum(pruned_video_frames(config, method, grid.tolist(), merge))
 
 
 class PrunedQwen2VLMultiModalProcessor(_PrunedPromptUpdates, Qwen2VLMultiModalProcessor):
@@ -139,6 +170,14 @@ class PrunedQwen2VLMultiModalProcessor(_PrunedPromptUpdates, Qwen2VLMultiModalPr
 
 class PrunedQwen2_5_VLMultiModalProcessor(_PrunedPromptUpdates, Qwen2_5_VLMultiModalProcessor):
     pass
+
+
+def _optional_field(inputs, name: str):
+    """An optional field of vLLM's parsed multimodal input (a TensorSchema), or None."""
+    try:
+        return inputs[name]
+    except (KeyError, AttributeError):
+        return None
 
 
 # -- the runner flag (vLLM 0.32) --------------------------------------------------------------
@@ -185,7 +224,13 @@ class _PrunedQwenMixin:
         if self.prune_config is None:
             return
         if self.multimodal_config.is_multimodal_pruning_enabled():
-            raise ValueError("vlm_prune cannot be combined with vLLM's video pruning (--video-pruning-rate)")
+            # both would prune the same videos (and vLLM's lays out and numbers them its own way)
+            raise ValueError(
+                f"vlm_prune ({self.prune_config.method!r}, from --hf-overrides '{{\"vlm_prune\": ...}}' or "
+                f"${ENV_VAR}) prunes this model's videos, and vLLM's own video pruning is on too "
+                f"(--video-pruning-rate {self.multimodal_config.video_pruning_rate}); use one of the two: drop "
+                "--video-pruning-rate (vlm_prune's `evs` with keep = 1 - q keeps the tokens vLLM's EVS keeps) or "
+                "the vlm_prune entry")
         if getattr(vllm_config, "use_v2_model_runner", False):
             raise ValueError("vlm_prune on Qwen-VL needs vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0")
         self.prune_method = get_method(self.prune_config.method)()
@@ -239,24 +284,19 @@ class _PrunedQwenMixin:
         pieces: list[np.ndarray] = []
         st = 0
         next_position = 0
-        for feature, offset, t, h, w, t_factor in self._media_runs(input_tokens, mm_features):
+        for feature, offset, count, t, h, w, t_factor in self._media_runs(input_tokens, mm_features):
             text_len = offset - st
             pieces.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + next_position)
             base = next_position + text_len
+            if self.prune_config.positions == "renumber":  # the text continues after the coarse grid
+                h, w = self._reduced_grid(h, w)
             grid = np.indices((t, h, w))
             if t_factor != 1.0:
                 grid[0] = (grid[0] * t_factor).astype(np.int64)
-            if feature.modality == "image":  # placeholders wait for recompute_mrope_positions
-                length = feature.mm_position.length
-                span = np.full((3, length), base, dtype=np.int64)
-                if self.prune_config.positions == "renumber":  # the text continues after the coarse grid
-                    grid = np.indices((t, *self._reduced_grid(h, w)))
-            else:
-                length = t * h * w
-                span = grid.reshape(3, -1) + base
-            pieces.append(span)
-            next_position = base + int(grid.max()) + 1  # the image's extent (unpruned, or its coarse grid)
-            st = offset + length
+            # images and videos alike: the placeholders wait for recompute_mrope_positions
+            pieces.append(np.full((3, count), base, dtype=np.int64))
+            next_position = base + int(grid.max()) + 1  # the item's extent (unpruned, or its coarse grid)
+            st = offset + count
         if st < len(input_tokens):
             text_len = len(input_tokens) - st
             pieces.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + next_position)
@@ -265,15 +305,17 @@ class _PrunedQwenMixin:
         return torch.from_numpy(positions), next_position - len(input_tokens)
 
     def _media_runs(self, input_tokens, mm_features):
-        """(feature, offset, t, h, w, t_factor) per run of consecutive media placeholders, in prompt
-        order; (t, h, w) in merged tokens. Qwen2-VL / 2.5-VL: one run per image and per video."""
+        """(feature, offset, count, t, h, w, t_factor) per run of consecutive media placeholders, in
+        prompt order: its first placeholder, how many there are (pruned), the item's unpruned
+        grid in merged tokens and its temporal scale. Qwen2-VL / 2.5-VL: one run per image and
+        per video."""
         features = sorted(mm_features, key=lambda f: f.mm_position.offset)
-        for feature, grid in zip(features, self.iter_mm_grid_thw(features)):
-            yield (feature, *grid)
+        for feature, (offset, t, h, w, t_factor) in zip(features, self.iter_mm_grid_thw(features)):
+            yield feature, offset, feature.mm_position.length, t, h, w, t_factor
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
-        """Writes the kept tokens' (t, h, w) + base at their placeholders; returns the embeddings
-        without the position channels. Text positions were right from the start."""
+        """Writes the kept tokens' positions at their placeholders (`_placed`); returns the
+        embeddings without the position channels. Text positions were right from the start."""
         if self.prune_config is None:
             return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
                                                      num_computed_tokens)
@@ -285,32 +327,40 @@ class _PrunedQwenMixin:
             positions = mrope_positions.clone()
             image_id, video_id = self.config.image_token_id, self.config.video_token_id
             is_media = (ids == image_id) | (ids == video_id)
-            media_index = is_media.nonzero().flatten().tolist()
+            media_index = is_media.nonzero().flatten()
+            media_list = media_index.tolist()
             out = []
             cursor = num_computed_tokens
             for embeddings in multimodal_embeddings:
-                first = bisect.bisect_left(media_index, cursor)
-                start = media_index[first]  # where this chunk's first token sits
+                first = bisect.bisect_left(media_list, cursor)
                 length = embeddings.shape[0]
-                if int(ids[start]) == image_id:
-                    run_start = start  # the item's first placeholder: base follows the text before it
-                    while run_start > 0 and bool(is_media[run_start - 1]):
-                        run_start -= 1
-                    base = int(positions[0, run_start - 1]) + 1 if run_start > 0 else 0
-                    coords = decode_positions(embeddings[:, -POSITION_CHANNELS:]).to(positions.device)
-                    positions[:, start:start + length] = coords + base
-                    embeddings = embeddings[:, :-POSITION_CHANNELS]
-                out.append(embeddings)  # videos: unpruned, positions already right
+                slots = media_index[first:first + length]  # this chunk's rows of the item, in order
+                coords = decode_positions(embeddings[:, -POSITION_CHANNELS:])
+                video = int(ids[slots[0]]) == video_id
+                placed = self._placed(ids, positions, is_media, int(slots[0]), coords, video)
+                positions[:, slots.to(positions.device)] = placed.to(positions.device)
+                out.append(embeddings[:, :-POSITION_CHANNELS])
                 # past the item's last placeholder (a Qwen3-VL video's frames have text between them)
-                cursor = media_index[first + length - 1] + 1
+                cursor = media_list[first + length - 1] + 1
             return out, positions, int(positions.max()) + 1 - n
+
+    def _placed(self, ids: torch.Tensor, positions: torch.Tensor, is_media: torch.Tensor, start: int,
+                coords: torch.Tensor, video: bool) -> torch.Tensor:
+        """[3, K] positions of K rows of one item whose first row sits at placeholder `start`:
+        base + coords, base following the text before the item's run (Qwen2-VL / 2.5-VL: an
+        image or a video is one run; a video's temporal coordinate came scaled)."""
+        run_start = start
+        while run_start > 0 and bool(is_media[run_start - 1]):
+            run_start -= 1
+        base = int(positions[0, run_start - 1]) + 1 if run_start > 0 else 0
+        return coords + base
 
     def _reduced_grid(self, rows: int, cols: int) -> tuple[int, int]:
         """The coarse grid a frame of rows x cols merged tokens is reduced to (grid methods)."""
         k = self.prune_config.budget_for(rows * cols)
         return self.prune_method.output_grid(k, (rows, cols), self.prune_config.options)
 
-    # -- images -------------------------------------------------------------------------------
+    # -- images and videos --------------------------------------------------------------------
 
     def _run_tower(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -323,42 +373,74 @@ class _PrunedQwenMixin:
     def _process_image_input(self, image_input):
         if self.prune_config is None:
             return super()._process_image_input(image_input)
-        grid_thw = image_input["image_grid_thw"]
+        return self._process_media(image_input, "image")
+
+    def _process_video_input(self, video_input):
+        if self.prune_config is None:
+            return super()._process_video_input(video_input)
+        return self._process_media(video_input, "video")
+
+    def _frame_coordinate(self, frames: torch.Tensor, media_input, item: int) -> torch.Tensor:
+        """[K] temporal coordinates of kept video tokens of frames `frames` (item `item` of the
+        input): Qwen2-VL / 2.5-VL scale the frame index by second_per_grid_ts * tokens_per_second,
+        truncated, as vLLM's numbering of the unpruned video does (`iter_mm_grid_thw`)."""
+        seconds = _optional_field(media_input, "second_per_grid_ts")
+        factor = (float(seconds[item]) if seconds is not None else 1.0) * getattr(
+            self.config.vision_config, "tokens_per_second", 1.0)
+        if factor == 1.0:
+            return frames
+        return (frames.double() * factor).long()
+
+    def _process_media(self, media_input, kind: str) -> tuple[torch.Tensor, ...]:
+        """The kept tokens of each image or video of one encoder call, each [K, C + 6]: embeddings
+        (and the other streams, Qwen3-VL's DeepStack levels) with the kept tokens' (t, h, w)
+        coordinates in 6 position channels. Regions as on the transformers path: an image's
+        frame (the call's budget policy), a video's frames ("per_frame") or the whole video
+        ("per_video", `video_regions`)."""
+        video = kind == "video"
+        grid_thw = media_input[f"{kind}_grid_thw"]
         grids = grid_thw.tolist()
         merge = self.visual.spatial_merge_size
-        if image_input["type"] == "image_embeds":
+        if media_input["type"] == f"{kind}_embeds":
             if self.needs_tower:
                 raise ValueError(f"vlm_prune: {self.prune_config.method!r} needs the vision tower; "
-                                 "precomputed image embeddings cannot be scored")
-            embeds, signals = image_input["image_embeds"].type(self.visual.dtype), {}
+                                 f"precomputed {kind} embeddings cannot be scored")
+            embeds, signals = media_input[f"{kind}_embeds"].type(self.visual.dtype), {}
         else:
+            pixels = media_input["pixel_values_videos" if video else "pixel_values"]
             with self._capture_signals(grids) as signals:
-                embeds = self._run_tower(image_input["pixel_values"], grid_thw)
+                embeds = self._run_tower(pixels, grid_thw)
         sizes = [t * h * w // (merge * merge) for t, h, w in grids]
         embeds, streams = self._split_streams(embeds)
-        per_image = {name: value.split(sizes) for name, value in signals.items()}
-        streams_per_image = [stream.split(sizes) for stream in streams]
-        images = []
+        per_item = {name: value.split(sizes) for name, value in signals.items()}
+        streams_per_item = [stream.split(sizes) for stream in streams]
+        per_video = self.prune_config.video_policy == "per_video"
+        items = []
         for i, (feats, (t, h, w)) in enumerate(zip(embeds.split(sizes), grids)):
             rows, cols = h // merge, w // merge
-            regions = [Region.span(f * rows * cols, (f + 1) * rows * cols, (rows, cols), feats.device)
-                       for f in range(t)]
-            images.append(ImageTokens(feats, regions, {name: v[i].to(feats.device) for name, v in per_image.items()},
-                                      streams=[stream[i] for stream in streams_per_image]))
-        reduced = reduce_image_tokens(self.prune_method, self.prune_config, images,
+            if video:
+                regions, budget = video_regions(t, rows, cols, per_video, feats.device)
+            else:  # the call's budget policy
+                regions, budget = [Region.span(f * rows * cols, (f + 1) * rows * cols, (rows, cols), feats.device)
+                                   for f in range(t)], None
+            items.append(ImageTokens(feats, regions, {name: v[i].to(feats.device) for name, v in per_item.items()},
+                                     streams=[stream[i] for stream in streams_per_item], budget=budget, video=video))
+        reduced = reduce_image_tokens(self.prune_method, self.prune_config, items,
                                       self.prune_config.budget or "per_image")
-        # each stream reduced: [sum K_i, D] in image order, back to per image
+        # each stream reduced: [sum K_i, D] in item order, back to per item
         reduced_streams = [stream.split(reduced.counts) for stream in reduced.streams]
         out = []
         for i, (slots_kept, feats, (t, h, w)) in enumerate(zip(reduced.kept, reduced.features, grids)):
             rows, cols = h // merge, w // merge
-            if self.prune_config.positions == "renumber":  # numbered as an image of the coarse grid
-                coarse = self._reduced_grid(rows, cols)
-                slots = torch.arange(t * coarse[0] * coarse[1])
-                rows, cols = coarse
+            if self.prune_config.positions == "renumber":  # numbered as an item of the coarse grid
+                rows, cols = self._reduced_grid(rows, cols)
+                slots = torch.arange(t * rows * cols)
             else:
                 slots = slots_kept.nonzero().flatten().cpu()
-            coords = torch.stack([slots // (rows * cols), (slots % (rows * cols)) // cols, slots % cols], dim=1)
+            frames = slots // (rows * cols)
+            if video:
+                frames = self._frame_coordinate(frames, media_input, i)
+            coords = torch.stack([frames, (slots % (rows * cols)) // cols, slots % cols], dim=1)
             out.append(torch.cat([feats, *(stream[i] for stream in reduced_streams),
                                   encode_positions(coords, feats.dtype).to(feats.device)], dim=1))
         return tuple(out)

@@ -2,7 +2,7 @@
 (`vlm_prune.vllm_plugin.qwen2_vl`) with the DeepStack levels carried along.
 
 Active only when the model config carries `vlm_prune` (--hf-overrides or $VLM_PRUNE); without it
-every override defers to vLLM's own class. Images are pruned, videos pass through unpruned.
+every override defers to vLLM's own class. Images and videos are pruned.
 
 What is the same as on Qwen2-VL / 2.5-VL (shared code, not repeated here): the processor emits
 the pruned placeholder count per image (fixed before the encoder runs: fixed budgets only); the
@@ -23,9 +23,14 @@ exactly this, patches/adapters/qwen3_vl.py). What the model returns per image is
 [K, D * (1 + levels) + 6]: kept embeddings, their levels, their positions, the layout vLLM's
 Qwen3 splits once the position channels are stripped.
 
-Videos: Qwen3 numbers each video frame as its own run of placeholders after a timestamp text;
-`_media_runs` yields the frames (vLLM's own frame walk), so the positions of a prompt with videos
-and pruned images are those of the unpruned model.
+Videos are pruned with the same reduction (regions as on the transformers path, `video_regions`),
+their DeepStack levels following it. Qwen3 numbers each video frame as its own run of
+placeholders after a timestamp text: under video_budget="per_frame" each frame's run holds its
+own pruned count, the layout of the transformers path; under "per_video" (`evs`) a frame's share
+is known only after the encoder, so the first frame's run holds all the video's kept tokens and
+the later frames' runs are empty (the layout of vLLM's own EVS). Kept tokens keep their unpruned
+positions either way (`_placed`), but under "per_video" the later frames' timestamp text comes
+after the tokens in the sequence, where the transformers path leaves it between them.
 """
 
 from __future__ import annotations
@@ -40,11 +45,21 @@ from vllm.model_executor.models.qwen3_vl import (
 from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeProcessingInfo
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .qwen2_vl import _PrunedPromptUpdates, _PrunedQwenMixin
+from .qwen2_vl import _PrunedPromptUpdates, _PrunedQwenMixin, pruned_video_frames
 
 
 class PrunedQwen3VLMultiModalProcessor(_PrunedPromptUpdates, Qwen3VLMultiModalProcessor):
-    pass
+    def _pruned_video(self, item_idx: int, original, config, method, merge: int, out_mm_kwargs):
+        """A video's replacement: per frame its timestamp text and a vision run of the frame's
+        pruned count (all the video's tokens in the first run under video_budget="per_video"),
+        built by vLLM's own `get_video_repl` with the embeddings at the video tokens only."""
+        item = out_mm_kwargs["video"][item_idx]
+        hf_config = self.info.get_hf_config()
+        return Qwen3VLMultiModalProcessor.get_video_repl(
+            tokens_per_frame=pruned_video_frames(config, method, item["video_grid_thw"].data.tolist(), merge),
+            timestamps=item["timestamps"].data, tokenizer=self.info.get_tokenizer(),
+            vision_start_token_id=hf_config.vision_start_token_id, vision_end_token_id=hf_config.vision_end_token_id,
+            video_token_id=hf_config.video_token_id, select_token_id=True)
 
 
 class _PrunedQwen3Mixin(_PrunedQwenMixin):
@@ -63,24 +78,49 @@ class _PrunedQwen3Mixin(_PrunedQwenMixin):
         return main, levels
 
     def _media_runs(self, input_tokens, mm_features):
-        """(feature, offset, t, h, w, t_factor) per run of consecutive media placeholders, in prompt
-        order; (t, h, w) in merged tokens. An image is one run (its placeholder count is the
-        pruned one, read from the feature); a video is one run per frame (t = 1), found after
-        each frame's timestamp text by vLLM's own walk (`_iter_mm_grid_hw`)."""
+        """(feature, offset, count, t, h, w, t_factor) per run of consecutive media placeholders, in
+        prompt order; (t, h, w) the unpruned grid in merged tokens. An image is one run (its
+        placeholder count is the pruned one, read from the feature); a video is one run per
+        frame (t = 1, `count` its pruned placeholders, 0 in the later frames of a "per_video"
+        budget), found after each frame's timestamp text by vLLM's own walk (`_iter_mm_grid_hw`)."""
         config = self.config
         merge = config.vision_config.spatial_merge_size
+        tokens = None
         for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
             if feature.modality == "image":
                 t, h, w = feature.data["image_grid_thw"].data.tolist()
-                yield feature, feature.mm_position.offset, t, h // merge, w // merge, 1.0
+                yield feature, feature.mm_position.offset, feature.mm_position.length, t, h // merge, w // merge, 1.0
                 continue
+            tokens = list(input_tokens) if tokens is None else tokens
             for offset, rows, cols, count in self._iter_mm_grid_hw(
-                    list(input_tokens), [feature], video_token_id=config.video_token_id,
+                    tokens, [feature], video_token_id=config.video_token_id,
                     vision_start_token_id=config.vision_start_token_id,
                     vision_end_token_id=config.vision_end_token_id, spatial_merge_size=merge):
-                if count != rows * cols:  # only vLLM's video EVS lumps frames; refused with pruning on
-                    raise ValueError(f"vlm_prune: a video frame with {count} placeholders for a {rows}x{cols} grid")
-                yield feature, offset, 1, rows, cols, 1.0
+                yield feature, offset, count, 1, rows, cols, 1.0
+
+    def _frame_coordinate(self, frames: torch.Tensor, media_input, item: int) -> torch.Tensor:
+        """Qwen3 numbers each frame as an image after its own timestamp: the temporal channel
+        carries the frame index, which `_placed` turns into that frame's base."""
+        return frames
+
+    def _placed(self, ids, positions, is_media, start, coords, video):
+        """Images as on Qwen2-VL. A video's kept token of frame f at (h, w) goes to base_f +
+        (0, h, w), base_f following frame f's `<|vision_start|>` (text: its position is the
+        unpruned model's). The rows' first placeholder sits in the run of frame f0 (that of the
+        first row; the first frame's under a "per_video" budget, whose run holds the video's
+        tokens); the frames' vision starts are counted from that run's on."""
+        if not video:
+            return super()._placed(ids, positions, is_media, start, coords, video)
+        run_start = start
+        while run_start > 0 and bool(is_media[run_start - 1]):
+            run_start -= 1
+        frames = coords[0].cpu()
+        first = 0 if self.prune_config.video_policy == "per_video" else int(frames[0])
+        starts = (ids[run_start - 1:] == self.config.vision_start_token_id).nonzero().flatten() + run_start - 1
+        bases = positions[0, starts[:int(frames.max()) - first + 1].to(positions.device)].cpu() + 1
+        placed = coords.clone()
+        placed[0] = 0
+        return placed + bases[frames - first].to(placed.device)
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -22,6 +22,7 @@ import vlm_prune
 from vlm_prune import tiny
 
 from .test_families import _qwen_attention_received, logits
+from .test_qwen3_vl import assert_rows_are_the_eager_attention
 from .test_release_dct import budget_grid, low_pass
 
 SIZES = [(280, 196), (100, 300)]  # 6x9 and 9x3 merged tokens: odd grids
@@ -297,27 +298,7 @@ def test_attention_rows_are_the_gated_queries_with_q_k_norms(models, method, opt
     queries and keys get per-head RMS norms before the partial RoPE). full_layer: the index of
     that layer among the full-attention layers (whose maps the model returns)."""
     model, processor = models["qwen3_5"]
-    inputs = inputs_of(processor)
-    reference = copy.deepcopy(model)
-    reference.model.language_model.set_attn_implementation("eager")
-    with torch.no_grad():
-        attention = reference(**inputs, output_attentions=True).attentions[full_layer].mean(1)
-    handle = vlm_prune.patch(model, method, 8, **options)
-    try:
-        logits(model, inputs)
-        signal = handle._patch._attention
-    finally:
-        handle.remove()
-    ids = inputs["input_ids"]
-    is_image = ids == model.config.image_token_id
-    for row in range(2):
-        real = inputs["attention_mask"][row].bool()
-        if method == "fastv":
-            rows = [ids.shape[1] - 1]
-        else:
-            last_image = int(is_image[row].nonzero().max())
-            rows = [j for j in range(last_image + 1, ids.shape[1]) if real[j]]
-        torch.testing.assert_close(signal[row], attention[row, rows].mean(0), rtol=1e-4, atol=1e-6)
+    assert_rows_are_the_eager_attention(model, inputs_of(processor), method, options, full_layer)
 
 
 @pytest.mark.parametrize("method, options, match", [

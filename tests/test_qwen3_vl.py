@@ -301,11 +301,17 @@ def test_attention_rows_use_the_layers_q_k_norms(models, method, options, layer)
     first layer on the unpruned sequence) equal the eager attention map of that layer, which
     applies Qwen3's per-head q/k RMS norms before RoPE."""
     model, processor = models["qwen3_vl"]
-    inputs = inputs_of(processor)
+    assert_rows_are_the_eager_attention(model, inputs_of(processor), method, options, layer)
+
+
+def assert_rows_are_the_eager_attention(model, inputs, method, options, map_index):
+    """The attention rows `method` scores with (the prompt's last token for fastv, the
+    instruction's rows for transition) equal the mean over heads of the eager attention map
+    `map_index` the unpatched model returns (output_attentions=True)."""
     reference = copy.deepcopy(model)
     reference.model.language_model.set_attn_implementation("eager")
     with torch.no_grad():
-        attention = reference(**inputs, output_attentions=True).attentions[layer].mean(1)
+        attention = reference(**inputs, output_attentions=True).attentions[map_index].mean(1)
     handle = vlm_prune.patch(model, method, 8, **options)
     try:
         logits(model, inputs)
@@ -314,7 +320,7 @@ def test_attention_rows_use_the_layers_q_k_norms(models, method, options, layer)
         handle.remove()
     ids = inputs["input_ids"]
     is_image = ids == model.config.image_token_id
-    for row in range(2):
+    for row in range(ids.shape[0]):
         real = inputs["attention_mask"][row].bool()
         if method == "fastv":
             rows = [ids.shape[1] - 1]

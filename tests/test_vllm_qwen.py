@@ -81,18 +81,29 @@ def hf_generate(model_dir, method=None, keep=None, **options):
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     processor = qwen_image_processor(str(model_dir))
+    return generate_requests(model, processor, REQUESTS, method, keep, **options)
+
+
+def generate_requests(model, processor, requests, method=None, keep=None, **options):
+    """Per request (a prompt and its images): the greedy tokens of the transformers path
+    (patched with method / keep when given), the prompt's length, its image tokens and how many
+    the patch kept."""
     patch = vlm_prune.patch(model, method, keep, **options) if method else None
     results = []
-    for request in REQUESTS:
-        images = [tiny.random_image(*image) for image in request.get("images") or [request["image"]]]
-        inputs = processor(images=images, text=[request["prompt"]], return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
-        image_tokens = sum(t * h * w // 4 for t, h, w in inputs["image_grid_thw"].tolist())
-        results.append({"tokens": out[0, inputs["input_ids"].shape[1]:].tolist(),
-                        "prompt_tokens": int(inputs["input_ids"].shape[1]),
-                        "image_tokens": image_tokens,
-                        "kept": patch.stats[0]["kept"] if patch else image_tokens})
+    try:
+        for request in requests:
+            images = [tiny.random_image(*image) for image in request.get("images") or [request["image"]]]
+            inputs = processor(images=images, text=[request["prompt"]], return_tensors="pt")
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+            image_tokens = sum(t * h * w // 4 for t, h, w in inputs["image_grid_thw"].tolist())
+            results.append({"tokens": out[0, inputs["input_ids"].shape[1]:].tolist(),
+                            "prompt_tokens": int(inputs["input_ids"].shape[1]),
+                            "image_tokens": image_tokens,
+                            "kept": patch.stats[0]["kept"] if patch else image_tokens})
+    finally:
+        if patch is not None:
+            vlm_prune.unpatch(model)
     return results
 
 

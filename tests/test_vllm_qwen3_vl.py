@@ -25,6 +25,7 @@ from vlm_prune import tiny
 from vlm_prune.vllm_plugin.checkpoint import save_for_vllm
 
 from .test_vllm import RUNNER, VLLM_PYTHON, same_tokens
+from .test_vllm_qwen import generate_requests
 
 pytestmark = pytest.mark.slow
 
@@ -148,22 +149,7 @@ def hf_moe(moe_dir):
 
 def hf_generate(hf_model, method=None, keep=None):
     model, processor = hf_model
-    patch = vlm_prune.patch(model, method, keep) if method else None
-    results = []
-    try:
-        for request in REQUESTS:
-            images = [tiny.random_image(*image) for image in request.get("images") or [request["image"]]]
-            inputs = processor(images=images, text=[request["prompt"]], return_tensors="pt")
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
-            image_tokens = sum(t * h * w // 4 for t, h, w in inputs["image_grid_thw"].tolist())
-            results.append({"tokens": out[0, inputs["input_ids"].shape[1]:].tolist(),
-                            "prompt_tokens": int(inputs["input_ids"].shape[1]),
-                            "image_tokens": image_tokens,
-                            "kept": patch.stats[0]["kept"] if patch else image_tokens})
-    finally:
-        vlm_prune.unpatch(model)
-    return results
+    return generate_requests(model, processor, REQUESTS, method, keep)
 
 
 def assert_equals_pruned_transformers(got, hf_model, method, keep):

@@ -220,3 +220,21 @@ def test_the_string_form_where_configurations_are_read(capsys):
                      "--repeats", "1", "--out", ""]) == 0
     report = capsys.readouterr().out
     assert "cls_attention:0.25+fastv:0.5:layer=1" in report and "576          72" in report
+
+
+def test_a_deep_copy_runs_its_own_pipeline(families):
+    model, processor = families["llava"]
+    inputs = two_prompts("llava", processor)
+    expected = logits(model, inputs)
+    with vlm_prune.pruned(model, "cls_attention+fastv", (32, 12), layer=1):
+        pruned = logits(model, inputs)
+        twin = copy.deepcopy(model)
+    assert torch.equal(logits(twin, inputs), pruned)  # the copy carries the pipeline
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.01)
+    assert not torch.equal(logits(twin, inputs), pruned)  # its own weights
+    assert torch.equal(greedy(twin, inputs), greedy(twin, inputs, use_cache=False))
+    assert torch.equal(logits(model, inputs), expected)  # the original: unpatched, untouched
+    vlm_prune.unpatch(twin)
+    assert logits(twin, inputs).shape == expected.shape

@@ -72,6 +72,9 @@ class ImageTokens:
     budget:   the budget policy of this item where it is not the call's (a video: "per_crop"
               over its frames, or "per_image" for one region over all frames); None: the call's.
     video:    whether the tokens are a video's (counted apart in `stats`).
+    tiles:    (rows, cols) of an anyres image's crop grid (LLaVA-NeXT): the region of crop c >= 1
+              (`Region.crop`) is tile divmod(c - 1, cols) of it, the regions of one tile row or
+              column sharing their height or width; None: no crops. Read by whole-image methods.
     """
 
     features: torch.Tensor
@@ -81,6 +84,7 @@ class ImageTokens:
     streams: list[torch.Tensor] = field(default_factory=list)
     budget: str | None = None
     video: bool = False
+    tiles: tuple[int, int] | None = None
 
 
 # context signals given per tower input (image or crop), read by the region that is that input
@@ -172,7 +176,12 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
 
     Images with `streams` get each stream reduced as their tokens were (`follow_reduction`),
     in `ReducedImages.streams`.
+
+    A whole-image method (one with `reduce_image`) sees all of an image's regions at once, with
+    their layout, and sets their budgets itself: see `_reduced_per_image`.
     """
+    if getattr(method, "reduce_image", None) is not None:
+        return _reduced_per_image(method, config, images)
     budgets = [region_budgets(config, img.regions, img.budget or budget) for img in images]
     whole = [len(img.regions) == 1 and img.regions[0].covers(img.features.shape[0]) for img in images]
     # tokens passed on outside the regions (an image's [CLS] feature, LLaVA-NeXT's newlines)
@@ -223,6 +232,32 @@ def reduce_image_tokens(method, config: PruneConfig, images: list[ImageTokens], 
         followed = [follow_reduction(method, config, reduction, feats,
                                      _stack([(images[i].streams[s], r) for i, r in members]), *setting)
                     for (members, feats, reduction), setting in zip(reductions, settings)]
+        reduced.streams.append(_gathered_stream(images, whole, reduced, reductions, followed, s))
+    return reduced
+
+
+def _reduced_per_image(method, config: PruneConfig, images: list[ImageTokens]) -> ReducedImages:
+    """`reduce_image_tokens` for a whole-image method: `method.reduce_image(image, keep, options)`
+    gets one image (`ImageTokens`: its tokens, regions, signals, context and `tiles`) and the
+    user's `keep` as given (an int or a fraction: the method turns it into the regions' budgets),
+    and returns one `Reduction` per region, in `image.regions` order, with a group of one
+    (features [1, K, D] or a list of one [K, D]; index likewise, increasing slots of the region):
+    the region's tokens it passes on, unchanged (a selection; K may be 0). Tokens in no region
+    (LLaVA-NeXT's newlines) pass on as always; other token streams take the same rows. Images
+    are reduced one at a time (their counts depend on their content)."""
+    whole = [len(img.regions) == 1 and img.regions[0].covers(img.features.shape[0]) for img in images]
+    counts = [0 if w else img.features.shape[0] - sum(r.size for r in img.regions) for img, w in zip(images, whole)]
+    reductions = []
+    for i, img in enumerate(images):
+        with use_backend(config.backend):
+            per_region = method.reduce_image(img, config.keep, config.options)
+        if len(per_region) != len(img.regions):
+            raise RuntimeError(f"method {config.method!r} returned {len(per_region)} reductions for "
+                               f"{len(img.regions)} regions")
+        reductions += [([(i, region)], None, red) for region, red in zip(img.regions, per_region)]
+    reduced = _gathered(method, config, images, whole, counts, reductions, None)
+    for s in range(len(images[0].streams) if images else 0):
+        followed = [[images[i].streams[s][region.slots][red.index[0]]] for [(i, region)], _, red in reductions]
         reduced.streams.append(_gathered_stream(images, whole, reduced, reductions, followed, s))
     return reduced
 

@@ -128,6 +128,13 @@ class VisionStageEngine(PatchBase):
                 f"method {config.method!r} prunes inside the LLM (stage {method_cls.stage!r}); "
                 "the vision-stage engine runs vision-stage methods"
             )
+        # a method written for some families only names their model_types in `families`
+        families = getattr(method_cls, "families", None)
+        if families is not None and not set(adapter_cls.model_types) & set(families):
+            raise ValueError(
+                f"method {config.method!r} runs on {', '.join(families)} models only; {type(model).__name__} "
+                f"(model_type {getattr(model.config, 'model_type', None)!r}) is not one"
+            )
         super().__init__(model, config)
         self.method = method_cls()
         allowed = adapter_cls.allowed_positions(self.method)

@@ -13,10 +13,17 @@ to their size) or each crop's share of it (budget="per_crop": `keep` applies to 
 and to each crop, as FasterVLM's and VisionZip's releases do); or budget="pooled": all the
 image's tokens, newlines included, as one pool with no grid (DivPrune's and TransPrune's
 releases). Each method's default is its release's (`VisionMethod.default_budget`).
+
+A whole-image method (one with `reduce_image`, GlobalCom²) gets the per-crop regions and sets
+every region's budget itself; each image then also says where its crops lie (`ImageTokens.tiles`:
+the crop grid's rows x cols). Methods that need "cls_logits" get the [CLS] query's pre-softmax
+attention logits (q_cls . k * scale, heads averaged, summed over the score layers) per token,
+from the same q/k projections as "cls_attention".
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from typing import Any
@@ -25,7 +32,8 @@ import numpy as np
 import torch
 
 from ..image_tokens import ImageTokens, Region
-from .llava import LlavaAdapter
+from .base import this_thread_only
+from .llava import LlavaAdapter, _store
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -39,6 +47,41 @@ class LlavaNextAdapter(LlavaAdapter):
                 f"LLaVA-NeXT with vision_feature_select_strategy={strategy!r} is not supported; "
                 "vlm_prune supports 'default' (the [CLS] token dropped), as all LLaVA-NeXT checkpoints use"
             )
+        config = self.plan.config
+        if getattr(self.plan.method, "reduce_image", None) is not None and config.budget not in (None, "per_crop"):
+            raise ValueError(
+                f"method {config.method!r} sets the budget of the base image and of each crop itself; "
+                f"budget={config.budget!r} does not apply to it (leave budget unset)"
+            )
+
+    @contextlib.contextmanager
+    def capture_signals(self, scratch):
+        """The family's tower signals, plus "cls_logits" [crops, T] for methods that need it."""
+        if "cls_logits" not in self.plan.method.needs or not self.score_layers:
+            with self._capture_tower_signals(scratch) as result:
+                yield result
+            return
+        captured: dict[int, dict[str, torch.Tensor]] = {}
+        handles = []
+        for layer_idx, attn in zip(self.score_layers, self._score_attention):
+            slot = captured.setdefault(layer_idx, {})
+            handles.append(attn.q_proj.register_forward_hook(this_thread_only(_store(slot, "q", first_row=True))))
+            handles.append(attn.k_proj.register_forward_hook(this_thread_only(_store(slot, "k"))))
+        try:
+            with self._capture_tower_signals(scratch) as result:
+                yield result
+        finally:
+            for handle in handles:
+                handle.remove()
+        total = None
+        for layer_idx, attn in zip(self.score_layers, self._score_attention):
+            q, k = captured[layer_idx]["q"].float(), captured[layer_idx]["k"].float()
+            heads, head_dim = attn.num_heads, attn.head_dim
+            query = q.view(q.shape[0], heads, 1, head_dim)
+            keys = k.view(k.shape[0], k.shape[1], heads, head_dim).transpose(1, 2)
+            logits = (query @ keys.transpose(-1, -2)).squeeze(-2).mul(attn.scale).mean(1)  # [crops, T]
+            total = logits if total is None else total + logits
+        result["cls_logits"] = total
 
     def encode(self, kw: dict[str, Any]) -> Any:
         return self.model.model.get_image_features(
@@ -89,18 +132,22 @@ class PackedLayout:
     lengths: packed tokens per image; regions: per image, the base image, then the crop grid
              (budget "per_image") or each crop's part of it ("per_crop"); or one region of all
              the image's tokens ("pooled"). crops: per image, its tower inputs (base + crops).
+    tiles:   per image, its crop grid (rows, cols): crop c >= 1 is tile divmod(c - 1, cols), in
+             raster order over the padded grid.
     """
 
     def __init__(self, rows: dict[bool, torch.Tensor], lengths: list[int], regions: list[list[Region]],
-                 crops: list[int]):
+                 crops: list[int], tiles: list[tuple[int, int]] | None = None):
         self.rows, self.lengths, self.regions, self.crops = rows, lengths, regions, crops
+        self.tiles = tiles if tiles is not None else [None] * len(crops)
 
     @classmethod
     def of(cls, config, image_sizes, budget: str, device, pack=None) -> "PackedLayout":
         """config: a LlavaNextConfig; image_sizes: [I, 2] (height, width) as a tensor or lists;
         pack: the model's `pack_image_features` (default: transformers', which reads only the
         config)."""
-        from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
+        from transformers.models.llava_next.modeling_llava_next import (LlavaNextModel, get_anyres_image_grid_shape,
+                                                                         image_size_to_num_patches)
 
         if pack is None:
             pack = functools.partial(LlavaNextModel.pack_image_features, types.SimpleNamespace(config=config))
@@ -108,6 +155,9 @@ class PackedLayout:
         side = config.vision_config.image_size // config.vision_config.patch_size
         per_crop = side * side
         crops = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+                 for size in sizes]
+        tiles = [tuple(int(t) for t in get_anyres_image_grid_shape(size, config.image_grid_pinpoints,
+                                                                   config.vision_config.image_size))
                  for size in sizes]
         numbers = [torch.arange(n * per_crop, dtype=torch.float64).view(n, per_crop, 1) for n in crops]
         # host lists as sizes: the function reads them without a tensor conversion
@@ -124,7 +174,7 @@ class PackedLayout:
         rows = {False: np.where(newline, 0, token),
                 True: np.where(newline, 0, token + token // per_crop + 1)}  # each crop's [CLS] first
         return cls({key: torch.from_numpy(value).to(device) for key, value in rows.items()},
-                   [len(t) for t in tokens], regions, crops)
+                   [len(t) for t in tokens], regions, crops, tiles)
 
     def pack(self, per_crop: torch.Tensor, after_cls: bool) -> list[torch.Tensor]:
         """[crops, T, ...] a signal per crop token ([CLS] first when `after_cls`) -> per image
@@ -134,21 +184,22 @@ class PackedLayout:
 
     def images(self, features: list[torch.Tensor], signals: dict[str, torch.Tensor]) -> list[ImageTokens]:
         """features: per image [N_i, D], packed (the model's own packing); signals: per crop,
-        "cls_attention" [crops, T], "keys" [crops, T, Dv] (the tower's, [CLS] first, which the
-        "default" strategy drops), "pre_projection" [crops, T - 1, Dv] and "cls_feature"
+        "cls_attention" / "cls_logits" [crops, T], "keys" [crops, T, Dv] (the tower's, [CLS] first,
+        which the "default" strategy drops), "pre_projection" [crops, T - 1, Dv] and "cls_feature"
         [crops, Dv] -> the images, with their signals in packed order ("cls_feature": per
         image [its crops, Dv], the base image first)."""
         packed = {name: self.pack(value, after_cls=name != "pre_projection") for name, value in signals.items()
-                  if name in ("cls_attention", "keys", "pre_projection")}
+                  if name in ("cls_attention", "cls_logits", "keys", "pre_projection")}
         cls_features = signals["cls_feature"].split(self.crops) if "cls_feature" in signals else None
         images = []
         for i, (feats, regions) in enumerate(zip(features, self.regions)):
             if self.lengths[i] != feats.shape[0]:
                 raise ValueError(f"image {i}: {feats.shape[0]} features but the packed layout has {self.lengths[i]} tokens")
-            image_signals = {name: value[i] if name == "cls_attention" else value[i].to(feats.dtype)
+            image_signals = {name: value[i] if name in ("cls_attention", "cls_logits") else value[i].to(feats.dtype)
                              for name, value in packed.items()}
             context = {"cls_feature": cls_features[i]} if cls_features is not None else {}
-            images.append(ImageTokens(feats, regions, image_signals, context))
+            tiles = self.tiles[i] if self.crops[i] > 1 else None
+            images.append(ImageTokens(feats, regions, image_signals, context, tiles=tiles))
         return images
 
 

@@ -23,7 +23,9 @@ from ..config import COMMON_OPTIONS, Option
 #                    feature layer, before the projector (towers with a [CLS] token only)
 #   "llm_features":  [I, N, D] the tokens in the LLM's space, for methods that reduce the
 #                    tokens before the projector (`uses_pre_projection`) but compare in that space
-SIGNALS = ("cls_attention", "keys", "question", "cls_feature", "llm_features")
+#   "cls_logits":    [I, N] the [CLS] row before the softmax (q . k * scale, heads averaged),
+#                    LLaVA-NeXT (GlobalCom²'s score)
+SIGNALS = ("cls_attention", "keys", "question", "cls_feature", "llm_features", "cls_logits")
 
 
 class Reduction:

@@ -22,7 +22,7 @@ import vlm_prune
 from vlm_prune import tiny
 
 from .test_families import _qwen_attention_received, logits
-from .test_qwen3_vl import assert_rows_are_the_eager_attention
+from .test_qwen3_vl import assert_batch_equals_rows, assert_rows_are_the_eager_attention
 from .test_release_dct import budget_grid, low_pass
 
 SIZES = [(280, 196), (100, 300)]  # 6x9 and 9x3 merged tokens: odd grids
@@ -159,18 +159,8 @@ def test_padded_batch_equals_rows_alone(models, method, options):
     the decoder the in-LLM stages pad the row that keeps fewer tokens, before its real ones)."""
     model, processor = models["qwen3_5"]
     batch = inputs_of(processor)
-    handle = vlm_prune.patch(model, method, 0.3, **options)
-    try:
-        batch_last = logits(model, batch)[:, -1]
-        batch_gen = greedy(model, batch)[:, -5:]
-        kept = [s["kept"] for s in handle.stats]
-        for row in range(2):
-            single = inputs_of(processor, rows=(row,))
-            torch.testing.assert_close(logits(model, single)[0, -1], batch_last[row], rtol=1e-4, atol=1e-5)
-            assert handle.stats[0]["kept"] == kept[row]
-            assert torch.equal(greedy(model, single)[0, -5:], batch_gen[row])
-    finally:
-        handle.remove()
+    assert_batch_equals_rows(model, batch, lambda row: inputs_of(processor, rows=(row,)), method, 0.3, options,
+                             generate=greedy)
 
 
 def test_kept_tokens_keep_the_unpruned_positions(models):

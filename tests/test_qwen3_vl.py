@@ -118,16 +118,22 @@ def test_padded_batch_equals_rows_alone(models, method, options):
     """Two prompts with images of different sizes (different token counts, left padding)."""
     model, processor = models["qwen3_vl"]
     batch = inputs_of(processor)
-    handle = vlm_prune.patch(model, method, 0.3, **options)
+    assert_batch_equals_rows(model, batch, lambda row: inputs_of(processor, rows=(row,)), method, 0.3, options)
+
+
+def assert_batch_equals_rows(model, batch, row_inputs, method, keep, options, generate=greedy):
+    """A padded batch pruned by `method` equals each row alone: last logits, stats and 5 greedy
+    tokens (`generate`). row_inputs(row): the inputs of that row alone."""
+    handle = vlm_prune.patch(model, method, keep, **options)
     try:
         batch_last = logits(model, batch)[:, -1]
-        batch_gen = greedy(model, batch)[:, -5:]
-        kept = [s["kept"] for s in handle.stats]
-        for row in range(2):
-            single = inputs_of(processor, rows=(row,))
+        batch_gen = generate(model, batch)[:, -5:]
+        stats = [dict(s) for s in handle.stats]
+        for row in range(len(stats)):
+            single = row_inputs(row)
             torch.testing.assert_close(logits(model, single)[0, -1], batch_last[row], rtol=1e-4, atol=1e-5)
-            assert handle.stats[0]["kept"] == kept[row]
-            assert torch.equal(greedy(model, single)[0, -5:], batch_gen[row])
+            assert handle.stats[0] == stats[row]
+            assert torch.equal(generate(model, single)[0, -5:], batch_gen[row])
     finally:
         handle.remove()
 

@@ -22,6 +22,7 @@ from vlm_prune.methods.evs import EVS
 from vlm_prune.video_inputs import qwen_video_inputs
 
 from .test_families import greedy, logits
+from .test_qwen3_vl import assert_batch_equals_rows
 from .test_vllm import ROOT, VLLM_PYTHON
 
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
@@ -95,18 +96,8 @@ def test_keep_all_is_identity_and_cache_equals_no_cache(models, family, method, 
 def test_padded_batch_equals_rows_alone(models, family, method, options):
     model, processor = models[family]
     batch = mixed_inputs(family, processor)
-    handle = vlm_prune.patch(model, method, 0.4, **options)
-    try:
-        batch_last = logits(model, batch)[:, -1]
-        batch_gen = greedy(model, batch)[:, -5:]
-        stats = [dict(s) for s in handle.stats]
-        for row in range(2):
-            single = mixed_inputs(family, processor, rows=(row,))
-            torch.testing.assert_close(logits(model, single)[0, -1], batch_last[row], rtol=1e-4, atol=1e-5)
-            assert handle.stats[0] == stats[row]
-            assert torch.equal(greedy(model, single)[0, -5:], batch_gen[row])
-    finally:
-        handle.remove()
+    assert_batch_equals_rows(model, batch, lambda row: mixed_inputs(family, processor, rows=(row,)), method, 0.4,
+                             options)
 
 
 def rope_index(model, inputs):

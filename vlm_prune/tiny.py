@@ -180,6 +180,20 @@ def llava_next(seed: int = 0, dtype: torch.dtype = torch.float32, image_size: in
     return model, processor
 
 
+def _qwen_tokenizer(vocab_size: int):
+    """(tokenizer, the config's placeholder token ids) of the tiny Qwen-VL families."""
+    tok = tokenizer(vocab_size, QWEN_TOKENS)
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in QWEN_TOKENS.items()}
+    return tok, dict(image_token_id=ids["image_token"], video_token_id=ids["video_token"],
+                     vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"])
+
+
+def _mrope_section(rotary_dim: int) -> list[int]:
+    """M-RoPE's (t, h, w) split of a head's rotated dimensions: it must sum to rotary_dim / 2."""
+    quarter = rotary_dim // 2 // 4
+    return [rotary_dim // 2 - 2 * quarter, quarter, quarter]
+
+
 def qwen2_vl(seed: int = 0, dtype: torch.dtype = torch.float32, version: str = "2", vision_depth: int = 2,
              vision_hidden: int = 32, vision_heads: int = 4, vision_intermediate: int | None = None,
              text_hidden: int = 64, text_layers: int = 2, text_heads: int = 4, text_kv_heads: int = 2,
@@ -196,21 +210,17 @@ def qwen2_vl(seed: int = 0, dtype: torch.dtype = torch.float32, version: str = "
 
     from .processors import QwenImageOnlyProcessor
 
-    tok = tokenizer(vocab_size, QWEN_TOKENS)
-    ids = {name: tok.convert_tokens_to_ids(token) for name, token in QWEN_TOKENS.items()}
+    tok, token_ids = _qwen_tokenizer(vocab_size)
     head_dim = text_hidden // text_heads
-    quarter = head_dim // 2 // 4  # mrope_section must sum to head_dim / 2
     text = dict(
         vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=text_intermediate or 2 * text_hidden,
         num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_kv_heads,
         max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                         "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter]},
+                         "mrope_section": _mrope_section(head_dim)},
     )
     vision = dict(depth=vision_depth, num_heads=vision_heads, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2, in_channels=3)
-    token_ids = dict(image_token_id=ids["image_token"], video_token_id=ids["video_token"],
-                     vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"])
     if version == "2":
         vision.update(embed_dim=vision_hidden, hidden_size=text_hidden,
                       mlp_ratio=(vision_intermediate or 2 * vision_hidden) // vision_hidden)
@@ -249,16 +259,14 @@ def qwen3_vl(seed: int = 0, dtype: torch.dtype = torch.float32, moe: bool = Fals
 
     from .processors import Qwen3ImageOnlyProcessor
 
-    tok = tokenizer(vocab_size, QWEN_TOKENS)
-    ids = {name: tok.convert_tokens_to_ids(token) for name, token in QWEN_TOKENS.items()}
+    tok, token_ids = _qwen_tokenizer(vocab_size)
     head_dim = text_hidden // text_heads
-    quarter = head_dim // 2 // 4  # mrope_section must sum to head_dim / 2
     text = dict(
         vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=text_intermediate or 2 * text_hidden,
         num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_kv_heads,
         head_dim=head_dim, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
-                         "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter]},
+                         "mrope_section": _mrope_section(head_dim)},
     )
     if moe:
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=text_hidden, decoder_sparse_step=1)
@@ -266,8 +274,6 @@ def qwen3_vl(seed: int = 0, dtype: torch.dtype = torch.float32, moe: bool = Fals
                   intermediate_size=vision_intermediate or 2 * vision_hidden, out_hidden_size=text_hidden,
                   patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                   num_position_embeddings=64, deepstack_visual_indexes=list(deepstack_layers))
-    token_ids = dict(image_token_id=ids["image_token"], video_token_id=ids["video_token"],
-                     vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"])
     config_cls, cls = ((Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe
                        else (Qwen3VLConfig, Qwen3VLForConditionalGeneration))
     config = config_cls(vision_config=vision, text_config=text, **token_ids)
@@ -319,10 +325,8 @@ def qwen3_5(seed: int = 0, dtype: torch.dtype = torch.float32, moe: bool = False
 
     from .processors import Qwen3ImageOnlyProcessor
 
-    tok = tokenizer(vocab_size, QWEN_TOKENS)
-    ids = {name: tok.convert_tokens_to_ids(token) for name, token in QWEN_TOKENS.items()}
+    tok, token_ids = _qwen_tokenizer(vocab_size)
     rotary = head_dim // 2  # partial_rotary_factor 0.5
-    quarter = rotary // 2 // 4  # mrope_section sums to the rotated dimensions / 2
     text = dict(
         vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=text_intermediate or 2 * text_hidden,
         num_hidden_layers=len(layer_types), layer_types=list(layer_types), num_attention_heads=text_heads,
@@ -330,7 +334,7 @@ def qwen3_5(seed: int = 0, dtype: torch.dtype = torch.float32, moe: bool = False
         linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
         linear_num_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-                         "mrope_interleaved": True, "mrope_section": [rotary // 2 - 2 * quarter, quarter, quarter]},
+                         "mrope_interleaved": True, "mrope_section": _mrope_section(rotary)},
     )
     if moe:
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=text_hidden,
@@ -340,8 +344,6 @@ def qwen3_5(seed: int = 0, dtype: torch.dtype = torch.float32, moe: bool = False
                   intermediate_size=vision_intermediate or 2 * vision_hidden, out_hidden_size=text_hidden,
                   patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                   num_position_embeddings=64)
-    token_ids = dict(image_token_id=ids["image_token"], video_token_id=ids["video_token"],
-                     vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"])
     if moe:
         from transformers import Qwen3_5MoeConfig as config_cls, Qwen3_5MoeForConditionalGeneration as cls
     else:

@@ -19,6 +19,7 @@ from vlm_prune import tiny
 from vlm_prune.methods.cdpruner import CDPruner, greedy_map
 
 from .reference import image_features, reference_logits
+from .test_families import greedy, logits
 
 DEFAULTS = {"relevance": "cosine", "theta": None}
 
@@ -51,7 +52,7 @@ def ref_kernel(tokens: torch.Tensor, r: list[float], cosine: bool = True) -> tor
     return rr[:, None] * s * rr[None, :]
 
 
-def ref_greedy(kernel: torch.Tensor, k: int) -> list[int]:
+def refgreedy(kernel: torch.Tensor, k: int) -> list[int]:
     """Greedy MAP by explicit log-determinants: add argmax_j log det(L[Y+j, Y+j]), first index on ties."""
     chosen: list[int] = []
     for _ in range(k):
@@ -69,7 +70,7 @@ def ref_greedy(kernel: torch.Tensor, k: int) -> list[int]:
 
 
 def ref_select(tokens, question, k, sign=1.0, theta=None, cosine=True) -> list[int]:
-    return ref_greedy(ref_kernel(tokens, ref_relevance(tokens, question, sign, theta), cosine), k)
+    return refgreedy(ref_kernel(tokens, ref_relevance(tokens, question, sign, theta), cosine), k)
 
 
 def run(features, question, k, **options):
@@ -154,7 +155,7 @@ def test_fast_greedy_log_det_equals_slogdet():
     for i in range(2):
         idx = picks[i]
         assert torch.linalg.slogdet(kernel[i].double()[idx][:, idx])[0] > 0
-        assert picks[i].tolist() == ref_greedy(kernel[i].double(), 17)
+        assert picks[i].tolist() == refgreedy(kernel[i].double(), 17)
 
 
 def test_batch_equals_one_by_one():
@@ -206,16 +207,6 @@ def test_options_are_validated():
 
 # -- end to end on tiny models ------------------------------------------------------------------
 
-def _logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def _greedy(model, inputs, **kw):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, **kw)
-
-
 @pytest.fixture(scope="module")
 def models():
     built = {"llava": tiny.llava(seed=1), "qwen2_vl": tiny.qwen2_vl(version="2"), "llava_next": tiny.llava_next()}
@@ -238,12 +229,12 @@ def _inputs_for(family, processor, questions=("How many red circles are in the p
 def test_keep_all_logits_identical_keep_less_changes_them(models, family):
     model, processor = models[family]
     inputs = _inputs_for(family, processor)
-    plain = _logits(model, inputs)
+    plain = logits(model, inputs)
     with vlm_prune.pruned(model, method="cdpruner", keep=1.0):
-        torch.testing.assert_close(_logits(model, inputs), plain, rtol=0, atol=0)
+        torch.testing.assert_close(logits(model, inputs), plain, rtol=0, atol=0)
     handle = vlm_prune.patch(model, "cdpruner", 0.25)
     try:
-        pruned = _logits(model, inputs)
+        pruned = logits(model, inputs)
         assert all(s["kept"] < s["visual_tokens"] for s in handle.stats)
         assert pruned.shape[1] < plain.shape[1]
         assert not torch.allclose(pruned[:, -1], plain[:, -1])
@@ -257,12 +248,12 @@ def test_generate_with_cache_equals_without(models, family):
     inputs = _inputs_for(family, processor)
     handle = vlm_prune.patch(model, "cdpruner", 0.25)
     try:
-        with_cache = _greedy(model, inputs)
+        with_cache = greedy(model, inputs)
         stats = handle.stats
-        assert torch.equal(with_cache, _greedy(model, inputs, use_cache=False))
+        assert torch.equal(with_cache, greedy(model, inputs, use_cache=False))
         assert handle.stats == stats
         first = with_cache[:, inputs["input_ids"].shape[1]]
-        assert torch.equal(first, _logits(model, inputs)[:, -1].argmax(-1))
+        assert torch.equal(first, logits(model, inputs)[:, -1].argmax(-1))
     finally:
         handle.remove()
 
@@ -290,7 +281,7 @@ def test_llava_end_to_end_equals_the_reference(models):
     inputs = _inputs_for("llava", processor)
     handle = vlm_prune.patch(model, "cdpruner", 13)
     try:
-        got = _logits(model, inputs)
+        got = logits(model, inputs)
         kept = [t.tolist() for t in handle.kept_indices]
     finally:
         handle.remove()
@@ -300,7 +291,7 @@ def test_llava_end_to_end_equals_the_reference(models):
     assert kept[0] == slots
     handle = vlm_prune.patch(model, "cdpruner", 13)
     try:
-        alone = _logits(model, one)[0]
+        alone = logits(model, one)[0]
     finally:
         handle.remove()
     expected = reference_logits(model, ids, [tokens[slots]], [slots], "renumber")
@@ -314,7 +305,7 @@ def test_qwen_end_to_end_selection_equals_the_reference(models):
                     text=[tiny.qwen_prompt("How many red circles are in the picture?")], return_tensors="pt")
     handle = vlm_prune.patch(model, "cdpruner", 9)
     try:
-        _logits(model, one)
+        logits(model, one)
         kept = [t.tolist() for t in handle.kept_indices]
     finally:
         handle.remove()
@@ -327,15 +318,15 @@ def test_llava_next_keeps_k_per_crop_and_the_newlines(models):
     model, processor = models["llava_next"]
     inputs = processor(images=[tiny.random_image(280, 196, seed=0)], text=["USER: <image>\nWhat is it? ASSISTANT:"],
                        return_tensors="pt")
-    plain = _logits(model, inputs)
+    plain = logits(model, inputs)
     with vlm_prune.pruned(model, method="cdpruner", keep=1.0):
-        torch.testing.assert_close(_logits(model, inputs), plain, rtol=0, atol=0)
+        torch.testing.assert_close(logits(model, inputs), plain, rtol=0, atol=0)
     kept = {}
     for budget in (None, "per_crop", "per_image", "pooled"):
         handle = vlm_prune.patch(model, "cdpruner", 5, **({"budget": budget} if budget else {}))
         try:
-            with_cache = _greedy(model, inputs)
-            assert torch.equal(with_cache, _greedy(model, inputs, use_cache=False))
+            with_cache = greedy(model, inputs)
+            assert torch.equal(with_cache, greedy(model, inputs, use_cache=False))
             kept[budget] = handle.stats[0]["kept"]
         finally:
             handle.remove()
@@ -353,15 +344,15 @@ def test_qwen_video_and_image_in_one_prompt(models, video_budget):
     clip = [tiny.random_image(112, 84, seed=i) for i in range(4)]
     inputs = qwen_video_inputs(processor, [tiny.qwen_prompt("and then") + VIDEO + "What moves?"], [clip],
                                images=[tiny.random_image(84, 112, seed=7)])
-    plain = _logits(model, inputs)
+    plain = logits(model, inputs)
     with vlm_prune.pruned(model, method="cdpruner", keep=1.0, video_budget=video_budget):
-        torch.testing.assert_close(_logits(model, inputs), plain, rtol=0, atol=0)
+        torch.testing.assert_close(logits(model, inputs), plain, rtol=0, atol=0)
     handle = vlm_prune.patch(model, "cdpruner", 0.3, video_budget=video_budget)
     try:
-        with_cache = _greedy(model, inputs)
+        with_cache = greedy(model, inputs)
         stats = handle.stats[0]
         assert stats["video_kept"] < stats["video_tokens"] and stats["kept"] < stats["visual_tokens"]
-        assert torch.equal(with_cache, _greedy(model, inputs, use_cache=False))
+        assert torch.equal(with_cache, greedy(model, inputs, use_cache=False))
     finally:
         handle.remove()
 
@@ -374,13 +365,13 @@ def test_the_instruction_changes_the_selection(models):
                         return_tensors="pt")
         handle = vlm_prune.patch(model, "cdpruner", 13)
         try:
-            _logits(model, one)
+            logits(model, one)
             chosen.append(handle.kept_indices[0].tolist())
         finally:
             handle.remove()
         handle = vlm_prune.patch(model, "cdpruner", 13, relevance="none")
         try:
-            _logits(model, one)
+            logits(model, one)
             unconditioned = handle.kept_indices[0].tolist()
         finally:
             handle.remove()

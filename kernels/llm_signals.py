@@ -44,12 +44,15 @@ def transition_variation_ref(
 
 
 def attention_from_rows(
-    query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, row_valid: torch.Tensor, scale: float
+    query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, row_valid: torch.Tensor, scale: float,
+    row_group: torch.Tensor | None = None, column_group: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention a few query rows pay every key, averaged over heads and valid rows.
 
     query: [B, H, R, Dh], keys: [B, G, L, Dh] (G key/value heads, H % G == 0; RoPE applied),
     allowed: [B, R, L] bool (causal + padding), row_valid: [B, R] bool.
+    row_group [B, R] / column_group [B, L] (ints, optional): a column's value is the mean over the
+    valid rows of its own group only (VisionDrop: each image's tokens scored by that image's rows).
     Returns [B, L] float32 (0 where no valid row may attend).
     """
     heads, groups = query.shape[1], keys.shape[1]
@@ -57,5 +60,8 @@ def attention_from_rows(
     logits = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scale
     logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(1)  # [B, R, L]
-    weights = row_valid.float()
-    return (probs * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
+    if row_group is None:
+        weights = row_valid.float()
+        return (probs * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
+    weights = ((row_group[:, :, None] == column_group[:, None, :]) & row_valid[..., None]).float()  # [B, R, L]
+    return (probs * weights).sum(1) / weights.sum(1).clamp(min=1.0)

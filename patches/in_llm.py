@@ -118,6 +118,7 @@ class LLMStageEngine(PatchBase):
     prompt = PerCall(None)  # PromptContext of the prefill
     stage_index = PerCall(factory=list)  # per stage: [B, L_s] kept prompt columns, -1 = pad
     stage_padded = PerCall(factory=list)
+    merge_plan = PerCall(factory=list)  # per stage: [(row, target columns, joiner columns, group)]
     _lengths = PerCall(factory=list)  # tokens each decoder layer processes in this prefill
     _key_slots = PerCall(None)  # see _outer_hook
     _sliced = PerCall(None)  # see _per_stage
@@ -135,6 +136,7 @@ class LLMStageEngine(PatchBase):
     _length = PerCall(0)
     _q = PerCall(None)
     _k = PerCall(None)
+    _keys = PerCall(None)  # [B, L', Dh] the scoring layer's keys, for a merging method
     _entered = PerCall(False)  # whether this forward's decoder entered a stage yet (see token_columns)
 
     def __init__(self, model: torch.nn.Module, config: PruneConfig, adapter_cls: type[FamilyAdapter]):
@@ -288,7 +290,7 @@ class LLMStageEngine(PatchBase):
 
     def _start_prefill(self, kw: dict[str, Any], mask: torch.Tensor | None, prompt_end: int | None) -> None:
         """The prompt's facts, and the scores and indices the stages start from."""
-        self.stage_index = []
+        self.stage_index, self.merge_plan = [], []
         self.layer_lengths = self._lengths = []  # published as this call fills it
         is_image = self.image_token_mask(kw)
         counts = is_image.sum(1).tolist()
@@ -359,13 +361,15 @@ class LLMStageEngine(PatchBase):
         """Drops tokens before the stage's first layer; returns the sliced hidden states."""
         if self.phase == Phase.PREFILL:
             start = clock(self.model)
-            new_index = self._select(s)
+            new_index, hidden = self._select(s, hidden)
             self.stage_index.append(new_index)
             self._select_s += clock(self.model) - start
             if s == len(self.stages) - 1:
                 self._finish_prefill(new_index)
-        else:
+        else:  # a replay: the prompt's selection, and its merges on this forward's states
             new_index = _extend(self.stage_index[s], self._length, self.prompt.length)
+            if self.merge_plan and self.merge_plan[s]:
+                hidden = _apply_merges(hidden.clone(), self._index, self.merge_plan[s], self._length)
         self._padded_now = self.stage_padded[s]
         # the sequence's columns: the prompt's at prefill, prompt + generated in a replay
         slots = _slots_of(self._index, new_index, self._length if self.phase == Phase.REPLAY else self.prompt.length)
@@ -373,8 +377,9 @@ class LLMStageEngine(PatchBase):
         self._ttv = _gather(self._ttv, slots, 0.0)
         return _gather(hidden, slots, 0.0)
 
-    def _select(self, s: int) -> torch.Tensor:
-        """[B, L_new] original columns kept at stage s (left-padded with -1)."""
+    def _select(self, s: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, L_new] original columns kept at stage s, left-padded with -1; the hidden states
+        [B, L', D] with the method's merged targets replaced, when it merges)."""
         prompt, index = self.prompt, self._index
         valid = index >= 0
         visual = self._visual_columns()
@@ -384,7 +389,12 @@ class LLMStageEngine(PatchBase):
             signals["attention"] = self._attention
         scores = self.method.score(signals, visual, self.config.options)
         budgets = [self.method.budget(s, self.stages, self.config.keep, n) for n in prompt.image_sizes]
-        chosen = _top_per_image(scores, image_id, budgets)
+        # merged targets per image (0 where the image keeps every token it still has)
+        targets = [self.method.contextual(s, self.stages, b, self.config.options) if b < n else 0
+                   for b, n in zip(budgets, self._present)]
+        chosen = _top_per_image(scores, image_id, [b - t for b, t in zip(budgets, targets)])
+        if any(targets):
+            chosen, hidden = self._merge(hidden, image_id, chosen, targets)
         keep = valid & (~visual | chosen)
         # each row's length after the stage, on the host: minus the tokens its images drop
         kept = [min(k, n) for k, n in zip(budgets, self._present)]
@@ -398,7 +408,31 @@ class LLMStageEngine(PatchBase):
         slot = torch.arange(width, device=index.device).expand_as(columns)
         shift = width - keep.sum(1)[:, None]
         src = (slot - shift).clamp(min=0)
-        return torch.where(slot >= shift, columns.gather(1, src), -1)
+        return torch.where(slot >= shift, columns.gather(1, src), -1), hidden
+
+    def _merge(self, hidden: torch.Tensor, image_id: torch.Tensor, chosen: torch.Tensor,
+               targets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The method's contextual tokens (VisionDrop): per image with targets[g] > 0, the tokens
+        not `chosen` [B, L'] are merged into targets[g] of them (`method.merge` picks them from
+        the scoring layer's keys). Returns (chosen | targets, hidden with the targets' states
+        replaced); the plan, in original columns, is kept for replays. One device read per
+        image: the merge is per image, as released."""
+        hidden, chosen = hidden.clone(), chosen.clone()
+        rows = _row_of_images(self.prompt.visual_per_row, self.prompt.image_sizes)
+        plan = []
+        for image, n_targets in enumerate(targets):
+            if not n_targets:
+                continue
+            row = rows[image]
+            slots = (image_id[row] == image).nonzero().flatten()  # the image's tokens present, in order
+            candidates = (~chosen[row, slots]).nonzero().flatten()
+            picked, joiners, group = self.method.merge(self._keys[row, slots], candidates, n_targets,
+                                                       self.config.options)
+            index = self._index[row]
+            plan.append((row, index[slots[picked]], index[slots[joiners]], group))
+            chosen[row, slots[picked]] = True
+        self.merge_plan.append(plan)
+        return chosen, _apply_merges(hidden, self._index, plan, self.prompt.length)
 
     def _finish_prefill(self, final_index: torch.Tensor) -> None:
         # stats and kept_indices read the device: made when first asked for, not mid-prefill
@@ -651,9 +685,16 @@ class LLMStageEngine(PatchBase):
         batch, length = index.shape
         head_dim = attn.head_dim
         k = attn.k_norm(k.view(batch, length, -1, head_dim)).transpose(1, 2)
+        groups = None
         if self.rows == "last":
             last_slot = (index == prompt.last[:, None]).float().argmax(1)
             row_slots, row_valid = last_slot[:, None], torch.ones(batch, 1, dtype=torch.bool, device=index.device)
+        elif self.rows == "visual":  # each image's own tokens; a column is averaged over its image's rows
+            visual = self._visual_columns()
+            width = max(1, max(_per_row(prompt.visual_per_row, prompt.image_sizes, self._present)))
+            row_slots = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices[:, :width]
+            row_valid = visual.gather(1, row_slots)
+            groups = _gather(prompt.image_id, index, -1)
         else:
             instruction = _gather(prompt.instruction, index, False)
             width = max(1, max(prompt.instruction_per_row))  # instruction tokens are never dropped
@@ -664,6 +705,8 @@ class LLMStageEngine(PatchBase):
         cos_rows, sin_rows = _gather_emb(cos, row_slots), _gather_emb(sin, row_slots)
         q_rows, _ = rotary(q_rows, q_rows, cos_rows, sin_rows)
         k, _ = rotary(k, k, cos, sin)
+        if "keys" in self.method.needs:  # a merging method's similarity metric
+            self._keys = k.mean(1)
         row_cols = index.gather(1, row_slots)
         allowed = (index[:, None, :] <= row_cols[:, :, None]) & (index[:, None, :] >= 0)
         if prompt.mask2d is not None:
@@ -674,7 +717,11 @@ class LLMStageEngine(PatchBase):
             n_cached = cached_k.shape[2]
             k = torch.cat([cached_k.to(k.dtype), k], dim=2)
             allowed = torch.cat([cached_allowed[:, None, :].expand(-1, allowed.shape[1], -1), allowed], dim=2)
-        return attention_from_rows(q_rows, k, allowed, row_valid, attn.scaling)[:, n_cached:]
+        row_group = column_group = None
+        if groups is not None:
+            row_group = groups.gather(1, row_slots)
+            column_group = torch.nn.functional.pad(groups, (n_cached, 0), value=-2)  # cached columns: no image's
+        return attention_from_rows(q_rows, k, allowed, row_valid, attn.scaling, row_group, column_group)[:, n_cached:]
 
     def _cached_keys(self, attn: AttentionParts, kwargs: dict[str, Any], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Continuing a cache: the keys [B, G, K, Dh] (RoPE applied) that the attention layer
@@ -710,6 +757,31 @@ def _prompt_context(is_image: torch.Tensor, mask2d: torch.Tensor | None, visual_
     last = torch.where(real, positions, -1).max(1).values
     return PromptContext(length, is_image, image_id, image_sizes, instruction, real, last, mask2d, visual_per_row,
                          instruction.sum(1).tolist())
+
+
+def _apply_merges(hidden: torch.Tensor, index: torch.Tensor, plan: list, length: int) -> torch.Tensor:
+    """hidden [B, L', D] (modified in place) with each planned target's state = its own + the
+    mean of its joiners' (`merge_states`); the plan's columns are found in `index` [B, L']
+    (columns < `length`)."""
+    from vlm_prune.methods.visionzip import merge_states
+
+    for row, target_cols, joiner_cols, group in plan:
+        slots = _slots_of(index[row:row + 1], torch.cat([target_cols, joiner_cols])[None], length)[0]
+        targets, joiners = slots[: len(target_cols)], slots[len(target_cols):]
+        merged = merge_states(hidden[row:row + 1], targets[None], joiners[None], group[None])[0]
+        hidden[row, targets] = merged.to(hidden.dtype)
+    return hidden
+
+
+def _row_of_images(row_tokens: list[int], image_tokens: list[int]) -> list[int]:
+    """The row of each image, on the host: the images fill the rows' placeholders in order."""
+    rows, row, seen = [], 0, 0
+    for n in image_tokens:
+        while row < len(row_tokens) and seen >= row_tokens[row]:
+            row, seen = row + 1, 0
+        rows.append(row)
+        seen += n
+    return rows
 
 
 def _top_per_image(scores: torch.Tensor, image_id: torch.Tensor, budgets: list[int]) -> torch.Tensor:

@@ -29,6 +29,8 @@ CONFIGS = [
     ("fastv", dict(layer=2)),
     ("fastv", dict(layer=1, query="instruction")),
 ]
+# methods that merge (a kept token's state changes): not a masked copy of the model
+MERGING = [("visiondrop", dict(vision_stage=False))]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def masked_reference(model, inputs, stage_columns, stage_layers, renumber=False)
 # -- contracts -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method, options", CONFIGS)
+@pytest.mark.parametrize("method, options", CONFIGS + MERGING)
 def test_keep_all_gives_identical_logits(llava4, method, options):
     model, processor = llava4
     inputs = llava_inputs(processor, PROMPTS, SIZES)
@@ -136,7 +138,7 @@ def test_prefill_equals_the_model_with_dropped_keys_masked(llava4, method, optio
         torch.testing.assert_close(out[row, valid], reference[row, final[row, valid]], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method, options", CONFIGS)
+@pytest.mark.parametrize("method, options", CONFIGS + MERGING)
 def test_generate_with_cache_equals_without(llava4, method, options):
     model, processor = llava4
     inputs = llava_inputs(processor, PROMPTS, SIZES)
@@ -148,13 +150,15 @@ def test_generate_with_cache_equals_without(llava4, method, options):
     handle.remove()
 
 
-def test_batch_with_left_padding_equals_each_alone(llava4):
+@pytest.mark.parametrize("method, options", [("transition", dict(schedule=[(1, 0.5), (3, None)])),
+                                             ("visiondrop", dict(vision_stage=False, schedule=[(1, 0.5), (3, None)]))])
+def test_batch_with_left_padding_equals_each_alone(llava4, method, options):
     """Rows with different prompt lengths and numbers of images (so different kept counts)."""
     model, processor = llava4
     prompts = [PROMPTS[0], "USER: <image> <image>\nCompare the two pictures. ASSISTANT:"]
     per_row = [[(140, 100)], [(90, 120), (60, 60)]]
     batch = llava_inputs(processor, prompts, [s for row in per_row for s in row])
-    handle = vlm_prune.patch(model, "transition", 5, schedule=[(1, 0.5), (3, None)])
+    handle = vlm_prune.patch(model, method, 5, **options)
     batch_last = logits(model, batch)[:, -1]
     batch_gen = greedy(model, batch)[:, -5:]
     assert [s["kept"] for s in handle.stats] == [5, 10]
@@ -168,7 +172,8 @@ def test_batch_with_left_padding_equals_each_alone(llava4):
 
 
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
-@pytest.mark.parametrize("method, options", [("transition", {}), ("fastv", {"layer": 1})])
+@pytest.mark.parametrize("method, options", [("transition", {}), ("fastv", {"layer": 1}),
+                                             ("visiondrop", {"vision_stage": False})])
 def test_families(families, family, method, options):
     model, processor = families[family]
     inputs = family_inputs(family, processor)
@@ -220,6 +225,32 @@ def test_attention_rows_equal_eager_attention(llava4, query):
             rows = [j for j in range(last_image + 1, ids.shape[1]) if real[j]]
         expected = attn[row, rows].mean(0)
         torch.testing.assert_close(signal[row], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_visual_rows_score_each_image_by_its_own_rows(llava4):
+    """VisionDrop's rows: an image's columns averaged over that image's own rows (two images in
+    one row), the same numbers as the eager attention map of the scoring layer (the next one)."""
+    model, processor = llava4
+    prompts = [PROMPTS[0], "USER: <image> <image>\nCompare the two pictures. ASSISTANT:"]
+    inputs = llava_inputs(processor, prompts, [(140, 100), (90, 120), (60, 60)])
+    attentions = _eager_attentions(model, inputs)
+    handle = vlm_prune.patch(model, "visiondrop", 8, vision_stage=False, schedule=[(2, None)])
+    logits(model, inputs)
+    signal = handle._patch._attention  # layer 3 (1-indexed) on layer 2's output, nothing dropped yet
+    handle.remove()
+    attn = attentions[2].mean(1)
+    is_image = inputs["input_ids"] == model.config.image_token_id
+    spans = 0
+    for row in range(2):
+        columns = is_image[row].nonzero().flatten().tolist()
+        runs = [[columns[0]]]
+        for c in columns[1:]:
+            runs[-1].append(c) if c == runs[-1][-1] + 1 else runs.append([c])
+        for span in runs:
+            expected = attn[row][span][:, span].mean(0)
+            torch.testing.assert_close(signal[row, span], expected, rtol=1e-4, atol=1e-6)
+            spans += 1
+    assert spans == 3
 
 
 def _hand_ttv(model, inputs, layer_1_indexed, direction, domain="visual"):

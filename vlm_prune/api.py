@@ -80,13 +80,15 @@ def patch(model: torch.nn.Module, method: str, keep: Any = None, **options: Any)
     if is_pipeline(method):
         config = pipeline_config(method, keep, **options)
         if len(config.stages) == 1:  # one stage: that method alone
-            config = config.stages[0]
+            config = _preset(config.stages[0])
+        else:
+            _refuse_presets_inside(config)
     elif "stage_options" in options:
         raise ValueError(f"stage_options applies to pipelines ('a+b'); method={method!r} is one method")
     else:
         if keep is None:
             raise TypeError(f"patch() needs keep= for method {method!r}")
-        config = PruneConfig.from_kwargs(method, keep, **options)
+        config = _preset(PruneConfig.from_kwargs(method, keep, **options))
     adapter = get_family(model)  # an unsupported model fails here
     family_patch = _engine(model, config, adapter) if isinstance(config, PruneConfig) else _pipeline(model, config,
                                                                                                       adapter)
@@ -97,6 +99,22 @@ def patch(model: torch.nn.Module, method: str, keep: Any = None, **options: Any)
     family_patch.install()
     setattr(model, _HANDLE_ATTR, handle)
     return handle
+
+
+def _preset(config: PruneConfig) -> Any:
+    """A method whose release runs several stages (VisionDrop: VisionZip, then its LLM stages)
+    patched alone: the pipeline of those stages; any other method: its config unchanged."""
+    from .pipeline_config import PipelineConfig
+
+    stages = getattr(get_method(config.method)(), "preset", lambda _: None)(config)
+    return config if stages is None else PipelineConfig(tuple(stages))
+
+
+def _refuse_presets_inside(config: Any) -> None:
+    for stage in config.stages:
+        if stage.options.get("vision_stage"):
+            raise ValueError(f"{stage.method}: vision_stage=True applies when it is patched alone; in a pipeline "
+                             "the stage before it is the vision stage (drop the option)")
 
 
 def _engine(model: torch.nn.Module, config: PruneConfig, adapter: Any) -> Any:

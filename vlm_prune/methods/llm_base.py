@@ -5,10 +5,15 @@ A method declares its stages -- after which decoder layers tokens are dropped an
 (vlm_prune.patches.in_llm) gathers while the prefill runs:
   "transition": [B, L] token transition variation accumulated over the method's window;
   "attention":  [B, L] attention the method's query rows pay each token, averaged over heads
-                and rows (rows: the instruction, or the last token), computed on the sequence
+                and rows (rows: the instruction, the last token, or "visual": each image's own
+                tokens, a column averaged over its image's rows), computed on the sequence
                 the stage prunes: by the last layer before the stage (`attention_layer` "own",
                 FastV) or by the stage's first layer applied to that sequence ("next",
                 TransPrune's release).
+  "keys":       [B, L, Dh] the scoring layer's keys (RoPE applied), averaged over key heads
+                (methods that merge: `contextual`).
+A method may also merge: at a stage, `contextual(...)` of an image's kept tokens are not
+selected by score but are targets that absorb the tokens dropped around them (`merge`).
 The engine also asks a method which tokens each TTV softmax runs over (`transition_domain`),
 which position ids the layers after a stage use (`position_policies`, `default_positions`) and
 how many tokens each stage keeps (`budget`).
@@ -129,6 +134,17 @@ class LLMMethod(Method):
 
     def score(self, signals: Mapping[str, torch.Tensor], visual: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
         """signals [B, L] -> scores [B, L] (only visual positions are read; higher = keep)."""
+        raise NotImplementedError
+
+    def contextual(self, s: int, stages: list[Stage], budget: int, options: Mapping[str, Any]) -> int:
+        """Of an image's `budget` tokens at stage s, how many are merged targets (0: selection only)."""
+        return 0
+
+    def merge(self, keys: torch.Tensor, candidates: torch.Tensor, n_targets: int,
+              options: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One image's contextual tokens: keys [N, Dk] of its tokens present, candidates [R]
+        (slots of those not kept by score, increasing). Returns (targets [C], joiners [J] slots,
+        group [J] in 0..C-1): each target's state becomes its own + the mean of its joiners'."""
         raise NotImplementedError
 
 

@@ -24,6 +24,10 @@ for (a contextual token: its target). This is the `layout` option's "raster"; "r
 layout above, "auto" (default) picks "release" under renumbered positions and "raster" under
 original ones. Towers without [CLS] (Qwen-VL) get D dominant patches.
 
+Option `contextual`: an int = that many contextual tokens, a float = that share of k (rounded),
+instead of round(k * 10 / 64) -- the release's `--contextual` argument (VisionDrop's release runs
+VisionZip's stage with 42 + 6: `contextual=0.125` of 48).
+
 Edge cases: fewer candidates than C (the release leaves R // C == 0 undefined: step 1 and
 only R targets) gives C = R; a budget of all the tokens keeps them all unchanged (keep=1.0
 changes nothing).
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import Option
 from ..registry import register_method
 from .base import Reduction, VisionMethod, keep_top_k, layout_option, resolve_layout
 
@@ -48,29 +53,65 @@ def contextual_count(k: int) -> int:
     return min(k - 1, round(k * CONTEXTUAL_OF_64 / 64)) if k > 1 else 0
 
 
+def _check_contextual(name, value):
+    from ..config import is_number
+
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if is_number(value) and not isinstance(value, int) and 0.0 <= value < 1.0:
+        return float(value)
+    raise ValueError(f"{name}={value!r} must be None, an int >= 0 (tokens) or a fraction in [0, 1) of the budget")
+
+
+def _contextual_of(k: int, option) -> int:
+    """Contextual tokens of a budget of k under the `contextual` option (never all k)."""
+    if option is None:
+        return contextual_count(k)
+    count = option if isinstance(option, int) else int(k * option + 0.5)
+    return min(max(k - 1, 0), count)
+
+
 def merge_into_targets(features: torch.Tensor, keys: torch.Tensor, rest: torch.Tensor, n_targets: int):
     """The contextual tokens of the candidates `rest` [I, R] (raster order).
 
     features: [I, N, D]; keys: [I, N, Dk] (heads averaged). Targets are rest[:, ::step][:, :n_targets]
     with step = max(1, R // n_targets). Returns (contextual [I, C, D] float32, targets [I, C])."""
-    n_images, n_rest = rest.shape
+    picks, others, group = assign_to_targets(keys, rest, n_targets)
+    return merge_states(features, rest[:, picks], rest[:, others], group), rest[:, picks]
+
+
+def assign_to_targets(keys: torch.Tensor, rest: torch.Tensor, n_targets: int):
+    """Which candidates are targets and which target each other one joins.
+
+    keys: [I, N, Dk]; rest: [I, R] candidate slots. Returns (picks [C], others [R - C]: positions
+    in `rest`, the same for every image; group [I, R - C]: the target (0..C-1) each other joins)."""
+    n_rest = rest.shape[1]
     step = max(1, n_rest // n_targets)
     picks = torch.arange(0, n_rest, step, device=rest.device)[:n_targets]
-    n_targets = picks.numel()
-    targets = rest[:, picks]
-    dim = features.shape[-1]
-    rest_feats = features.gather(1, rest[..., None].expand(-1, -1, dim)).float()
     unit = keys.gather(1, rest[..., None].expand(-1, -1, keys.shape[-1])).float()
     unit = unit / unit.norm(dim=-1, keepdim=True)  # the release divides by the norm (no epsilon)
-    others = torch.ones(n_rest, dtype=torch.bool, device=rest.device)
-    others[picks] = False
+    is_other = torch.ones(n_rest, dtype=torch.bool, device=rest.device)
+    is_other[picks] = False
+    others = is_other.nonzero().flatten()
     similarity = unit[:, others] @ unit[:, picks].transpose(1, 2)  # [I, R - C, C]
-    group = similarity.argmax(-1)  # first maximum on ties
+    return picks, others, similarity.argmax(-1)  # first maximum on ties
+
+
+def merge_states(features: torch.Tensor, targets: torch.Tensor, joiners: torch.Tensor, group: torch.Tensor):
+    """Each target's feature + the mean of the features that joined it (the target alone when none
+    did). features [I, N, D]; targets [I, C], joiners [I, J] slots; group [I, J] in 0..C-1.
+    Returns [I, C, D] float32."""
+    n_images, dim = features.shape[0], features.shape[-1]
+    n_targets = targets.shape[1]
+    joined = features.gather(1, joiners[..., None].expand(-1, -1, dim)).float()
     sums = torch.zeros(n_images, n_targets, dim, device=features.device).scatter_add_(
-        1, group[..., None].expand(-1, -1, dim), rest_feats[:, others])
+        1, group[..., None].expand(-1, -1, dim), joined)
     counts = torch.zeros(n_images, n_targets, device=features.device).scatter_add_(
         1, group, torch.ones_like(group, dtype=torch.float32))
-    return rest_feats[:, picks] + sums / counts.clamp(min=1)[..., None], targets
+    own = features.gather(1, targets[..., None].expand(-1, -1, dim)).float()
+    return own + sums / counts.clamp(min=1)[..., None]
 
 
 @register_method
@@ -84,6 +125,8 @@ class VisionZip(VisionMethod):
     release = "github dvlab-research/VisionZip @ 3151f6d, visionzip/utils.py + clip_encoder.py"
     options = {
         "layout": layout_option("[CLS], dominant (raster), contextual (target order)"),
+        "contextual": Option(None, _check_contextual,
+                             "contextual tokens per image (crop): an int, or a share of the budget; None = round(keep * 10 / 64), the release's 10 of 64"),
     }
 
     def resolve_options(self, options, positions):
@@ -97,7 +140,7 @@ class VisionZip(VisionMethod):
             return Reduction(features, index)
         release = options["layout"] == "release"
         cls = signals.get("cls_feature") if release else None  # [I, D]
-        n_context = contextual_count(k)
+        n_context = _contextual_of(k, options.get("contextual"))
         n_context = min(n_context, n_tokens - (k - n_context))  # never more targets than candidates
         n_dominant = k - n_context - (cls is not None)  # patches, the [CLS] token not counted
         dominant = keep_top_k(signals["cls_attention"], n_dominant)  # [I, D'] raster order

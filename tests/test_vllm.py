@@ -89,7 +89,8 @@ def same_tokens(vllm_tokens, hf_tokens, eos=2):
     return vllm_tokens == hf_tokens
 
 
-@pytest.mark.parametrize("method, keep, options", [("cls_attention", 16, {}), ("dct", 16, {}), ("visionzip", 16, {})])
+@pytest.mark.parametrize("method, keep, options", [("cls_attention", 16, {}), ("dct", 16, {}), ("visionzip", 16, {}),
+                                                   ("fopru", 16, {})])
 def test_vllm_equals_transformers_token_for_token(model_dir, method, keep, options):
     got = run_vllm(model_dir, {"vlm_prune": {"method": method, "keep": keep, **options}})
     expected = hf_generate(model_dir, method, keep, **options)

@@ -5,10 +5,14 @@
     model.generate(**inputs)
     handle.stats            # [{"visual_tokens": 576, "kept": 64}, ...]
     vlm_prune.unpatch(model)
+
+    model = vlm_prune.from_pretrained("./pruned")      # patched as config.json's vlm_prune block says
+    vlm_prune.save_pretrained(model, "./pruned", processor)   # writes that block (docs/loading.md)
 """
 
 from .api import PruneHandle, get_handle, patch, pruned, unpatch
 from .config import PruneConfig
+from .loading import from_pretrained, save_pretrained
 from .registry import available_methods, supported_model_types
 
 __version__ = "0.1.0"
@@ -17,9 +21,11 @@ __all__ = [
     "PruneConfig",
     "PruneHandle",
     "available_methods",
+    "from_pretrained",
     "get_handle",
     "patch",
     "pruned",
+    "save_pretrained",
     "supported_model_types",
     "unpatch",
 ]

@@ -75,20 +75,7 @@ def patch(model: torch.nn.Module, method: str, keep: Any = None, **options: Any)
     `vlm_prune.pipeline_config`). Patching an already patched model replaces its configuration.
     On any error the model is left exactly as it was.
     """
-    from .pipeline_config import is_pipeline, pipeline_config
-
-    if is_pipeline(method):
-        config = pipeline_config(method, keep, **options)
-        if len(config.stages) == 1:  # one stage: that method alone
-            config = _preset(config.stages[0])
-        else:
-            _refuse_presets_inside(config)
-    elif "stage_options" in options:
-        raise ValueError(f"stage_options applies to pipelines ('a+b'); method={method!r} is one method")
-    else:
-        if keep is None:
-            raise TypeError(f"patch() needs keep= for method {method!r}")
-        config = _preset(PruneConfig.from_kwargs(method, keep, **options))
+    config = make_config(method, keep, **options)
     adapter = get_family(model)  # an unsupported model fails here
     family_patch = _engine(model, config, adapter) if isinstance(config, PruneConfig) else _pipeline(model, config,
                                                                                                       adapter)
@@ -99,6 +86,24 @@ def patch(model: torch.nn.Module, method: str, keep: Any = None, **options: Any)
     family_patch.install()
     setattr(model, _HANDLE_ATTR, handle)
     return handle
+
+
+def make_config(method: str, keep: Any = None, **options: Any) -> Any:
+    """The validated configuration `patch` applies (a PruneConfig, or a PipelineConfig), from its
+    arguments alone: every check that needs no model (the same errors as `patch`)."""
+    from .pipeline_config import is_pipeline, pipeline_config
+
+    if is_pipeline(method):
+        config = pipeline_config(method, keep, **options)
+        if len(config.stages) == 1:  # one stage: that method alone
+            return _preset(config.stages[0])
+        _refuse_presets_inside(config)
+        return config
+    if "stage_options" in options:
+        raise ValueError(f"stage_options applies to pipelines ('a+b'); method={method!r} is one method")
+    if keep is None:
+        raise TypeError(f"patch() needs keep= for method {method!r}")
+    return _preset(PruneConfig.from_kwargs(method, keep, **options))
 
 
 def _preset(config: PruneConfig) -> Any:

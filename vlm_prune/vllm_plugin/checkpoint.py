@@ -48,12 +48,16 @@ _VIDEO_PROCESSORS = {
 
 
 def save_for_vllm(model, processor, path: str | Path) -> Path:
-    """save_pretrained(model and processor) in the layout vLLM 0.32 loads (and transformers too)."""
+    """save_pretrained(model and processor) in the layout vLLM 0.32 loads (and transformers too).
+
+    processor=None saves the model alone (vLLM then needs the processor's files saved beside it,
+    and on Qwen the video processor config this function writes from the processor)."""
     path = Path(path)
     model.save_pretrained(path)
-    processor.save_pretrained(path)
+    if processor is not None:
+        processor.save_pretrained(path)
     model_type = model.config.model_type
-    if model_type in _VIDEO_PROCESSORS:
+    if model_type in _VIDEO_PROCESSORS and processor is not None:
         write_video_processor_config(processor, path, _VIDEO_PROCESSORS[model_type])
     if model_type == "qwen3_vl_moe":
         _rewrite_shards(path, _transpose_fused_experts)

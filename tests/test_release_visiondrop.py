@@ -28,7 +28,7 @@ import vlm_prune
 from vlm_prune import tiny
 from vlm_prune.methods.visiondrop import VisionDrop
 
-from .test_release_transprune import LLAVA_PROMPT, QUESTION, _embedded, _rotate, sharpen
+from .test_release_transprune import LLAVA_PROMPT, QUESTION, _embedded, _rotate, llava4, qwen4  # noqa: F401 (fixtures)
 
 
 def _counts(n_image: int, keep: int) -> list[tuple[int, int]]:
@@ -95,20 +95,6 @@ def release_reference(model, inputs, keep, renumber=True):
             n_now = n_keep
         logits = model.lm_head(lm.norm(hidden))
     return columns[start:start + n_now] - start, logits
-
-
-@pytest.fixture(scope="module")
-def llava4():
-    model, processor = tiny.llava(text_layers=4, seed=3)
-    sharpen(model)
-    return model, processor
-
-
-@pytest.fixture(scope="module")
-def qwen4():
-    model, processor = tiny.qwen2_vl(text_layers=4, seed=3)
-    sharpen(model)
-    return model, processor
 
 
 def _patched(model, inputs, keep, **options):

@@ -148,6 +148,17 @@ class LLMMethod(Method):
         raise NotImplementedError
 
 
+def scaled_stages(layers_of_32: tuple[int, ...], keeps: list, n_layers: int, method: str) -> list[Stage]:
+    """A release's stages on a 32-layer decoder, scaled to `n_layers`: layer l -> round(l * depth
+    / 32) clamped to [1, depth - 1]; stages landing on one layer merge into the later one."""
+    if n_layers < 2:
+        raise ValueError(f"{method} needs a decoder of at least 2 layers, this one has {n_layers}")
+    stages: dict[int, Any] = {}
+    for layer, keep in zip(layers_of_32, keeps):
+        stages[min(n_layers - 1, max(1, round(layer * n_layers / 32)))] = keep  # a later stage wins
+    return [Stage(layer, keep) for layer, keep in stages.items()]
+
+
 def floor_budget(keep: int | float, n_tokens: int) -> int:
     """int(n_tokens * keep) for a fraction (at least 1, as released progressive schedules
     count a stage's share), `keep` itself (clamped to the tokens there are) for an int."""

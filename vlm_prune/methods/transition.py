@@ -75,7 +75,7 @@ from __future__ import annotations
 
 from ..config import Option, choice, tokens_to_keep
 from ..registry import register_method
-from .llm_base import LLMMethod, Stage, check_schedule, floor_budget, normalise, resolve_stages
+from .llm_base import LLMMethod, check_schedule, floor_budget, normalise, resolve_stages, scaled_stages
 
 RELEASED_LAYERS_OF_32 = (7, 9, 12)
 RELEASED_KEEP = (0.875, 0.625)  # the last stage keeps `keep` (released: 0.125)
@@ -87,11 +87,6 @@ def _check_alpha(name, value):
     if not is_number(value) or not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name}={value!r} must be a number in [0, 1]")
     return float(value)
-
-
-def scaled_layers(depth: int) -> list[int]:
-    layers = [min(depth - 1, max(1, round(layer * depth / 32))) for layer in RELEASED_LAYERS_OF_32]
-    return layers
 
 
 @register_method
@@ -115,15 +110,10 @@ class Transition(LLMMethod):
     }
 
     def stages(self, options, keep, n_layers):
-        if n_layers < 2:
-            raise ValueError(f"transition needs a decoder of at least 2 layers, this one has {n_layers}")
         if options["schedule"] is not None:
+            scaled_stages((), [], n_layers, self.name)  # the depth check
             return resolve_stages(options["schedule"], keep, n_layers, "schedule")
-        keeps = list(RELEASED_KEEP) + [keep]
-        stages: dict[int, int | float] = {}
-        for layer, stage_keep in zip(scaled_layers(n_layers), keeps):
-            stages[layer] = stage_keep  # a later stage on the same layer wins
-        return [Stage(layer, k) for layer, k in stages.items()]
+        return scaled_stages(RELEASED_LAYERS_OF_32, list(RELEASED_KEEP) + [keep], n_layers, self.name)
 
     def transition_layers(self, options, stages):
         return set(range(stages[0].after_layer, stages[-1].after_layer + 1))

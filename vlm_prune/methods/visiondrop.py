@@ -62,7 +62,7 @@ import torch
 
 from ..config import Option, PruneConfig, is_number
 from ..registry import register_method
-from .llm_base import LLMMethod, Stage, check_schedule, floor_budget, resolve_stages
+from .llm_base import LLMMethod, check_schedule, floor_budget, resolve_stages, scaled_stages
 from .visionzip import assign_to_targets
 
 RELEASED_LAYERS_OF_32 = (8, 16, 24)
@@ -111,15 +111,11 @@ class VisionDrop(LLMMethod):
     }
 
     def stages(self, options, keep, n_layers):
-        if n_layers < 2:
-            raise ValueError(f"visiondrop needs a decoder of at least 2 layers, this one has {n_layers}")
         if options["schedule"] is not None:
+            scaled_stages((), [], n_layers, self.name)  # the depth check
             return resolve_stages(options["schedule"], keep, n_layers, "schedule")
         keeps = [Fraction(n, ENTERING) for n in RELEASED_COUNTS[:-1]] + [keep]
-        stages: dict[int, object] = {}
-        for layer, stage_keep in zip(RELEASED_LAYERS_OF_32, keeps):
-            stages[min(n_layers - 1, max(1, round(layer * n_layers / 32)))] = stage_keep  # a later stage wins
-        return [Stage(layer, k) for layer, k in stages.items()]
+        return scaled_stages(RELEASED_LAYERS_OF_32, keeps, n_layers, self.name)
 
     def attention_layer(self, options):
         return "next"

@@ -32,6 +32,26 @@ QWEN_TOKENS = {
     "video_token": "<|video_pad|>",
 }
 
+# The tiny Qwen models' chat template: Qwen-VL's format without a default system prompt (one user
+# message with an image and a question gives exactly `qwen_prompt`'s slot inside
+# "<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n", the eval harness's Qwen prompt).
+# Set on the tokenizer and the processor, so save_pretrained writes chat_template.jinja and an
+# OpenAI-compatible vLLM server can answer chat completions; the <|im_*|> markers are plain
+# BPE text here (no token is added, no id changes).
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] in ['image', 'image_url'] -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] in ['video', 'video_url'] -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
 
 def tokenizer(vocab_size: int = 320, named_tokens: dict[str, str] | None = None):
     """A byte-level BPE tokenizer trained in memory, with <pad>=0, <s>=1, </s>=2 and the named
@@ -181,8 +201,9 @@ def llava_next(seed: int = 0, dtype: torch.dtype = torch.float32, image_size: in
 
 
 def _qwen_tokenizer(vocab_size: int):
-    """(tokenizer, the config's placeholder token ids) of the tiny Qwen-VL families."""
+    """(tokenizer with `QWEN_CHAT_TEMPLATE`, the config's placeholder token ids) of the tiny Qwen-VL families."""
     tok = tokenizer(vocab_size, QWEN_TOKENS)
+    tok.chat_template = QWEN_CHAT_TEMPLATE
     ids = {name: tok.convert_tokens_to_ids(token) for name, token in QWEN_TOKENS.items()}
     return tok, dict(image_token_id=ids["image_token"], video_token_id=ids["video_token"],
                      vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"])
@@ -236,7 +257,7 @@ def qwen2_vl(seed: int = 0, dtype: torch.dtype = torch.float32, version: str = "
     model = cls(config).to(dtype).eval()
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
                                                merge_size=2, temporal_patch_size=2)
-    return model, QwenImageOnlyProcessor(image_processor, tok)
+    return model, QwenImageOnlyProcessor(image_processor, tok, chat_template=QWEN_CHAT_TEMPLATE)
 
 
 def qwen3_vl(seed: int = 0, dtype: torch.dtype = torch.float32, moe: bool = False, vision_depth: int = 3,
@@ -282,7 +303,7 @@ def qwen3_vl(seed: int = 0, dtype: torch.dtype = torch.float32, moe: bool = Fals
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=16,
                                                merge_size=2, temporal_patch_size=2,
                                                image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    return model, Qwen3ImageOnlyProcessor(image_processor, tok)
+    return model, Qwen3ImageOnlyProcessor(image_processor, tok, chat_template=QWEN_CHAT_TEMPLATE)
 
 
 def qwen_prompt(question: str, n_images: int = 1) -> str:
@@ -354,4 +375,4 @@ def qwen3_5(seed: int = 0, dtype: torch.dtype = torch.float32, moe: bool = False
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=16,
                                                merge_size=2, temporal_patch_size=2,
                                                image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    return model, Qwen3ImageOnlyProcessor(image_processor, tok)
+    return model, Qwen3ImageOnlyProcessor(image_processor, tok, chat_template=QWEN_CHAT_TEMPLATE)

@@ -1,6 +1,6 @@
 """vLLM plugin: visual token pruning in a vLLM server with one flag.
 
-    python -m vllm.entrypoints.openai.api_server --model ./llava-1.5-7b-hf \\
+    vllm serve ./llava-1.5-7b-hf \\
         --hf-overrides '{"vlm_prune": {"method": "cls_attention", "keep": 64}}'
 
 `register()` is the `vllm.general_plugins` entry point; vLLM calls it in every process (API

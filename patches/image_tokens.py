@@ -3,12 +3,20 @@
 `reduce_image_tokens` runs a method over the regions of every image of a prefill and says what
 each image passes on to the LLM. It is shared by the transformers patches (`base`) and the vLLM
 plugin, and imports no model code: the families describe their images as `ImageTokens`.
+
+`reduce_in_stages` runs a pipeline's vision stages one after the other: each later stage reduces
+the tokens the stage before it passed on (`later_stage_images`: their features, merged ones
+included, and the tower's signals at the slot each token occupies -- the original token it
+stands for), and the outcome says what each image passes on in the terms of its original
+tokens (`ReducedImages.kept` over them), so the engine compacts the prompt once, as for one
+method. `passed_on_count_in_stages` is what it passes on, known before the image is seen (vLLM).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -144,6 +152,10 @@ class ReducedImages:
     source_keep: torch.Tensor | None = None
     _tokens: list[torch.Tensor] | None = None  # with `source`: each image's [N_i, D] tokens
     streams: list[torch.Tensor] = field(default_factory=list)
+    # `reduce_in_stages`: per stage, how many tokens of each image it passed on (host ints), and
+    # the seconds each stage took (when it was given a clock)
+    stage_counts: list[list[int]] = field(default_factory=list)
+    stage_s: list[float] = field(default_factory=list)
 
     @property
     def features(self) -> list[torch.Tensor]:
@@ -260,6 +272,173 @@ def _reduced_per_image(method, config: PruneConfig, images: list[ImageTokens]) -
         followed = [[images[i].streams[s][region.slots][red.index[0]]] for [(i, region)], _, red in reductions]
         reduced.streams.append(_gathered_stream(images, whole, reduced, reductions, followed, s))
     return reduced
+
+
+@dataclass(frozen=True)
+class VisionStage:
+    """One vision-stage method of a pipeline, as `reduce_in_stages` runs it: the method, the
+    config its `reduce` runs with ("auto" options resolved) and its budget policy."""
+
+    method: Any
+    config: PruneConfig
+    budget: str = "per_image"
+
+
+def reduce_in_stages(stages: Sequence[VisionStage], images: Sequence[list[ImageTokens]], project=None,
+                     clock: Callable[[], float] | None = None) -> ReducedImages:
+    """Runs the vision stages of a pipeline on every image: the first as `reduce_image_tokens`
+    does, each later one on what the one before passed on (`later_stage_images`). One stage is
+    exactly `reduce_image_tokens`.
+
+    images: per stage, the images as that stage's family description gives them (the same
+    tokens; regions after the stage's budget policy, signals after its method's needs); one list
+    may serve every stage. project: as for `reduce_image_tokens`, first stage only (a later
+    stage gets the tokens passed on, in the LLM's space). clock: host seconds, to time each stage
+    (`ReducedImages.stage_s`).
+
+    Returns what each image passes on after the last stage, over its ORIGINAL tokens: `kept`
+    [N_i] flags the slots the final tokens occupy (each stands for the original token of its
+    slot), `features` the final tokens, `streams` the images' other token streams reduced by
+    every stage in turn; `stage_counts` the tokens each stage passed on per image."""
+    first = stages[0]
+    start = clock() if clock is not None else 0.0
+    reduced = reduce_image_tokens(first.method, first.config, images[0], first.budget, project)
+    stage_counts, seconds = [list(reduced.counts)], []
+    for stage, described in zip(stages[1:], images[1:]):
+        if clock is not None:
+            now = clock()
+            seconds.append(now - start)
+            start = now
+        slots = [torch.nonzero_static(keep, size=n).flatten() for keep, n in zip(reduced.kept, reduced.counts)]
+        later = reduce_image_tokens(stage.method, stage.config, later_stage_images(described, reduced, slots),
+                                    stage.budget)
+        reduced = _composed(reduced, slots, later)
+        stage_counts.append(list(reduced.counts))
+    if clock is not None:
+        seconds.append(clock() - start)
+    reduced.stage_counts, reduced.stage_s = stage_counts, seconds
+    return reduced
+
+
+def later_stage_images(images: list[ImageTokens], reduced: ReducedImages,
+                       slots: list[torch.Tensor] | None = None) -> list[ImageTokens]:
+    """The images as a later stage of a pipeline gets them: the tokens `reduced` passed on.
+
+    images: the images as the later stage's description gives them (all their original tokens,
+    its regions and signals); slots: per image [K_i] the original slot each passed-on token
+    occupies (increasing; made from `reduced.kept` when not given). Each image's features are
+    the tokens passed on ([K_i, D], merged ones as merged), its per-token signals the tower's at
+    those slots, its other token streams the reduced ones; its per-image context is unchanged.
+    Each region becomes the passed-on tokens whose slots lie in it, as one 1 x n row (no grid: a
+    later stage works on any subset), keeping its crop; a region none of them lies in is left
+    out, and tokens in no region still pass on untouched. The "pre_projection" signal is left
+    out: a later stage reduces the tokens in the LLM's space, where the merged ones are.
+
+    Where every image is one region over all its tokens (LLaVA-1.5, a Qwen image), nothing is
+    read from the device; otherwise the regions' sizes are read, once for all images."""
+    if slots is None:
+        slots = [torch.nonzero_static(keep, size=n).flatten() for keep, n in zip(reduced.kept, reduced.counts)]
+    features = reduced.features
+    streams = [stream.split(reduced.counts) for stream in reduced.streams]
+    members: list[list[tuple[Region, torch.Tensor]]] = []  # per image: (region, [K_i] bool of its tokens in it)
+    for img, s in zip(images, slots):
+        n = img.features.shape[0]
+        if len(img.regions) == 1 and img.regions[0].covers(n):
+            members.append([(img.regions[0], None)])
+            continue
+        inside = []
+        for region in img.regions:
+            flags = torch.zeros(n, dtype=torch.bool, device=s.device)
+            flags[region.slots.to(s.device)] = True
+            inside.append((region, flags.index_select(0, s)))
+        members.append(inside)
+    flagged = [flags for inside in members for _, flags in inside if flags is not None]
+    sizes = iter(torch.stack([flags.sum() for flags in flagged]).tolist() if flagged else [])
+    out = []
+    for i, (img, s, inside) in enumerate(zip(images, slots, members)):
+        k, device = reduced.counts[i], features[i].device
+        regions = []
+        for region, flags in inside:
+            if flags is None:  # the whole image: all the tokens passed on
+                size, positions = k, None
+            else:
+                size = next(sizes)
+                positions = torch.nonzero_static(flags, size=size).flatten()
+            if size == 0:
+                continue
+            if positions is None:
+                regions.append(Region.span(0, size, (1, size), device, crop=region.crop))
+            else:
+                regions.append(Region(positions.to(device), (1, size), crop=region.crop))
+        signals = {name: value.index_select(0, s.to(value.device)) for name, value in img.signals.items()
+                   if name != "pre_projection"}
+        out.append(ImageTokens(features[i], regions, signals, dict(img.context),
+                               [stream[i] for stream in streams], budget=img.budget, video=img.video))
+    return out
+
+
+def _composed(earlier: ReducedImages, slots: list[torch.Tensor], later: ReducedImages) -> ReducedImages:
+    """A later stage's reduction (over the tokens `earlier` passed on, which occupy `slots`) in
+    the terms of the images' original tokens: the slots of the tokens it passed on flagged."""
+    kept = []
+    for flags, s, keep, n in zip(earlier.kept, slots, later.kept, later.counts):
+        out = torch.zeros_like(flags)
+        out[s.index_select(0, torch.nonzero_static(keep, size=n).flatten())] = True
+        kept.append(out)
+    return ReducedImages(kept, list(later.counts), later.features, streams=later.streams)
+
+
+def passed_on_count_in_stages(stages: Sequence[VisionStage], regions: Sequence[list[Region]], n_tokens: int,
+                              budgets: Sequence[str | None] | None = None) -> int | None:
+    """How many of an image's n_tokens `reduce_in_stages` passes on, known before the image is
+    seen (vLLM reserves the placeholders first); None when that depends on the image.
+
+    regions: per stage, the image's regions as that stage's description gives them; budgets: per
+    stage, the budget policy it applies to them (None: the stage's own, `VisionStage.budget`).
+    Known when each method's `output_count` is, and each later stage's regions hold a known
+    number of the tokens passed on: every group of tokens an earlier stage reduced lies wholly
+    inside or wholly outside each of them (a region that splits such a group gets a number that
+    depends on which tokens were kept). One stage: `passed_on_count`."""
+    # what has passed on so far: groups of (original slots, how many of them pass on)
+    groups: list[tuple[frozenset[int], int]] = [(frozenset(range(n_tokens)), n_tokens)]
+    for s, stage in enumerate(stages):
+        budget = (budgets[s] if budgets is not None else None) or stage.budget
+        covered: set[int] = set()
+        sizes, region_slots = [], []
+        for region in regions[s]:
+            slots = frozenset(range(region.start, region.start + region.size) if region.start is not None
+                              else region.slots.tolist())
+            size = 0
+            for group, count in groups:
+                part = group & slots
+                if not part:
+                    continue
+                if part == group:
+                    size += count
+                elif count == len(group):  # a group passed on whole: any part of it is known
+                    size += len(part)
+                else:
+                    return None
+            sizes.append(size)
+            region_slots.append(slots)
+            covered |= slots
+        kept_groups = []
+        for group, count in groups:  # tokens in no region pass on as they are
+            rest = group - covered
+            if rest == group:
+                kept_groups.append((group, count))
+            elif rest:
+                if count != len(group):
+                    return None
+                kept_groups.append((rest, len(rest)))
+        given = list(regions[s]) if s == 0 else [Region.span(0, n, (1, n)) for n in sizes]
+        for region, slots, k in zip(given, region_slots, region_budgets(stage.config, given, budget)):
+            count = stage.method.output_count(k, region.grid, stage.config.options) if k > 0 else 0
+            if count is None:
+                return None
+            kept_groups.append((slots, count))
+        groups = kept_groups
+    return sum(count for _, count in groups)
 
 
 def follow_reduction(method, config: PruneConfig, reduction, feats: torch.Tensor, stream: torch.Tensor,

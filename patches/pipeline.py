@@ -1,9 +1,14 @@
-"""A pipeline: a vision-stage method, then an in-LLM method, on one model instance.
+"""A pipeline: one or more vision-stage methods, then at most one in-LLM method, on one model instance.
 
     vlm_prune.patch(model, "visionzip+transition", keep=(192, 64))
+    vlm_prune.patch(model, "cls_attention+divprune", keep=(192, 64))
+    vlm_prune.patch(model, "cls_attention:288+divprune:144+fastv:64:layer=1")
 
-The vision-stage engine reduces each image before the LLM runs (the sequence is compacted); the
-in-LLM engine then sees that compacted sequence as its prompt and drops more of the image tokens
+`build` makes the patch of a `PipelineConfig`: ONE vision-stage engine runs every vision stage
+(each image reduced by the first, each later stage on what the one before passed on; the
+sequence is compacted once, see `patches.vision_stage`); a pipeline of vision stages only is that
+engine alone. With an in-LLM stage, `PipelinePatch` chains it after the vision-stage engine: the
+in-LLM engine sees the compacted sequence as its prompt and drops more of the image tokens
 inside the decoder. What the two share, and why:
 
 - hook order: the vision engine's pre-hook of the inner model runs first (installed first), so
@@ -27,14 +32,37 @@ from typing import Any
 
 import torch
 
+from vlm_prune.registry import get_method
+
 from .in_llm import LLMStageEngine
 from .vision_stage import VisionStageEngine
 
 
+def build(model: torch.nn.Module, config: Any, adapter_cls: Any) -> Any:
+    """The patch of pipeline `config` (a `vlm_prune.pipeline_config.PipelineConfig`) on `model`:
+    one `VisionStageEngine` running all its vision stages, chained with its in-LLM stage's
+    `LLMStageEngine` in a `PipelinePatch` when it has one. Validates as the engines do (nothing
+    is installed here)."""
+    vision = [stage for stage in config.stages if get_method(stage.method).stage == "vision"]
+    llm = [stage for stage in config.stages if get_method(stage.method).stage != "vision"]
+    if len(llm) > 1 or (llm and config.stages[-1] is not llm[0]):
+        raise ValueError(f"method={config.method!r}: a pipeline is one or more vision-stage methods, then at most "
+                         "one in-LLM method")
+    if not vision:
+        return LLMStageEngine(model, llm[0], adapter_cls)
+    engine = VisionStageEngine(model, vision[0] if len(vision) == 1 else vision, adapter_cls)
+    return engine if not llm else PipelinePatch(engine, LLMStageEngine(model, llm[0], adapter_cls))
+
+
 class PipelinePatch:
-    """Two engines installed as one patch; the handle reads the outcome through this object."""
+    """The vision-stage engine (all the vision stages) and the in-LLM engine installed as one
+    patch; the handle reads the outcome through this object."""
 
     def __init__(self, vision: VisionStageEngine, llm: LLMStageEngine):
+        if not isinstance(llm, LLMStageEngine):
+            raise TypeError("PipelinePatch chains a vision-stage engine and an in-LLM engine; a pipeline of several "
+                            "vision stages is one VisionStageEngine: build pipelines with "
+                            "vlm_prune.patches.pipeline.build(model, config, adapter_cls)")
         self.vision, self.llm = vision, llm
         vision.downstream, llm.upstream = llm, vision
         llm.cache_attr = vision.cache_attr + "_llm_stage"
@@ -54,7 +82,8 @@ class PipelinePatch:
     @property
     def stats(self) -> list[dict[str, int]]:
         """Per row: visual_tokens (before the pipeline), kept (after its last stage), and each
-        stage's counts: after_vision (what reached the LLM), video tokens where present."""
+        stage's counts: after_vision (what reached the LLM), kept_per_stage (what each stage
+        passed on, the vision stages' then the in-LLM one's), video tokens where present."""
         first, last = self.vision.stats, self.llm.stats
         out = []
         for row, before in enumerate(first):
@@ -64,13 +93,15 @@ class PipelinePatch:
             if row < len(last) and last[row]["visual_tokens"]:
                 # the in-LLM stage counts the image tokens it saw; video tokens pass it
                 entry["kept"] = kept_vision - last[row]["visual_tokens"] + last[row]["kept"]
+            vision = entry.pop("kept_per_stage", (kept_vision,))
+            entry["kept_per_stage"] = (*vision, entry["kept"])
             out.append(entry)
         return out
 
     @property
     def kept_indices(self) -> list[torch.Tensor]:
-        """Per image: the visual tokens the vision stage passed on (indices into the image's
-        tokens; for merging methods, what each output token stands for)."""
+        """Per image: the visual tokens the vision stages passed on to the LLM (indices into the
+        image's original tokens; for merging methods, the slot each output token occupies)."""
         return self.vision.kept_indices
 
     @property

@@ -23,6 +23,16 @@ turns a method's reductions into a shorter sequence and keeps decode consistent 
   `ImageTokens.streams`) are reduced with the tokens and handed to the adapter with the
   columns of the kept visual tokens (`FamilyAdapter.reduced_inputs`), in prefills and replays.
 
+Several vision stages (a pipeline "cls_attention+divprune"): one engine runs them all, each
+image reduced by the first stage, then each later stage on what the one before passed on
+(`image_tokens.reduce_in_stages`); the prompt is compacted once, to the last stage's tokens.
+Every stage has an adapter of its own (its method's signals, its budget policy's regions); the
+first stage's adapter is the engine's (`self.adapter`: hooks, positions, embeddings), the others
+only capture and describe during the tower's run, each with a scratch dict of its own. The
+stages share one position policy; a stage another vision stage follows orders its tokens by the
+slot each stands for (its options resolved as under positions="original"), since the next stage
+reads the tower's signals at those slots.
+
 The vision tower runs inside the instance's wrapped `get_image_features`, whether the hook calls
 it or generate() does before the first forward (transformers >= 5.2x); the wrapper records the
 method's signals while the tower runs. State lives on this object (one per patched model
@@ -32,11 +42,12 @@ call lives in the call's scratch dict.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -49,7 +60,7 @@ from vlm_prune.sequence import Compaction
 from vlm_prune.timing import clock
 
 from .adapters.base import FamilyAdapter, Plan
-from .image_tokens import ImageTokens, ReducedImages, _cat, reduce_image_tokens
+from .image_tokens import ImageTokens, ReducedImages, VisionStage, _cat, reduce_image_tokens, reduce_in_stages
 from .model_hooks import (PatchBase, PerCall, _is_prepared, _padding_mask, _per_row, _prompt_columns, kw_batch, kw_device, kw_length,
                           with_fields)
 
@@ -114,6 +125,7 @@ class VisionStageEngine(PatchBase):
     _input_compaction = PerCall(None)  # of the last prefill's own tokens (labels)
     _image_outputs = PerCall(None)  # see _return_image_outputs
     _scratch = PerCall(factory=dict)  # what the adapter keeps between its hooks (grid sizes read before the tower...)
+    _later_scratch = PerCall(factory=dict)  # the later vision stages' adapters' scratch dicts, by stage
     # per kind ("image", "video"): the wrapped encoder's last output, its per-item tensors
     # then, and their description
     _last_encoded = PerCall(factory=dict)
@@ -121,34 +133,44 @@ class VisionStageEngine(PatchBase):
     # in a pipeline: [B, L'] the image columns of the forward this engine compacted, for the next stage
     visual_columns = PerCall(None)
 
-    def __init__(self, model: torch.nn.Module, config: PruneConfig, adapter_cls: type[FamilyAdapter]):
-        method_cls = get_method(config.method)
-        if method_cls.stage != "vision":
-            raise ValueError(
-                f"method {config.method!r} prunes inside the LLM (stage {method_cls.stage!r}); "
-                "the vision-stage engine runs vision-stage methods"
-            )
-        # a method written for some families only names their model_types in `families`
-        families = getattr(method_cls, "families", None)
-        if families is not None and not set(adapter_cls.model_types) & set(families):
-            raise ValueError(
-                f"method {config.method!r} runs on {', '.join(families)} models only; {type(model).__name__} "
-                f"(model_type {getattr(model.config, 'model_type', None)!r}) is not one"
-            )
+    def __init__(self, model: torch.nn.Module, config: PruneConfig | Sequence[PruneConfig],
+                 adapter_cls: type[FamilyAdapter]):
+        """config: one vision-stage method's, or the vision stages of a pipeline, in order."""
+        configs = (config,) if isinstance(config, PruneConfig) else tuple(config)
+        classes = [get_method(c.method) for c in configs]
+        for c, method_cls in zip(configs, classes):
+            if method_cls.stage != "vision":
+                raise ValueError(
+                    f"method {c.method!r} prunes inside the LLM (stage {method_cls.stage!r}); "
+                    "the vision-stage engine runs vision-stage methods"
+                )
+            # a method written for some families only names their model_types in `families`
+            families = getattr(method_cls, "families", None)
+            if families is not None and not set(adapter_cls.model_types) & set(families):
+                raise ValueError(
+                    f"method {c.method!r} runs on {', '.join(families)} models only; {type(model).__name__} "
+                    f"(model_type {getattr(model.config, 'model_type', None)!r}) is not one"
+                )
+        if len(configs) > 1:
+            from vlm_prune.pipeline_config import PipelineConfig
+
+            config = PipelineConfig(configs)  # checks that each later stage can reduce a subset
         super().__init__(model, config)
-        self.method = method_cls()
-        allowed = adapter_cls.allowed_positions(self.method)
-        release = self.method.release_positions
-        self.positions = config.positions or (release if release in allowed else adapter_cls.default_positions)
-        if self.positions not in allowed:
-            raise ValueError(
-                f"positions={self.positions!r} is not supported on {type(model).__name__} with method "
-                f"{config.method!r}; allowed: {list(allowed)}"
-            )
-        self.budget = config.budget or self.method.default_budget
-        # the options `reduce` runs with: "auto" values resolved for this position policy
-        self.run_config = dataclasses.replace(config, options=self.method.resolve_options(config.options, self.positions))
-        self.adapter = adapter_cls(model, Plan(self.method, config, self.run_config, self.positions, self.budget))
+        methods = [method_cls() for method_cls in classes]
+        self.positions = _shared_positions(configs, methods, adapter_cls, model, config.method)
+        self.stages: list[_Stage] = []
+        for i, (c, method) in enumerate(zip(configs, methods)):
+            budget = c.budget or method.default_budget
+            # the options `reduce` runs with: "auto" values resolved for this position policy; a
+            # stage another vision stage follows keeps each token at the slot it stands for
+            order = self.positions if i == len(configs) - 1 else "original"
+            run_config = dataclasses.replace(c, options=method.resolve_options(c.options, order))
+            adapter = adapter_cls(model, Plan(method, c, run_config, self.positions, budget))
+            self.stages.append(_Stage(method, c, run_config, budget, adapter))
+        first = self.stages[0]
+        self.method, self.run_config, self.budget, self.adapter = first.method, first.run_config, first.budget, \
+            first.adapter
+        self._backend = configs[0].backend
         self._kept_slots: list[torch.Tensor] | None = None
         self._video_id = self.adapter.video_token_id()  # None: videos pass through unpruned
         self.downstream = None  # a pipeline's in-LLM stage, which gets this engine's compacted forwards
@@ -228,19 +250,29 @@ class VisionStageEngine(PatchBase):
             return original(*args, **kwargs)
         call = signature.bind_partial(*args, **kwargs).arguments
         call.update(call.pop("kwargs", {}))
-        self.adapter.before_tower(call, self._scratch)
+        scratches = [self._scratch_of(i) for i in range(len(self.stages))]
+        for stage, scratch in zip(self.stages, scratches):
+            stage.adapter.before_tower(call, scratch)
         self._encoding_video = kind == "video"
         try:
-            with self.adapter.capture_signals(self._scratch) as signals:
+            with contextlib.ExitStack() as stack:  # every stage's signals, from the one run of the tower
+                signals = [stack.enter_context(stage.adapter.capture_signals(scratch))
+                           for stage, scratch in zip(self.stages, scratches)]
                 out = original(*args, **kwargs)
         finally:
             self._encoding_video = False
         # a caller's return_dict=False gives a tuple, which no forward of the model consumes
         features = encoded_features(out)
         if features is not None:
-            describe = self.adapter.describe_videos if kind == "video" else self.adapter.describe_images
-            self._last_encoded[kind] = (out, features, describe(out, call, signals, self._scratch))
+            self._last_encoded[kind] = (out, features, [
+                _describer(stage.adapter, kind)(out, call, found, scratch)
+                for stage, found, scratch in zip(self.stages, signals, scratches)])
         return out
+
+    def _scratch_of(self, stage: int) -> dict[str, Any]:
+        """The scratch dict of a stage's adapter in the current call (the first stage's is the
+        engine's own)."""
+        return self._scratch if stage == 0 else self._later_scratch.setdefault(stage, {})
 
     # -- which placeholders: images, and videos where the family prunes them ----------------
 
@@ -356,38 +388,43 @@ class VisionStageEngine(PatchBase):
                   if getattr(output, f"{kind}_outputs", out) is None}
         return with_fields(output, **fields) if fields else None
 
-    def _images(self, kw: dict[str, Any], is_image: torch.Tensor) -> list[ImageTokens]:
-        """The forward's images and pruned videos as `ImageTokens`, in placeholder order."""
+    def _images(self, kw: dict[str, Any], is_image: torch.Tensor) -> list[list[ImageTokens]]:
+        """The forward's images and pruned videos as `ImageTokens`, in placeholder order: per
+        vision stage, as that stage's adapter describes them (one list for one method)."""
         self._image_outputs = {}  # returned with the forward's output
         recorded, self._last_encoded = self._last_encoded, {}
-        images = self._encoded(kw, "image", recorded.get("image")) if super()._has_image_inputs(kw) else []
-        videos = self._encoded(kw, "video", recorded.get("video")) if self._has_videos(kw) else []
-        if not (images and videos):
-            return images or videos
+        none = [[] for _ in self.stages]
+        images = self._encoded(kw, "image", recorded.get("image")) if super()._has_image_inputs(kw) else none
+        videos = self._encoded(kw, "video", recorded.get("video")) if self._has_videos(kw) else none
+        if not (images[0] and videos[0]):
+            return images if images[0] else videos
         # both: the items in the order their placeholders come (a device read, mixed prompts only)
         is_video = self.token_mask(kw, self._video_id)[is_image].tolist()
-        return _in_placeholder_order(images, videos, is_video)
+        return [_in_placeholder_order(i, v, is_video) for i, v in zip(images, videos)]
 
-    def _encoded(self, kw: dict[str, Any], kind: str, last: tuple | None) -> list[ImageTokens]:
-        """The forward's images (kind "image") or videos described; last: what the wrapped
-        encoder recorded of that kind before the forward (generate() encodes first), if anything."""
+    def _encoded(self, kw: dict[str, Any], kind: str, last: tuple | None) -> list[list[ImageTokens]]:
+        """The forward's images (kind "image") or videos described, per vision stage; last: what
+        the wrapped encoder recorded of that kind before the forward (generate() encodes first),
+        if anything."""
         out = pre_encoded(kw, kind)
         if out is None:
             out = self.adapter.encode_videos(kw) if kind == "video" else self.adapter.encode(kw)
             last = self._last_encoded.pop(kind, None)
         self._image_outputs[kind] = out
-        items = _recorded_images(last, out) if last is not None else None
-        if items is None:  # encoded before the patch: no signals were recorded
-            describe = self.adapter.describe_videos if kind == "video" else self.adapter.describe_images
-            items = describe(out, kw, {}, self._scratch)
-        missing = self.method.needs - self.method.optional_needs - set(items[0].signals if items else ()) - {"question"}
-        if missing:
-            pixels = "pixel_values_videos" if kind == "video" else "pixel_values"
-            raise ValueError(
-                f"method {self.config.method!r} needs {sorted(missing)} from the vision tower, but the "
-                f"{kind} features were computed before vlm_prune.patch; pass {pixels} instead"
-            )
-        return items
+        described = _recorded_images(last, out) if last is not None else None
+        if described is None:  # encoded before the patch: no signals were recorded
+            described = [_describer(stage.adapter, kind)(out, kw, {}, self._scratch_of(i))
+                         for i, stage in enumerate(self.stages)]
+        for stage, items in zip(self.stages, described):
+            method = stage.method
+            missing = method.needs - method.optional_needs - set(items[0].signals if items else ()) - {"question"}
+            if missing:
+                pixels = "pixel_values_videos" if kind == "video" else "pixel_values"
+                raise ValueError(
+                    f"method {stage.config.method!r} needs {sorted(missing)} from the vision tower, but the "
+                    f"{kind} features were computed before vlm_prune.patch; pass {pixels} instead"
+                )
+        return described
 
     def _prefill(self, kw: dict[str, Any], earlier: CachedPart | None = None,
                  prompt_end: int | None = None) -> dict[str, Any] | None:
@@ -403,10 +440,12 @@ class VisionStageEngine(PatchBase):
         counts = is_image.sum(1).tolist()
         if not self._has_image_inputs(kw) or not any(counts) or self._malformed(kw, sum(counts)):
             return self._unpruned(counts, is_image.shape[1])
-        self._scratch["signal_s"] = 0.0
-        # before the tower: what reads the device here (Qwen's M-RoPE index) then waits for
-        # nothing, and everything after the tower is queued without a single device read
-        self.adapter.prepare(kw, self._scratch)
+        scratches = [self._scratch_of(i) for i in range(len(self.stages))]
+        for stage, scratch in zip(self.stages, scratches):
+            scratch["signal_s"] = 0.0
+            # before the tower: what reads the device here (Qwen's M-RoPE index) then waits for
+            # nothing, and everything after the tower is queued without a single device read
+            stage.adapter.prepare(kw, scratch)
         given = kw.get("position_ids")
         positions_start = clock(self.model)
         if earlier is not None:  # numbered after the cached part, as the unpruned model would
@@ -417,14 +456,15 @@ class VisionStageEngine(PatchBase):
             base = self.adapter.base_positions(kw, is_image.shape[1], self._scratch)
         positions_s = clock(self.model) - positions_start
         vision_start = clock(self.model)
-        images = self._images(kw, is_image)
+        described = self._images(kw, is_image)  # per vision stage
+        images = described[0]
         vision_s = clock(self.model) - vision_start
-        if "question" in self.method.needs:
-            self._add_question(kw, is_image, images, prompt_end)
+        if any("question" in stage.method.needs for stage in self.stages):
+            self._add_question(kw, is_image, described, prompt_end)
         if sum(img.features.shape[0] for img in images) != sum(counts):
             # malformed input (placeholders and images disagree): the model raises its own error
             return self._unpruned(counts, is_image.shape[1])
-        reduced = self._reduce(images)
+        reduced = self._reduce(described)
         row_kept = _per_row(counts, [img.features.shape[0] for img in images], reduced.counts)
         row_len = [is_image.shape[1] - n + k for n, k in zip(counts, row_kept)]
         mask = kw.get("attention_mask")
@@ -440,7 +480,7 @@ class VisionStageEngine(PatchBase):
         out = compact_prompt(
             is_image, kept_visual, features, row_len, left_padded, self.adapter.embedding(), kw.get("input_ids"),
             kw.get("inputs_embeds"), self.pad_token_id, base, self.positions == "renumber", mask, need_mask,
-            features_per_placeholder=reduced.source is not None, backend=self.config.backend)
+            features_per_placeholder=reduced.source is not None, backend=self._backend)
         self._input_compaction = out.compaction
         if earlier is None:
             # the kept tokens are read again only by the replays of generate(use_cache=False); held
@@ -459,17 +499,23 @@ class VisionStageEngine(PatchBase):
         n_layers = self._text_layers
         self.layer_lengths = [new_kw["inputs_embeds"].shape[1]] * n_layers
         self.stats = [{"visual_tokens": int(n), "kept": int(k)} for n, k in zip(counts, row_kept)]
+        sizes = [img.features.shape[0] for img in images]
+        if len(self.stages) > 1:  # what each vision stage passed on
+            per_stage = [_per_row(counts, sizes, stage_counts) for stage_counts in reduced.stage_counts]
+            for row, kept in zip(self.stats, zip(*per_stage)):
+                row["kept_per_stage"] = tuple(int(k) for k in kept)
         if any(img.video for img in images):  # of which video tokens
-            sizes = [img.features.shape[0] for img in images]
             video_tokens = _per_row(counts, sizes, [n if img.video else 0 for n, img in zip(sizes, images)])
             video_kept = _per_row(counts, sizes, [k if img.video else 0 for k, img in zip(reduced.counts, images)])
             for row, n, k in zip(self.stats, video_tokens, video_kept):
                 row.update(video_tokens=int(n), video_kept=int(k))
         total = clock(self.model) - start
         # the scoring hooks run inside the tower's forward: their time belongs to selection
-        signal_s = self._scratch.get("signal_s", 0.0)
+        signal_s = sum(scratch.get("signal_s", 0.0) for scratch in scratches)
         self.timings = {"vision_s": vision_s - signal_s, "select_s": total - vision_s + signal_s,
                         "positions_s": positions_s}
+        for i, seconds in enumerate(reduced.stage_s, 1):  # of select_s: each vision stage's reduction
+            self.timings[f"stage{i}_s"] = seconds
         return new_kw
 
     def _unpruned(self, counts: list[int], length: int) -> None:
@@ -491,11 +537,11 @@ class VisionStageEngine(PatchBase):
         (None: checked after it)."""
         return None
 
-    def _add_question(self, kw: dict[str, Any], is_image: torch.Tensor, images: list[ImageTokens],
+    def _add_question(self, kw: dict[str, Any], is_image: torch.Tensor, described: list[list[ImageTokens]],
                       prompt_end: int | None) -> None:
-        """context["question"] per image: the mean input embedding of its row's instruction
-        (the text after the row's last image; all of the row's text if nothing follows), read
-        before `prompt_end` (see PatchBase._prompt_end)."""
+        """context["question"] per image (of each stage's description): the mean input embedding
+        of its row's instruction (the text after the row's last image; all of the row's text if
+        nothing follows), read before `prompt_end` (see PatchBase._prompt_end)."""
         embeds = self.adapter.embedding()(kw["input_ids"]) if kw.get("input_ids") is not None else kw["inputs_embeds"]
         positions, last_image, real = _prompt_columns(is_image, kw.get("attention_mask"), prompt_end)
         text = real & ~is_image
@@ -504,12 +550,17 @@ class VisionStageEngine(PatchBase):
         question = (embeds.float() * instruction[..., None]).sum(1) / instruction.sum(1, keepdim=True).clamp(min=1)
         rows = is_image.nonzero()[:, 0]  # row of every placeholder slot, in placeholder order
         start = 0
-        for image in images:
-            image.context["question"] = question[rows[start]]
-            start += image.features.shape[0]
+        for items in zip(*described):  # one image as each stage describes it
+            for image in items:
+                image.context["question"] = question[rows[start]]
+            start += items[0].features.shape[0]
 
-    def _reduce(self, images: list[ImageTokens]) -> ReducedImages:
-        return reduce_image_tokens(self.method, self.run_config, images, self.budget, self.adapter.project)
+    def _reduce(self, described: list[list[ImageTokens]]) -> ReducedImages:
+        """The prefill's reduction: one method's, or every vision stage's in turn."""
+        if len(self.stages) == 1:
+            return reduce_image_tokens(self.method, self.run_config, described[0], self.budget, self.adapter.project)
+        stages = [VisionStage(stage.method, stage.run_config, stage.budget) for stage in self.stages]
+        return reduce_in_stages(stages, described, self.adapter.project, clock=lambda: clock(self.model))
 
     def _apply(self, kw: dict[str, Any], state: PromptState, is_image: torch.Tensor) -> dict[str, Any]:
         """The language model's inputs for the whole sequence (prompt + tokens generated so far)."""
@@ -616,6 +667,45 @@ class VisionStageEngine(PatchBase):
         return new_kw
 
 
+@dataclass(frozen=True)
+class _Stage:
+    """One vision stage of the engine: its method, the user's config and the one `reduce` runs
+    with, its budget policy, and the adapter that captures and describes for it."""
+
+    method: Any
+    config: PruneConfig
+    run_config: PruneConfig
+    budget: str
+    adapter: FamilyAdapter
+
+
+def _shared_positions(configs: Sequence[PruneConfig], methods: list[Any], adapter_cls: type[FamilyAdapter],
+                      model: torch.nn.Module, name: str) -> str:
+    """The one position policy of the engine's vision stages: the one given (all stages that
+    name one must name the same), else the first release policy the family allows for every
+    stage, else the family's default; ValueError when some stage cannot keep it."""
+    allowed = [p for p in adapter_cls.allowed_positions(methods[0])
+               if all(p in adapter_cls.allowed_positions(m) for m in methods[1:])]
+    given = list(dict.fromkeys(c.positions for c in configs if c.positions is not None))
+    if len(given) > 1:
+        raise ValueError(f"positions: the vision stages of {name!r} share one position policy; got {given}")
+    if given:
+        positions = given[0]
+    else:
+        releases = [m.release_positions for m in methods if m.release_positions is not None]
+        positions = next((p for p in releases if p in allowed), adapter_cls.default_positions)
+    if positions not in allowed:
+        raise ValueError(
+            f"positions={positions!r} is not supported on {type(model).__name__} with method "
+            f"{name!r}; allowed: {allowed}"
+        )
+    return positions
+
+
+def _describer(adapter: FamilyAdapter, kind: str):
+    return adapter.describe_videos if kind == "video" else adapter.describe_images
+
+
 def _in_placeholder_order(images: list[ImageTokens], videos: list[ImageTokens],
                           is_video: list[bool]) -> list[ImageTokens]:
     """Images and videos merged in the order of their placeholders; is_video: per placeholder
@@ -630,19 +720,21 @@ def _in_placeholder_order(images: list[ImageTokens], videos: list[ImageTokens],
     return ordered
 
 
-def _recorded_images(last: tuple, given: Any) -> list[ImageTokens] | None:
-    """The description the encoder wrapper recorded, for the encoder output a forward received;
-    None when that output is not the recorded one.
+def _recorded_images(last: tuple, given: Any) -> list[list[ImageTokens]] | None:
+    """The descriptions (one per vision stage) the encoder wrapper recorded, for the encoder
+    output a forward received; None when that output is not the recorded one.
 
     generate() with num_beams / num_return_sequences > 1 repeats each prompt's images in the
     recorded output itself (its per-image list is replaced by one with the same tensors
-    repeated), so the description is re-read in that list's order."""
-    recorded, entries, images = last
+    repeated), so the descriptions are re-read in that list's order."""
+    recorded, entries, described = last
     if not _same_encoding(recorded, given):
         return None
-    described = {id(tensor): image for tensor, image in zip(entries, images)}
-    current = [described.get(id(tensor)) for tensor in encoded_features(recorded)]
-    return None if None in current else current
+    position = {id(tensor): i for i, tensor in enumerate(entries)}
+    order = [position.get(id(tensor)) for tensor in encoded_features(recorded)]
+    if None in order:
+        return None
+    return [[images[i] for i in order] for images in described]
 
 
 def _same_encoding(recorded: Any, given: Any) -> bool:

@@ -1,5 +1,5 @@
 """Pipelines: a vision-stage method, then an in-LLM method (`"cls_attention+fastv"`,
-keep=(k1, k2)), on one model instance.
+keep=(k1, k2)), on one model instance (several vision stages: tests/test_vision_pipeline.py).
 
 The reference is built another way: the vision stage alone gives the kept image features; the
 in-LLM method alone then runs on a prompt that holds only those (its image placeholders cut to
@@ -158,8 +158,9 @@ def test_the_string_form_and_option_routing():
 
 
 @pytest.mark.parametrize("method, keep, options, message", [
-    ("fastv+cls_attention", (16, 64), {}, "a vision-stage method then an in-LLM method"),
-    ("cls_attention+pool", (64, 16), {}, "a vision-stage method then an in-LLM method"),
+    ("fastv+cls_attention", (16, 64), {}, "one or more vision-stage methods, then at most one in-LLM method"),
+    ("cls_attention+fastv+transition", (64, 16, 8), {}, "then at most one in-LLM method"),
+    ("cls_attention+pool", (64, 16), {}, "'pool' can only be the first vision stage"),
     ("cls_attention+fastv", 64, {}, "takes one keep per stage"),
     ("cls_attention+fastv", (64,), {}, "takes one keep per stage"),
     ("cls_attention:64+fastv", None, {}, r"no keep for stage\(s\) \['fastv'\]"),
@@ -211,11 +212,11 @@ def test_the_string_form_where_configurations_are_read(capsys):
 
     config = parse_config("cls_attention:0.5+fastv:0.25:layer=1,query=instruction")
     assert config.keep is None and config.name == "cls_attention_0.5_fastv_0.25_layer=1,query=instruction"
-    with pytest.raises(ValueError, match="then an in-LLM method"):
+    with pytest.raises(ValueError, match="then at most one in-LLM method"):
         parse_config("fastv:0.5+pool:0.25")
     with pytest.raises(SystemExit):
         cli.main(["bench", "--method", "fastv:0.5+pool:0.25"])
-    assert "a pipeline is a vision-stage method then an in-LLM method" in capsys.readouterr().err
+    assert "a pipeline is one or more vision-stage methods, then at most one in-LLM method" in capsys.readouterr().err
     assert cli.main(["bench", "--shape", "tiny", "--method", "cls_attention:0.25+fastv:0.5:layer=1",
                      "--repeats", "1", "--out", ""]) == 0
     report = capsys.readouterr().out

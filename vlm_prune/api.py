@@ -70,9 +70,9 @@ def patch(model: torch.nn.Module, method: str, keep: Any = None, **options: Any)
 
     keep: int = visual tokens kept per image (keep=1 keeps one); float in (0, 1] = fraction kept
     (keep=1.0 keeps all). options: `positions`, `backend` and the method's own options.
-    A pipeline runs a vision-stage method, then an in-LLM one: `method="visionzip+transition"`,
-    `keep=(192, 64)` (or the string form "visionzip:192+transition:64"; see
-    `vlm_prune.pipeline_config`). Patching an already patched model replaces its configuration.
+    A pipeline runs one or more vision-stage methods, then at most one in-LLM method:
+    `method="visionzip+transition"`, `keep=(192, 64)` (or the string form
+    "visionzip:192+divprune:96+transition:64"; see `vlm_prune.pipeline_config`). Patching an already patched model replaces its configuration.
     On any error the model is left exactly as it was.
     """
     config = make_config(method, keep, **options)
@@ -131,10 +131,9 @@ def _engine(model: torch.nn.Module, config: PruneConfig, adapter: Any) -> Any:
 
 
 def _pipeline(model: torch.nn.Module, config: Any, adapter: Any) -> Any:
-    from .patches.pipeline import PipelinePatch
+    from .patches.pipeline import build
 
-    vision, llm = (_engine(model, stage, adapter) for stage in config.stages)
-    return PipelinePatch(vision, llm)
+    return build(model, config, adapter)
 
 
 def unpatch(model: torch.nn.Module) -> None:

@@ -7,6 +7,11 @@ Per layer with n tokens, hidden d, h query heads and g key/value heads of size e
     attention    2 * 2 * n * n * h * e             (q.K^T and A.V)
     MLP          2 * n * 3 * d * m                 (gate, up, down)
 The LM head adds 2 * d * vocab per token whose logits are computed (generate: the last one).
+
+A configuration's per-layer lengths: `handle.layer_lengths` of its last prefill (every stage of a
+pipeline counted: the vision stages shorten every layer's sequence, an in-LLM stage the layers
+after it), or `stage_lengths` with one (after_layer, visual tokens kept) pair per stage --
+after_layer 0 for a vision stage. The vision tower is not counted (pruning runs all of it).
 """
 
 from __future__ import annotations
@@ -71,10 +76,12 @@ def prefill_flops(
 
 def stage_lengths(n_layers: int, text_tokens: int, visual_tokens: int,
                   stages: Sequence[tuple[int, int]] = ()) -> list[int]:
-    """Sequence length each decoder layer processes when visual tokens are dropped inside the LLM.
+    """Sequence length each decoder layer processes when visual tokens are dropped.
 
-    stages: (after_layer, visual tokens kept) pairs, after_layer 1-indexed (layers after it see
-    the kept count). With no stages every layer sees text_tokens + visual_tokens.
+    stages: (after_layer, visual tokens kept) pairs in order, after_layer 1-indexed (layers after
+    it see the kept count); after_layer 0 drops them before the first layer (a vision stage), so
+    a pipeline "cls_attention+divprune+fastv" with keep (288, 144, 64), fastv after layer 2, is
+    [(0, 288), (0, 144), (2, 64)]. With no stages every layer sees text_tokens + visual_tokens.
     """
     lengths = []
     for layer in range(1, n_layers + 1):

@@ -2,10 +2,16 @@
 
     vlm_prune.patch(model, "visionzip+transition", keep=(192, 64))     # VisionZip to 192, then TransPrune to 64
     vlm_prune.patch(model, "visionzip:192+transition:64:alpha=0.5")    # the string form: keep and options per stage
+    vlm_prune.patch(model, "cls_attention+divprune", keep=(192, 64))  # two vision stages
+    vlm_prune.patch(model, "cls_attention:288+divprune:144+fastv:64:layer=1")
 
-A pipeline is a vision-stage method followed by an in-LLM method; each stage's `keep` applies to
-the tokens that reach it (an int: tokens kept per image; a float: the fraction of those).
-Options: one a stage's method declares goes to that stage (an option both methods declare is
+A pipeline is one or more vision-stage methods, then at most one in-LLM method; each stage's
+`keep` applies to the tokens that reach it (an int: tokens kept per image; a float: the fraction
+of those). A later vision stage reduces what the stage before it passed on (see
+`vlm_prune.patches.image_tokens.reduce_in_stages`), so it must work on any subset of an image's
+tokens: methods that need the image's full 2-D grid or the whole image (`pool`, `dct`, `evs`,
+`fopru` with strategy="row", `globalcom2`) may only be the first (`later_stage_refusal`).
+Options: one a stage's method declares goes to that stage (an option several stages declare is
 ambiguous: give it per stage with `stage_options=[{...}, {...}]`); common options (`positions`,
 `budget`, `video_budget`, `backend`) go to every stage that takes them. A configuration string
 (`vlm-prune eval --compare`, `vlm-prune bench --method`) is "method[:keep[:name=value...]]" per
@@ -27,9 +33,27 @@ SEPARATOR = "+"
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """The validated stages of a pipeline, in order (a vision-stage, then an in-LLM config)."""
+    """The validated stages of a pipeline, in order: one or more vision-stage configs, then at
+    most one in-LLM config. Checked at construction (the order, and that a later vision stage
+    can reduce a subset of an image's tokens): ValueError naming what is wrong."""
 
     stages: tuple[PruneConfig, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if len(self.stages) > 1:
+            check_stages(self.method, self.stages)
+
+    @property
+    def vision_stages(self) -> tuple[PruneConfig, ...]:
+        """The vision-stage configs, in order."""
+        return tuple(stage for stage in self.stages if get_method(stage.method).stage == "vision")
+
+    @property
+    def llm_stage(self) -> PruneConfig | None:
+        """The in-LLM config, or None for a pipeline of vision stages only."""
+        last = self.stages[-1]
+        return last if get_method(last.method).stage == "llm" else None
 
     @property
     def method(self) -> str:
@@ -136,7 +160,7 @@ def pipeline_config(method: str, keep: Any = None, stage_options: Sequence[dict[
     for i, extra in enumerate(stage_options or []):
         per_stage[i].update(extra)
     if n > 1:
-        _check_order(method, classes)
+        _check_order(method, classes)  # before the stages' own checks: the order is the first thing wrong
     return PipelineConfig(tuple(PruneConfig.from_kwargs(cls.name, k, **opts)
                                 for cls, k, opts in zip(classes, keep, per_stage)))
 
@@ -151,11 +175,62 @@ def _takes_common(cls: Any, name: str) -> bool:
 
 def _check_order(method: str, classes: list[Any]) -> None:
     stages = [cls.stage for cls in classes]
-    if stages != ["vision", "llm"]:
+    n_vision = next((i for i, stage in enumerate(stages) if stage != "vision"), len(stages))
+    if n_vision == 0 or stages[n_vision:] not in ([], ["llm"]):
         raise ValueError(
-            f"method={method!r}: a pipeline is a vision-stage method then an in-LLM method (stages here: "
-            f"{' then '.join(stages)}); vision-stage methods: "
+            f"method={method!r}: a pipeline is one or more vision-stage methods, then at most one in-LLM method "
+            f"(stages here: {' then '.join(stages)}); vision-stage methods: "
             f"{sorted(c for c in _names('vision'))}, in-LLM: {sorted(_names('llm'))}")
+
+
+def check_stages(method: str, stages: Sequence[PruneConfig]) -> None:
+    """ValueError unless `stages` are vision-stage configs, then at most one in-LLM config, and
+    every vision stage after the first can reduce a subset of an image's tokens."""
+    classes = [get_method(stage.method) for stage in stages]
+    _check_order(method, classes)
+    for position, (cls, stage) in enumerate(zip(classes, stages)):
+        if cls.stage != "vision":
+            continue
+        why = later_stage_refusal(cls, stage.options) if position else None
+        if why is not None:
+            raise ValueError(
+                f"method={method!r}: {cls.name!r} can only be the first vision stage of a pipeline: it {why}, and a "
+                "later stage gets only the tokens the stage before it passed on (no full grid, no whole image); "
+                f"put it first or choose another method")
+        followed = position + 1 < len(classes) and classes[position + 1].stage == "vision"
+        if followed and stage.options.get("layout") == "release":
+            raise ValueError(
+                f"method={method!r}: {cls.name!r} with layout='release' is followed by another vision stage, which "
+                "reads each token's vision-tower signals at the slot it stands for; that layout puts tokens out of "
+                "that order: use layout='raster' (or leave it 'auto': a vision stage another one follows orders "
+                "its tokens as under positions='original')")
+
+
+# Methods (by name) that need an image's full 2-D (or 3-D) token grid although their class does
+# not say so through `output_is_grid` or `reduce_image`: the reason, or a function of the
+# options that gives it (None: the options make the method fine on a subset). A method class may
+# declare the same with a `later_stage_refusal(options)` class method of its own.
+_FULL_GRID = {
+    "evs": lambda options: "compares each video token with the same place in the previous frame (the full "
+                           "(t, h, w) grid)",
+    "fopru": lambda options: ("keeps whole rows of the token grid (strategy='row')"
+                              if options.get("strategy") == "row" else None),
+}
+
+
+def later_stage_refusal(cls: Any, options: Any) -> str | None:
+    """Why vision-stage method `cls` (with `options`) cannot be a later stage of a pipeline --
+    one that reduces a subset of an image's tokens, with no grid (each region handed over as a
+    1 x n row) -- or None when it can."""
+    own = getattr(cls, "later_stage_refusal", None)
+    if own is not None:
+        return own(options)
+    if getattr(cls, "reduce_image", None) is not None:
+        return "sets the budgets of an image's regions itself from the whole image (its base image and every crop)"
+    if cls.output_is_grid:
+        return "makes a coarser grid of the image's full 2-D token grid"
+    rule = _FULL_GRID.get(cls.name)
+    return rule(options) if rule is not None else None
 
 
 def _names(stage: str) -> list[str]:

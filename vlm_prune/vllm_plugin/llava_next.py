@@ -9,6 +9,10 @@ one `image_newline` per grid row, which is always kept):
   features with vLLM's own merge (as the unpruned model does) and the signals with the layout,
   and returns what `reduce_images` keeps of each image. Positions: "renumber" (vLLM numbers
   placeholders consecutively).
+A pipeline of vision-stage methods: each stage sees the images through the layout of its own
+budget policy, and the processing info reserves what the last stage passes on; a later stage's
+policy may not be finer than an earlier one's (`config._check_later_budgets`: its count would
+depend on the image).
 """
 
 from __future__ import annotations
@@ -28,11 +32,10 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..patches.image_tokens import passed_on_count, reduce_images
 from ..patches.adapters.llava_next import PackedLayout
-from ..registry import get_method
-from .config import plugin_config
-from .llava import ClipTowerScoring
+from ..patches.image_tokens import reduce_in_stages
+from .config import plugin_plan
+from .llava import ClipTowerScoring, reserved_count
 
 FAMILY = "llava_next"
 
@@ -57,15 +60,15 @@ class PrunedLlavaNextProcessingInfo(LlavaNextProcessingInfo):
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         n_tokens = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
         hf_config = self.get_hf_config()
-        config = plugin_config(hf_config, FAMILY)
-        if config is None:
+        plan = plugin_plan(hf_config, FAMILY)
+        if plan is None:
             return n_tokens
-        budget = config.budget or "per_image"
-        layout = _layout(hf_config, [(image_height, image_width)], budget, "cpu")
-        if layout.lengths[0] != n_tokens:  # vLLM's and transformers' anyres arithmetic disagree
+        # each stage's regions after its budget policy
+        layouts = [_layout(hf_config, [(image_height, image_width)], stage.budget, "cpu") for stage in plan.stages]
+        if layouts[0].lengths[0] != n_tokens:  # vLLM's and transformers' anyres arithmetic disagree
             raise ValueError(f"vlm_prune: a {image_width}x{image_height} image gives {n_tokens} tokens in vLLM "
-                             f"but {layout.lengths[0]} in transformers' packing")
-        return passed_on_count(get_method(config.method)(), config, layout.regions[0], n_tokens, budget)
+                             f"but {layouts[0].lengths[0]} in transformers' packing")
+        return reserved_count(plan, [layout.regions[0] for layout in layouts], n_tokens)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -86,14 +89,14 @@ class PrunedLlavaNextForConditionalGeneration(ClipTowerScoring, LlavaNextForCond
         # each image's crops (base view first); a stacked batch may pad them to the same count
         n_crops = [image_size_to_num_patches(size, config.image_grid_pinpoints, vision.image_size) for size in sizes]
         pixels = torch.cat([image[:n] for image, n in zip(image_input["pixel_values"], n_crops)])
-        pre_projection, signals = self._tower_with_signals(pixels)  # [C, side^2, Dv]; signals [CLS] first
+        pre_projection, per_stage = self._tower_with_signals(pixels)  # [C, side^2, Dv]; signals [CLS] first
         projected = self.multi_modal_projector(pre_projection)
-        if self.prune_method.uses_pre_projection:
-            signals["pre_projection"] = pre_projection
-        budget = self.prune_config.budget or "per_image"
         # the features packed by vLLM's own merge, as the unpruned model does
         features = [self._merge_image_patch_embeddings(image_input["image_sizes"][i], crops, strategy="spatial_unpad")
                     for i, crops in enumerate(projected.split(n_crops))]
-        images = _layout(config, sizes, budget, projected.device).images(features, signals)
-        _, kept = reduce_images(self.prune_method, self.prune_config, images, budget, project=self.multi_modal_projector)
-        return kept
+        described = []  # per stage: the images in the layout of its budget policy, with its signals
+        for stage, signals in zip(self.prune_plan.stages, per_stage):
+            if stage.method.uses_pre_projection:
+                signals["pre_projection"] = pre_projection
+            described.append(_layout(config, sizes, stage.budget, projected.device).images(features, signals))
+        return reduce_in_stages(self.prune_plan.stages, described, project=self.multi_modal_projector).features

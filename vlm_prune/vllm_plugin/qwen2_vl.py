@@ -15,7 +15,7 @@ every override below defers to vLLM's own class. Images and videos are pruned.
   on the last block (the [CLS]-free score: the attention each patch receives, averaged over
   heads and its item's query rows, then over each 2x2 merge unit, Qwen2.5-VL's window
   permutation undone; keys for VisionZip -- the same
-  definitions as patches/qwen2_vl.py), reduces with the SHARED `reduce_image_tokens` (a video's
+  definitions as patches/qwen2_vl.py), reduces with the SHARED `reduce_in_stages` (a video's
   regions: its frames, or one (t, h, w) region under video_budget="per_video", as the
   transformers adapter makes them: `video_regions`), and returns
   the kept embeddings with 6 extra channels: each kept token's (t, h, w) grid coordinate (a
@@ -37,6 +37,11 @@ where the block rotates q and k, after Qwen2-VL's `split_qkv`) and the head aver
 all-reduced (`vlm_prune.sharded_scores`), so every rank keeps the tokens one device keeps. Under
 pipeline parallelism only the first stage runs the encoder and the position recompute: the
 model passes the first stage's positions to the later stages with the hidden states.
+
+A pipeline of vision-stage methods: every stage reduces each image and video in turn
+(`reduce_in_stages`; one tower run, the union of the stages' signals), the processor reserves
+the last stage's count (`passed_on_count_in_stages`), positions are original (the policy every
+stage keeps).
 
 Limits: the V1 model runner only (V2 builds its own pruning state from EVS settings); image
 placeholders must follow a text token (`<|vision_start|>`, as vLLM's own EVS also assumes);
@@ -73,12 +78,12 @@ from vllm.multimodal.processing import PromptReplacement
 from vllm.sequence import IntermediateTensors
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
-from ..patches.image_tokens import ImageTokens, Region, reduce_image_tokens, region_budgets, video_regions
 from ..patches.adapters.qwen2_vl import QWEN_SCORED_BY, merge_unit_mean
-from ..registry import get_method
+from ..patches.image_tokens import ImageTokens, Region, passed_on_count_in_stages, reduce_in_stages, video_regions
 from ..sharded_scores import keys_over_heads, received_attention
 from ..vision_layers import refuse_layers
-from .config import ENV_VAR, plugin_config
+from .config import ENV_VAR, PluginPlan, plugin_plan
+from .llava import reserved_count
 
 FAMILY = "qwen2_vl"
 POSITION_CHANNELS = 6  # (t, h, w), each as (high, low) base-256 digits
@@ -89,28 +94,39 @@ _DIGIT = 256
 # -- counts (shared by the processor and the model) -------------------------------------------
 
 
-def pruned_image_tokens(config, method, grid_thw: Sequence[int], merge: int) -> int:
-    """Placeholders an image of patch grid (1, h, w) gets: the method's output for the image's
-    budget on its (h / merge) x (w / merge) token grid (one region, as in patches/qwen2_vl.py)."""
+def pruned_image_tokens(plan: PluginPlan, grid_thw: Sequence[int], merge: int) -> int:
+    """Placeholders an image of patch grid (1, h, w) gets: what the plan's stages pass on of
+    its (h / merge) x (w / merge) token grid (one region, as in patches/qwen2_vl.py)."""
     t, h, w = (int(v) for v in grid_thw)
     if t != 1:
         raise ValueError(f"vlm_prune on vLLM: an image with {t} temporal patches is not supported")
     rows, cols = h // merge, w // merge
-    return method.output_count(config.budget_for(rows * cols), (rows, cols), config.options)
+    return reserved_count(plan, [[Region.span(0, rows * cols, (rows, cols))]] * len(plan.stages), rows * cols)
 
 
-def pruned_video_frames(config, method, grid_thw: Sequence[int], merge: int) -> list[int]:
+def pruned_video_frames(plan: PluginPlan, grid_thw: Sequence[int], merge: int) -> list[int]:
     """Placeholders per frame of a video of patch grid (t, h, w) (t frames of (h / merge) x
     (w / merge) tokens; regions as the transformers path makes them, `video_regions`).
-    video_budget="per_frame": each frame's output count. "per_video" (evs): the video's count,
-    all in the first frame and 0 in the others -- how many of each frame stay is known only
-    once the encoder ran (vLLM's own EVS lays its tokens out the same way)."""
+    video_budget="per_frame" in every stage: each frame's count. A stage with "per_video"
+    (evs): the video's count, all in the first frame and 0 in the others -- how many of each
+    frame stay is known only once the encoder ran (vLLM's own EVS lays its tokens out the same
+    way)."""
     t, h, w = (int(v) for v in grid_thw)
-    per_video = config.video_policy == "per_video"
-    regions, budget = video_regions(t, h // merge, w // merge, per_video)
-    counts = [method.output_count(k, region.grid, config.options) if k > 0 else 0
-              for region, k in zip(regions, region_budgets(config, regions, budget))]
-    return counts + [0] * (t - 1) if per_video else counts
+    rows, cols = h // merge, w // merge
+    if plan.video_in_one_pool:
+        regions, budgets = zip(*(video_regions(t, rows, cols, stage.config.video_policy == "per_video")
+                                 for stage in plan.stages))
+        return [_video_count(plan, list(regions), t * rows * cols, list(budgets))] + [0] * (t - 1)
+    frame = [Region.span(0, rows * cols, (rows, cols))]  # each frame alone, budgeted as a crop
+    return [_video_count(plan, [frame] * len(plan.stages), rows * cols, ["per_crop"] * len(plan.stages))] * t
+
+
+def _video_count(plan: PluginPlan, regions: list, n_tokens: int, budgets: list[str]) -> int:
+    count = passed_on_count_in_stages(plan.stages, regions, n_tokens, budgets)
+    if count is None:  # the plugin's config check refuses what could lead here
+        raise ValueError(f"vlm_prune: {plan.method!r} keeps a number of video tokens that depends on the video; "
+                         "vLLM needs a fixed count")
+    return count
 
 
 def encode_positions(coords: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -136,20 +152,18 @@ class _PrunedPromptUpdates:
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         hf_config = self.info.get_hf_config()
-        config = plugin_config(hf_config, FAMILY)
-        if config is None:
+        plan = plugin_plan(hf_config, FAMILY)
+        if plan is None:
             return updates
-        method = get_method(config.method)()
         merge = hf_config.vision_config.spatial_merge_size
 
         def pruned(item_idx: int, original):
             tokens = original(item_idx)
             grid = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data
-            return tokens[:1] * pruned_image_tokens(config, method, grid.tolist(), merge)
+            return tokens[:1] * pruned_image_tokens(plan, grid.tolist(), merge)
 
         replacements = {"image": pruned,
-                        "video": partial(self._pruned_video, config=config, method=method, merge=merge,
-                                         out_mm_kwargs=out_mm_kwargs)}
+                        "video": partial(self._pruned_video, plan=plan, merge=merge, out_mm_kwargs=out_mm_kwargs)}
         return [
             PromptReplacement(modality=u.modality, target=u.target,
                               replacement=partial(replacements[u.modality], original=u.replacement))
@@ -157,11 +171,11 @@ class _PrunedPromptUpdates:
             for u in updates
         ]
 
-    def _pruned_video(self, item_idx: int, original, config, method, merge: int, out_mm_kwargs):
+    def _pruned_video(self, item_idx: int, original, plan: PluginPlan, merge: int, out_mm_kwargs):
         """A video's replacement: one run of its pruned count."""
         tokens = original(item_idx)
         grid = out_mm_kwargs["video"][item_idx]["video_grid_thw"].data
-        return tokens[:1] * sum(pruned_video_frames(config, method, grid.tolist(), merge))
+        return tokens[:1] * sum(pruned_video_frames(plan, grid.tolist(), merge))
 
 
 class PrunedQwen2VLMultiModalProcessor(_PrunedPromptUpdates, Qwen2VLMultiModalProcessor):
@@ -218,9 +232,11 @@ class _PrunedQwenMixin:
 
     windowed = False
     prune_config = None
+    prune_plan = None
 
     def _init_pruning(self, vllm_config) -> None:
-        self.prune_config = plugin_config(self.config, FAMILY)  # fails the engine start if invalid
+        self.prune_plan = plugin_plan(self.config, FAMILY)  # fails the engine start if invalid
+        self.prune_config = None if self.prune_plan is None else self.prune_plan.config
         if self.prune_config is None:
             return
         if self.multimodal_config.is_multimodal_pruning_enabled():
@@ -233,9 +249,9 @@ class _PrunedQwenMixin:
                 "the vlm_prune entry")
         if getattr(vllm_config, "use_v2_model_runner", False):
             raise ValueError("vlm_prune on Qwen-VL needs vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0")
-        self.prune_method = get_method(self.prune_config.method)()
-        self.needs_tower = bool(self.prune_method.needs & {"cls_attention", "keys"})
-        refuse_layers(self.prune_config.options.get("layers"), "Qwen-VL", QWEN_SCORED_BY)
+        self.needs_tower = bool(self.prune_plan.needs & {"cls_attention", "keys"})
+        for stage in self.prune_plan.stages:
+            refuse_layers(stage.config.options.get("layers"), "Qwen-VL", QWEN_SCORED_BY)
         self.vlm_prune_recomputes_positions = True
         _enable_position_recompute()
         self.sends_positions = vllm_config.parallel_config.pipeline_parallel_size > 1
@@ -288,7 +304,7 @@ class _PrunedQwenMixin:
             text_len = offset - st
             pieces.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + next_position)
             base = next_position + text_len
-            if self.prune_config.positions == "renumber":  # the text continues after the coarse grid
+            if self.prune_plan.positions == "renumber":  # the text continues after the coarse grid
                 h, w = self._reduced_grid(h, w)
             grid = np.indices((t, h, w))
             if t_factor != 1.0:
@@ -356,9 +372,10 @@ class _PrunedQwenMixin:
         return coords + base
 
     def _reduced_grid(self, rows: int, cols: int) -> tuple[int, int]:
-        """The coarse grid a frame of rows x cols merged tokens is reduced to (grid methods)."""
-        k = self.prune_config.budget_for(rows * cols)
-        return self.prune_method.output_grid(k, (rows, cols), self.prune_config.options)
+        """The coarse grid a frame of rows x cols merged tokens is reduced to (grid methods, which
+        only run alone or first, and renumber only alone)."""
+        stage = self.prune_plan.stages[0]
+        return stage.method.output_grid(stage.config.budget_for(rows * cols), (rows, cols), stage.config.options)
 
     # -- images and videos --------------------------------------------------------------------
 
@@ -414,25 +431,29 @@ class _PrunedQwenMixin:
         embeds, streams = self._split_streams(embeds)
         per_item = {name: value.split(sizes) for name, value in signals.items()}
         streams_per_item = [stream.split(sizes) for stream in streams]
-        per_video = self.prune_config.video_policy == "per_video"
-        items = []
-        for i, (feats, (t, h, w)) in enumerate(zip(embeds.split(sizes), grids)):
-            rows, cols = h // merge, w // merge
-            if video:
-                regions, budget = video_regions(t, rows, cols, per_video, feats.device)
-            else:  # the call's budget policy
-                regions, budget = [Region.span(f * rows * cols, (f + 1) * rows * cols, (rows, cols), feats.device)
-                                   for f in range(t)], None
-            items.append(ImageTokens(feats, regions, {name: v[i].to(feats.device) for name, v in per_item.items()},
-                                     streams=[stream[i] for stream in streams_per_item], budget=budget, video=video))
-        reduced = reduce_image_tokens(self.prune_method, self.prune_config, items,
-                                      self.prune_config.budget or "per_image")
+        described = []  # per stage: the items with its regions (a video's: after its video budget policy)
+        for stage in self.prune_plan.stages:
+            per_video = stage.config.video_policy == "per_video"
+            items = []
+            for i, (feats, (t, h, w)) in enumerate(zip(embeds.split(sizes), grids)):
+                rows, cols = h // merge, w // merge
+                if video:
+                    regions, budget = video_regions(t, rows, cols, per_video, feats.device)
+                else:  # the call's budget policy
+                    regions, budget = [Region.span(f * rows * cols, (f + 1) * rows * cols, (rows, cols), feats.device)
+                                       for f in range(t)], None
+                items.append(ImageTokens(feats, regions,
+                                         {name: v[i].to(feats.device) for name, v in per_item.items()},
+                                         streams=[stream[i] for stream in streams_per_item], budget=budget,
+                                         video=video))
+            described.append(items)
+        reduced = reduce_in_stages(self.prune_plan.stages, described)
         # each stream reduced: [sum K_i, D] in item order, back to per item
         reduced_streams = [stream.split(reduced.counts) for stream in reduced.streams]
         out = []
         for i, (slots_kept, feats, (t, h, w)) in enumerate(zip(reduced.kept, reduced.features, grids)):
             rows, cols = h // merge, w // merge
-            if self.prune_config.positions == "renumber":  # numbered as an item of the coarse grid
+            if self.prune_plan.positions == "renumber":  # numbered as an item of the coarse grid
                 rows, cols = self._reduced_grid(rows, cols)
                 slots = torch.arange(t * rows * cols)
             else:
@@ -488,10 +509,10 @@ class _PrunedQwenMixin:
         def per_merged_token(values: torch.Tensor) -> torch.Tensor:
             return merge_unit_mean(values, unit, window_index)
 
-        if "keys" in self.prune_method.needs:  # heads averaged, as on transformers
+        if "keys" in self.prune_plan.needs:  # heads averaged, as on transformers
             k = seen["qk"].reshape(2, total, heads, head_dim)[1]
             result["keys"] = per_merged_token(keys_over_heads(k, total_heads, all_reduce))
-        if "cls_attention" in self.prune_method.needs:
+        if "cls_attention" in self.prune_plan.needs:
             q_rot, k_rot = seen["qk_rotated"].reshape(2, total, heads, head_dim).unbind(0)
             segments = self._score_segments(grids, seen["cu_seqlens"])
             received = received_attention(q_rot, k_rot, head_dim ** -0.5, segments, total_heads, all_reduce)

@@ -30,7 +30,9 @@ own pruned count, the layout of the transformers path; under "per_video" (`evs`)
 is known only after the encoder, so the first frame's run holds all the video's kept tokens and
 the later frames' runs are empty (the layout of vLLM's own EVS). Kept tokens keep their unpruned
 positions either way (`_placed`), but under "per_video" the later frames' timestamp text comes
-after the tokens in the sequence, where the transformers path leaves it between them.
+after the tokens in the sequence, where the transformers path leaves it between them. A pipeline
+of vision stages lays a video out as "per_video" as soon as one of its stages pools the video
+(`PluginPlan.video_in_one_pool`), else per frame.
 """
 
 from __future__ import annotations
@@ -49,14 +51,14 @@ from .qwen2_vl import _PrunedPromptUpdates, _PrunedQwenMixin, pruned_video_frame
 
 
 class PrunedQwen3VLMultiModalProcessor(_PrunedPromptUpdates, Qwen3VLMultiModalProcessor):
-    def _pruned_video(self, item_idx: int, original, config, method, merge: int, out_mm_kwargs):
+    def _pruned_video(self, item_idx: int, original, plan, merge: int, out_mm_kwargs):
         """A video's replacement: per frame its timestamp text and a vision run of the frame's
         pruned count (all the video's tokens in the first run under video_budget="per_video"),
         built by vLLM's own `get_video_repl` with the embeddings at the video tokens only."""
         item = out_mm_kwargs["video"][item_idx]
         hf_config = self.info.get_hf_config()
         return Qwen3VLMultiModalProcessor.get_video_repl(
-            tokens_per_frame=pruned_video_frames(config, method, item["video_grid_thw"].data.tolist(), merge),
+            tokens_per_frame=pruned_video_frames(plan, item["video_grid_thw"].data.tolist(), merge),
             timestamps=item["timestamps"].data, tokenizer=self.info.get_tokenizer(),
             vision_start_token_id=hf_config.vision_start_token_id, vision_end_token_id=hf_config.vision_end_token_id,
             video_token_id=hf_config.video_token_id, select_token_id=True)
@@ -115,7 +117,7 @@ class _PrunedQwen3Mixin(_PrunedQwenMixin):
         while run_start > 0 and bool(is_media[run_start - 1]):
             run_start -= 1
         frames = coords[0].cpu()
-        first = 0 if self.prune_config.video_policy == "per_video" else int(frames[0])
+        first = 0 if self.prune_plan.video_in_one_pool else int(frames[0])
         starts = (ids[run_start - 1:] == self.config.vision_start_token_id).nonzero().flatten() + run_start - 1
         bases = positions[0, starts[:int(frames.max()) - first + 1].to(positions.device)].cpu() + 1
         placed = coords.clone()

@@ -1,4 +1,4 @@
-"""The `vlm-prune` command: demo, bench, eval, methods."""
+"""The `vlm-prune` command: demo, bench, eval, lmms-eval, methods."""
 
 from __future__ import annotations
 
@@ -47,8 +47,37 @@ def _cmd_bench(args) -> int:
 def _cmd_demo(args) -> int:
     from . import demo
 
-    demo.run(threads=args.threads, n=args.n, out=args.out, positions=args.positions, variants=args.variants)
+    demo.run(threads=args.threads, n=args.n, out=args.out, positions=args.positions, variants=args.variants,
+             methods=args.methods, budgets=args.budgets, timing_rounds=args.timing_rounds)
     return 0
+
+
+def _demo_row(text: str) -> str:
+    """A demo row (`vlm_prune.demo.expand`), checked before the run."""
+    from .demo import expand
+
+    try:
+        for row in expand(text, [16]):
+            row.check()
+    except (ValueError, TypeError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _demo_budgets(text: str) -> list[int]:
+    try:
+        budgets = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        budgets = []
+    if not budgets or not all(1 <= k <= 144 for k in budgets):
+        raise argparse.ArgumentTypeError(f"--budgets {text!r}: visual tokens kept, ints in 1..144 joined by ','")
+    return budgets
+
+
+def _cmd_lmms_eval(args) -> int:
+    from .lmms_eval_launcher import run
+
+    return run(args.prune, args.lmms_args)
 
 
 def _cmd_methods(args) -> int:
@@ -78,14 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-prune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="every method at two budgets on the bundled fixture model")
-    demo.add_argument("--threads", type=int, default=2)
+    demo = sub.add_parser("demo", help="every method at four budgets on the bundled fixture model")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch threads (default 1: the fixture is tiny, and on a busy machine 2 threads took 2-4x "
+                           "the time)")
     demo.add_argument("-n", type=int, default=600, help="test questions per configuration")
-    demo.add_argument("--out", default="demo-results", help="folder for demo.md, demo.json and the PNG plot")
+    demo.add_argument("--out", default="demo-results", help="folder for demo.md, demo.json and the PNG plots")
+    demo.add_argument("--method", "--config", dest="methods", action="append", type=_demo_row, default=None,
+                      metavar="CONFIG",
+                      help="a row (repeatable; replaces the default list): a method ('cls_attention': every budget), "
+                           "a configuration string ('cls_attention:36', 'fastv:16:layer=2'), or a pipeline "
+                           "('visionzip+transition': every budget; 'visionzip:72+fastv:16:layer=1')")
+    demo.add_argument("--budgets", type=_demo_budgets, default=None, metavar="K,K,...",
+                      help="visual tokens kept (of 144) of the rows without a keep (default: 72,36,16,8)")
     demo.add_argument("--positions", choices=["renumber", "original"], default=None,
                       help="position ids of the kept tokens for the vision-stage methods (default: renumber)")
     demo.add_argument("--variants", action="store_true",
                       help="also score each method's named departures from its release (rescaled dct, ...)")
+    demo.add_argument("--timing-rounds", type=int, default=None, metavar="R",
+                      help="interleaved rounds of the measured speed-up (default 5; 0: the FLOPs ratio only)")
     demo.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="prefill time pruned vs unpruned, in one process")
@@ -114,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="accuracy and cost on VQA benchmarks (see evals/README.md)")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=run_from_args)
+
+    from .lmms_eval_launcher import prune_argument
+
+    lmms = sub.add_parser("lmms-eval", help="any lmms-eval task on a pruned model (docs/lmms_eval.md)",
+                          usage="vlm-prune lmms-eval --prune METHOD:KEEP[...] -- <lmms-eval arguments>")
+    lmms.add_argument("--prune", required=True, type=prune_argument,
+                      help="'cls_attention:64', 'fastv:64:layer=2', 'visionzip:192+transition:64', or 'none'")
+    lmms.add_argument("lmms_args", nargs=argparse.REMAINDER,
+                      help="lmms-eval's own arguments, after '--' (--model llava_hf|qwen2_vl|qwen2_5_vl|... "
+                           "--model_args ... --tasks ...)")
+    lmms.set_defaults(func=_cmd_lmms_eval)
 
     methods = sub.add_parser("methods", help="list methods and their options")
     methods.set_defaults(func=_cmd_methods)

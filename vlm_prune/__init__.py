@@ -11,6 +11,7 @@
 """
 
 from .api import PruneHandle, get_handle, patch, pruned, unpatch
+from .compiled import CompiledLanguageModel, compile_language_model, uncompile_language_model
 from .config import PruneConfig
 from .loading import from_pretrained, save_pretrained
 from .registry import available_methods, supported_model_types
@@ -18,14 +19,17 @@ from .registry import available_methods, supported_model_types
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompiledLanguageModel",
     "PruneConfig",
     "PruneHandle",
     "available_methods",
+    "compile_language_model",
     "from_pretrained",
     "get_handle",
     "patch",
     "pruned",
     "save_pretrained",
     "supported_model_types",
+    "uncompile_language_model",
     "unpatch",
 ]

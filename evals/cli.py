@@ -107,7 +107,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     report = write_report(args.out)
     if report["summaries"]:
         print(report["markdown"].read_text())
-        print(f"wrote {report['json']}, {report['markdown']}" + (f", {report['png']}" if report["png"] else ""))
+        print(f"wrote {report['json']}, {report['markdown']}"
+              + "".join(f", {report[key]}" for key in ("png", "pareto") if report.get(key)))
     return status
 
 

@@ -1,11 +1,13 @@
 """The end-of-run report over every summary in an output folder.
 
-    paths = write_report(Path("out"))   # {"json": ..., "markdown": ..., "png": ... or None}
+    paths = write_report(Path("out"))   # {"json", "markdown", "png", "pareto" (None without matplotlib), "summaries"}
 
 Reads out/*/*/summary.json (so a baseline run once and methods run later land in one table)
-and writes out/results.json, out/results.md and out/results.png. Retention = a configuration's
-headline score / the baseline's ("none") on the same benchmark and model, in percent; FLOPs
-ratio = baseline prefill FLOPs / the configuration's (theoretical speed-up).
+and writes out/results.json, out/results.md, out/results.png (score vs visual tokens kept) and
+out/results_pareto.png (score vs prefill FLOPs; the plots need matplotlib, the `plot` extra).
+Retention = a configuration's headline score / the baseline's ("none") on the same benchmark and
+model, in percent; FLOPs ratio = baseline prefill FLOPs / the configuration's (theoretical
+speed-up).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from pathlib import Path
 
 def collect(out: Path) -> list[dict]:
     summaries = [json.loads(p.read_text()) for p in sorted(out.glob("*/*/summary.json"))]
-    return sorted(summaries, key=lambda s: (s["bench"], s["method"] != "none", s["method"], -float(s["keep"])))
+    # a pipeline's keep is None (its string holds each stage's keep)
+    return sorted(summaries, key=lambda s: (s["bench"], s["method"] != "none", s["method"],
+                                            -float(s["keep"] if s["keep"] is not None else 0)))
 
 
 def _baseline(s: dict, summaries: list[dict]) -> dict | None:
@@ -66,49 +70,60 @@ def markdown(summaries: list[dict]) -> str:
     return "\n".join(lines + details) + "\n"
 
 
-def plot(summaries: list[dict], path: Path) -> Path | None:
-    """Score vs visual tokens kept, one panel per benchmark, one series per method. Without
-    matplotlib: one Pillow-drawn PNG per benchmark (results_<bench>.png); returns the first."""
+def _method_name(s: dict) -> str:
+    """A series name: the method (a pipeline: its string less the keeps), with its options."""
+    if s["keep"] is None:  # a pipeline: "visionzip:192+transition:64:alpha=0.5" -> "visionzip+transition (alpha=0.5)"
+        from vlm_prune.pipeline_config import parse_stages
+
+        return "+".join(name + (" (" + ", ".join(f"{k}={v}" for k, v in opts.items()) + ")" if opts else "")
+                        for name, _, opts in parse_stages(s["method"]))
+    opts = s.get("options") or {}
+    return s["method"] + (" (" + ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) + ")" if opts else "")
+
+
+def plot(summaries: list[dict], path: Path) -> dict[str, Path | None]:
+    """Two PNGs (vlm_prune.plot, matplotlib): `path` -- score vs visual tokens kept, one panel
+    per benchmark, one line per method (and options), the baseline ("none") dashed; and
+    <stem>_pareto.png -- score vs prefill GFLOPs per benchmark with the Pareto front. Without
+    matplotlib: prints how to install it (stderr) and returns None for both."""
+    import functools
+    import sys
+
+    from vlm_prune.plot import MatplotlibMissing, Point, Series, panels, pareto_axes, tokens_axes
+
+    benches = sorted({s["bench"] for s in summaries if s["score"] is not None})
+    names = sorted({_method_name(s) for s in summaries if s["method"] != "none"})
+    tokens, pareto = [], []
+    for bench in benches:
+        rows = [s for s in summaries if s["bench"] == bench and s["score"] is not None]
+        base = next((s for s in rows if s["method"] == "none"), None)
+        series: dict[str, Series] = {}
+        for s in sorted((s for s in rows if s["method"] != "none"), key=lambda s: s["efficiency"]["kept"]):
+            entry = series.setdefault(_method_name(s), Series(_method_name(s), [], []))
+            entry.x.append(s["efficiency"]["kept"])
+            entry.y.append(s["score"])
+        ylabel = rows[0]["primary"]
+        tokens.append(functools.partial(
+            tokens_axes, series=list(series.values()), reference=None if base is None else base["score"],
+            reference_name="none (unpruned)", title=bench, xlabel="visual tokens kept (mean)", ylabel=ylabel,
+            legend=bench == benches[-1], names=names))
+        points = [Point(_method_name(s), s["efficiency"]["kept"], s["efficiency"]["prefill_gflops"], s["score"])
+                  for s in rows if s["method"] != "none" and s["efficiency"]["prefill_gflops"]]
+        reference = (None if base is None or not base["efficiency"]["prefill_gflops"] else
+                     Point("none (unpruned)", None, base["efficiency"]["prefill_gflops"], base["score"], family="other"))
+        pareto.append(functools.partial(pareto_axes, points=points, reference=reference, title=bench,
+                                        xlabel="prefill GFLOPs (theoretical, per item)", ylabel=ylabel,
+                                        legend=bench == benches[-1], names=names))
+    if not benches:
+        return {"png": None, "pareto": None}
+    pareto_path = path.with_name(f"{path.stem}_pareto.png")
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return _plot_with_pillow(summaries, path)
-    benches = sorted({s["bench"] for s in summaries})
-    fig, axes = plt.subplots(1, len(benches), figsize=(4.5 * len(benches), 3.6), squeeze=False)
-    for ax, bench in zip(axes[0], benches):
-        rows = [s for s in summaries if s["bench"] == bench and s["score"] is not None]
-        for method in sorted({s["method"] for s in rows}):
-            pts = sorted((s["efficiency"]["kept"], s["score"]) for s in rows if s["method"] == method)
-            style = dict(marker="*", markersize=12, linestyle="none") if method == "none" else dict(marker="o")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method, **style)
-        ax.set(title=bench, xlabel="visual tokens kept (mean)", ylabel=rows[0]["primary"] if rows else "score")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _plot_with_pillow(summaries: list[dict], path: Path) -> Path | None:
-    from vlm_prune.plot import line_plot
-
-    written = []
-    for bench in sorted({s["bench"] for s in summaries}):
-        rows = [s for s in summaries if s["bench"] == bench and s["score"] is not None]
-        if not rows:
-            continue
-        series: dict[str, list[tuple[float, float]]] = {}
-        for s in rows:
-            series.setdefault(s["method"], []).append((s["efficiency"]["kept"], s["score"]))
-        baseline = next((s["score"] for s in rows if s["method"] == "none"), None)
-        written.append(line_plot(series, path.with_name(f"{path.stem}_{bench}.png"),
-                                 f"{bench}: {rows[0]['primary']} vs visual tokens kept",
-                                 "visual tokens kept (mean)", rows[0]["primary"], reference=baseline))
-    return written[0] if written else None
+        panels(tokens, path)
+        panels(pareto, pareto_path)
+    except MatplotlibMissing as error:
+        print(f"{error} (the results JSON and Markdown are written; the plots are not)", file=sys.stderr)
+        return {"png": None, "pareto": None}
+    return {"png": path, "pareto": pareto_path}
 
 
 def write_report(out: Path) -> dict:
@@ -116,5 +131,5 @@ def write_report(out: Path) -> dict:
     add_retention(summaries)
     (out / "results.json").write_text(json.dumps({"results": summaries}, indent=1))
     (out / "results.md").write_text(markdown(summaries))
-    png = plot(summaries, out / "results.png") if summaries else None
-    return {"json": out / "results.json", "markdown": out / "results.md", "png": png, "summaries": summaries}
+    pngs = plot(summaries, out / "results.png") if summaries else {"png": None, "pareto": None}
+    return {"json": out / "results.json", "markdown": out / "results.md", **pngs, "summaries": summaries}

@@ -21,7 +21,7 @@ from vlm_prune.methods.cdpruner import CDPruner, greedy_map
 from .reference import image_features, reference_logits
 from .test_families import greedy, logits
 
-DEFAULTS = {"relevance": "cosine", "theta": None}
+DEFAULTS = {"relevance": "negated", "theta": None}  # the release
 
 
 # -- the reference, from the release's rules ----------------------------------------------------
@@ -69,7 +69,8 @@ def refgreedy(kernel: torch.Tensor, k: int) -> list[int]:
     return sorted(chosen)
 
 
-def ref_select(tokens, question, k, sign=1.0, theta=None, cosine=True) -> list[int]:
+def ref_select(tokens, question, k, sign=-1.0, theta=None, cosine=True) -> list[int]:
+    """The release: sign -1 (x = -cos); +1 is the paper's sign, 0 no condition."""
     return refgreedy(ref_kernel(tokens, ref_relevance(tokens, question, sign, theta), cosine), k)
 
 
@@ -113,7 +114,7 @@ def test_bf16_inputs(seed):
 
 @pytest.mark.parametrize("seed", [5, 6])
 @pytest.mark.parametrize("options, ref", [
-    ({"relevance": "negated"}, {"sign": -1.0}),
+    ({"relevance": "cosine"}, {"sign": 1.0}),
     ({"relevance": "none"}, {"sign": 0}),
     ({"theta": 0.5}, {"theta": 0.5}),
     ({"relevance": "negated", "theta": 0.8}, {"sign": -1.0, "theta": 0.8}),
@@ -134,10 +135,11 @@ def test_mutated_rules_select_otherwise(seed):
     right = [ref_select(features[i], question[i], k) for i in range(3)]
     mutations = {
         "no relevance": [ref_select(features[i], question[i], k, sign=0) for i in range(3)],
-        "negated relevance": [ref_select(features[i], question[i], k, sign=-1.0) for i in range(3)],
+        "the paper's +cos, not the release's -cos": [ref_select(features[i], question[i], k, sign=1.0)
+                                                     for i in range(3)],
         "dot product, not cosine": [ref_select(features[i], question[i], k, cosine=False) for i in range(3)],
         "exp relevance": [ref_select(features[i], question[i], k, theta=0.5) for i in range(3)],
-        "top-k relevance": [sorted(torch.tensor(ref_relevance(features[i], question[i])).topk(k).indices.tolist())
+        "top-k relevance": [sorted(torch.tensor(ref_relevance(features[i], question[i], -1.0)).topk(k).indices.tolist())
                             for i in range(3)],
     }
     for name, picks in mutations.items():
@@ -377,3 +379,10 @@ def test_the_instruction_changes_the_selection(models):
             handle.remove()
         assert unconditioned != chosen[-1]
     assert chosen[0] != chosen[1]
+
+
+def test_the_registered_default_is_the_release():
+    """The release negates the cosine (clip_encoder.py); the default must be that rule."""
+    from vlm_prune.methods.cdpruner import CDPruner
+
+    assert {name: option.default for name, option in CDPruner.options.items()} == DEFAULTS

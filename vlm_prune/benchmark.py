@@ -155,7 +155,8 @@ def report_table(report: Mapping, baseline: str | None = None) -> str:
 
 def describe(settings: Mapping) -> str:
     """One line: how a `Result` was measured."""
-    clock = {"host": "host clock", "cuda_events": "CUDA events", "cuda_graph": "CUDA graph replays"}[settings["timing"]]
+    clock = {"host": "host clock", "host_cpu": "process CPU time", "cuda_events": "CUDA events",
+             "cuda_graph": "CUDA graph replays"}[settings["timing"]]
     parts = [f"{settings['rounds']} interleaved round(s) of {settings['per_round']} call(s) per variant",
              f"{settings['warmup_rounds']} warm-up round(s)"]
     if settings.get("warmup_calls"):
@@ -295,6 +296,8 @@ def measure(variants: Sequence[Variant], *, rounds: int, per_round: int = 1, war
                     warmup_calls=warmup_calls, threads=threads)
     if timing == "cuda_graph":
         settings["graph_calls"] = graph_calls
+    if timing == "host" and clock is time.process_time:
+        settings["timing"] = "host_cpu"
     return Result(names, samples, errors, settings)
 
 

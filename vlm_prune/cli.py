@@ -17,20 +17,21 @@ def _cmd_bench(args) -> int:
 
     keep = None if is_pipeline(args.method) else args.keep  # a pipeline's keeps are in its string
     common = dict(shape=args.shape, method=args.method, keep=keep, text_tokens=args.text_tokens,
-                  threads=args.threads, **parse_options(args.option))
+                  **parse_options(args.option))
     if args.backend == "vllm":
         try:
             from .vllm_plugin import bench as vllm_bench
 
             result = vllm_bench.run(rounds=3 if args.repeats is None else args.repeats, batch=args.batch,
-                                    max_tokens=args.max_tokens, **common)
+                                    max_tokens=args.max_tokens, threads=args.threads or 2, **common)
         except ImportError as error:
             raise SystemExit(f"--backend vllm needs vLLM in this environment ({error}); on the CPU machines run "
                              ".venv-vllm/bin/python -m vlm_prune.cli bench --backend vllm ...") from None
     else:
         from . import bench
 
-        result = bench.run(repeats=5 if args.repeats is None else args.repeats, **common)
+        result = bench.run(repeats=9 if args.repeats is None else args.repeats, threads=args.threads or 1,
+                           clock=args.clock, **common)
     label = (f"{args.method}" if keep is None else f"{args.method}-{args.keep}") + "".join(
         f"-{pair}" for pair in args.option)
     label = "".join(c if c.isalnum() or c in "._=-" else "_" for c in label)
@@ -138,10 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--keep", type=parse_keep, default=64)
     bench.add_argument("--text-tokens", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=None,
-                       help="measured rounds (default: 5 with transformers, 3 with vllm)")
+                       help="measured rounds (default: 9 with transformers, 3 with vllm)")
     bench.add_argument("--batch", type=int, default=4, help="vllm: requests in the throughput batch")
     bench.add_argument("--max-tokens", type=int, default=8, help="vllm: tokens each batch request generates")
-    bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--threads", type=int, default=None,
+                       help="torch threads, pinned (default: 1 with transformers, 2 with vllm)")
+    bench.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                       help="transformers: 'cpu' (default) times the process's CPU time, which other jobs on a shared "
+                            "machine do not add to (one thread: back-to-back runs agree within 1%%); 'wall' the host clock")
     bench.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                        help="method option, value parsed as JSON (repeatable)")
     bench.add_argument("--json", help="also write the numbers to this JSON file")

@@ -30,10 +30,10 @@ Departures, each forced or a named option:
   visual projection (and Qwen's tower was retrained), so the instruction is the mean of the
   LLM's own input embeddings of the instruction (the prompt's text after its last image; the
   `question` signal, as `text_recovery`), compared by cosine with the LLM-space tokens -- the
-  space of S. The release's negation belongs to CLIP's patch embeddings; in the LLM's space the
-  default is the paper's sign, r from +cos (`relevance="cosine"`). `relevance="negated"` is the
-  release's sign, `relevance="none"` drops the condition (r = 1: a DPP on S alone, the paper's
-  ablation without the instruction).
+  space of S -- and negated as the release does (`relevance="negated"`, the default; on the
+  fixture it keeps 86.8% accuracy at 16 tokens against 58.2% with +cos). `relevance="cosine"` is
+  the paper's sign (a named departure), `relevance="none"` drops the condition (r = 1: a DPP on S
+  alone, the paper's ablation without the instruction).
 - `theta` (default None = the release): a number in (0, 1) switches on its commented-out
   exponential weighting, r -> exp(r * theta / (2 (1 - theta))).
 - Normalisation scope: the release min-maxes over the whole vision batch (one image on
@@ -141,9 +141,9 @@ class CDPruner(VisionMethod):
     # LLaVA-NeXT: the release keeps visual_token_num tokens of the base image and of every crop
     default_budget = "per_crop"
     options = {
-        "relevance": Option("cosine", choice("cosine", "negated", "none"),
-                            "'cosine': r from cos(token, instruction) (the paper's sign); 'negated': the "
-                            "release's -cos (a CLIP inversion); 'none': r = 1, a DPP on the similarity alone"),
+        "relevance": Option("negated", choice("negated", "cosine", "none"),
+                            "'negated': r from -cos(token, instruction) (the release); 'cosine': the paper's "
+                            "+cos; 'none': r = 1, a DPP on the similarity alone"),
         "theta": Option(None, _check_theta, "None (the release): L = diag(r) S diag(r); a number in (0, 1): "
                                             "r -> exp(r theta / (2 (1 - theta))), the release's commented-out variant"),
     }

@@ -170,8 +170,13 @@ def test_the_string_form_and_option_routing():
     ("cls_attention", 64, {"stage_options": [{}]}, "applies to pipelines"),
 ])
 def test_bad_pipelines_are_refused_before_anything_is_patched(families, method, keep, options, message):
-    model, processor = families["llava"]
-    inputs = two_prompts("llava", processor)
+    assert_refused_untouched(families, "llava", method, keep, options, message)
+
+
+def assert_refused_untouched(families, family, method, keep, options, message):
+    """patch() raises a ValueError matching `message`, and the model is left exactly as it was."""
+    model, processor = families[family]
+    inputs = two_prompts(family, processor)
     expected = logits(model, inputs)
     with pytest.raises(ValueError, match=message):
         vlm_prune.patch(model, method, keep, **options)

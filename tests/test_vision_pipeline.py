@@ -28,7 +28,7 @@ from vlm_prune.video_inputs import qwen_video_inputs
 from .reference import eager_cls_scores, reference_logits
 from .test_families import BUILD, _qwen_attention_received, greedy, logits, two_prompts, unpruned_positions
 from .test_pipeline import _images_of_row as _pixels_of_row
-from .test_pipeline import compacted_prompt
+from .test_pipeline import assert_refused_untouched, compacted_prompt
 
 
 @pytest.fixture(scope="module")
@@ -288,13 +288,7 @@ def test_qwen_videos_go_through_every_stage(families):
 ])
 def test_what_a_later_stage_cannot_do_is_refused_before_anything_is_patched(families, family, method, keep, options,
                                                                           message):
-    model, processor = families[family]
-    inputs = two_prompts(family, processor)
-    expected = logits(model, inputs)
-    with pytest.raises(ValueError, match=message):
-        vlm_prune.patch(model, method, keep, **options)
-    assert vlm_prune.get_handle(model) is None
-    assert torch.equal(logits(model, inputs), expected)
+    assert_refused_untouched(families, family, method, keep, options, message)
 
 
 def test_a_grid_method_first_then_a_selection(families):

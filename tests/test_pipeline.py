@@ -100,9 +100,7 @@ def test_contracts(families, family, method, keep, options):
         pruned = logits(model, inputs)
         assert not torch.allclose(pruned[:, -1], expected[:, -1], atol=1e-4)
         for row in range(2):
-            single = {k: v[row:row + 1] for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw",
-                                                                                "image_sizes")}
-            single.update(_images_of_row(family, inputs, row))
+            single = row_inputs(family, inputs, row)
             single_logits = logits(model, single)
             real = int(inputs["attention_mask"][row].sum())
             torch.testing.assert_close(single_logits[0, -1], pruned[row, -1], rtol=1e-4, atol=1e-5)
@@ -113,9 +111,18 @@ def test_contracts(families, family, method, keep, options):
     assert torch.equal(logits(model, inputs), expected)
 
 
+def row_inputs(family, inputs, row):
+    """Row `row` of a batch with one image per row (as two_prompts makes it), with its image."""
+    single = {k: v[row:row + 1] for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw",
+                                                                        "image_sizes")}
+    single.update(_images_of_row(family, inputs, row))
+    return single
+
+
 def _images_of_row(family, inputs, row):
-    """The pixel inputs of one row's image (one image per row in two_prompts)."""
-    if family == "qwen2_vl":
+    """The pixel inputs of one row's image (one image per row in two_prompts); Qwen-VL families
+    (an `image_grid_thw`) slice their patches by the grid."""
+    if "image_grid_thw" in inputs:
         grid = inputs["image_grid_thw"]
         sizes = grid.prod(-1).tolist()
         start = sum(sizes[:row])

@@ -27,8 +27,7 @@ from vlm_prune.video_inputs import qwen_video_inputs
 
 from .reference import eager_cls_scores, reference_logits
 from .test_families import BUILD, _qwen_attention_received, greedy, logits, two_prompts, unpruned_positions
-from .test_pipeline import _images_of_row as _pixels_of_row
-from .test_pipeline import assert_refused_untouched, compacted_prompt
+from .test_pipeline import _images_of_row, assert_refused_untouched, compacted_prompt, row_inputs
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +47,6 @@ def one_prompt(family, processor):
               for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw", "image_sizes")}
     single.update(_images_of_row(family, inputs, 0))
     return single
-
-
-def _images_of_row(family, inputs, row):
-    """The pixel inputs of one row's image (one image per row), on every family."""
-    return _pixels_of_row("qwen2_vl" if "image_grid_thw" in inputs else family, inputs, row)
 
 
 class LanguageModelInputs:
@@ -210,9 +204,7 @@ def test_contracts(families, family, method, keep, options):
         pruned = logits(model, inputs)
         assert not torch.allclose(pruned[:, -1], expected[:, -1], atol=1e-4)
         for row in range(2):
-            single = {k: v[row:row + 1] for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw",
-                                                                                "image_sizes")}
-            single.update(_images_of_row(family, inputs, row))
+            single = row_inputs(family, inputs, row)
             torch.testing.assert_close(logits(model, single)[0, -1], pruned[row, -1], rtol=1e-4, atol=1e-5)
             assert handle.stats[0] == stats[row]
     finally:

@@ -45,7 +45,8 @@ from vlm_prune.registry import get_method
 from vlm_prune.timing import clock
 
 from .adapters.base import AttentionParts, FamilyAdapter, Plan
-from .model_hooks import PatchBase, PerCall, Phase, _is_prepared, _padding_mask, _per_row, _prompt_columns, kw_batch, kw_device, kw_length
+from .model_hooks import (PatchBase, PerCall, Phase, _is_prepared, _padding_mask, _per_row, _prompt_columns, _row_of_images,
+                          kw_batch, kw_device, kw_length)
 
 
 @dataclass
@@ -771,17 +772,6 @@ def _apply_merges(hidden: torch.Tensor, index: torch.Tensor, plan: list, length:
         merged = merge_states(hidden[row:row + 1], targets[None], joiners[None], group[None])[0]
         hidden[row, targets] = merged.to(hidden.dtype)
     return hidden
-
-
-def _row_of_images(row_tokens: list[int], image_tokens: list[int]) -> list[int]:
-    """The row of each image, on the host: the images fill the rows' placeholders in order."""
-    rows, row, seen = [], 0, 0
-    for n in image_tokens:
-        while row < len(row_tokens) and seen >= row_tokens[row]:
-            row, seen = row + 1, 0
-        rows.append(row)
-        seen += n
-    return rows
 
 
 def _top_per_image(scores: torch.Tensor, image_id: torch.Tensor, budgets: list[int]) -> torch.Tensor:

@@ -395,15 +395,21 @@ def _output_cache(output: Any) -> Any:
 def _per_row(row_tokens: list[int], image_tokens: list[int], image_values: list[int]) -> list[int]:
     """Sums a per-image count over each row's images, on the host: the images fill the rows'
     placeholders in order (`row_tokens`: placeholders per row; `image_tokens`: per image)."""
-    images = iter(zip(image_tokens, image_values))
-    sums = []
-    for n in row_tokens:
-        seen = total = 0
-        while seen < n:
-            tokens, value = next(images)
-            seen, total = seen + tokens, total + value
-        sums.append(total)
+    sums = [0] * len(row_tokens)
+    for row, value in zip(_row_of_images(row_tokens, image_tokens), image_values):
+        sums[row] += value
     return sums
+
+
+def _row_of_images(row_tokens: list[int], image_tokens: list[int]) -> list[int]:
+    """The row of each image, on the host (the same filling as `_per_row`)."""
+    rows, row, seen = [], 0, 0
+    for n in image_tokens:
+        while row < len(row_tokens) and seen >= row_tokens[row]:
+            row, seen = row + 1, 0
+        rows.append(row)
+        seen += n
+    return rows
 
 
 def _is_prepared(mask: Any) -> bool:

@@ -111,7 +111,7 @@ def _preset(config: PruneConfig) -> Any:
     patched alone: the pipeline of those stages; any other method: its config unchanged."""
     from .pipeline_config import PipelineConfig
 
-    stages = getattr(get_method(config.method)(), "preset", lambda _: None)(config)
+    stages = get_method(config.method)().preset(config)
     return config if stages is None else PipelineConfig(tuple(stages))
 
 

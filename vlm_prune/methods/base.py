@@ -93,6 +93,11 @@ class Method:
             out[name] = value if name not in given else spec.check(name, value)
         return out
 
+    def preset(self, config: Any) -> list | None:
+        """A method whose release runs several stages (VisionDrop: VisionZip, then LLM stages)
+        returns, patched alone, the PruneConfigs of those stages; None (the default): itself."""
+        return None
+
 
 class VisionMethod(Method):
     """A method that reduces each image's visual tokens before the LLM runs."""

@@ -72,8 +72,9 @@ def patch(model: torch.nn.Module, method: str, keep: Any = None, **options: Any)
     (keep=1.0 keeps all). options: `positions`, `backend` and the method's own options.
     A pipeline runs one or more vision-stage methods, then at most one in-LLM method:
     `method="visionzip+transition"`, `keep=(192, 64)` (or the string form
-    "visionzip:192+divprune:96+transition:64"; see `vlm_prune.pipeline_config`). Patching an already patched model replaces its configuration.
-    On any error the model is left exactly as it was.
+    "visionzip:192+divprune:96+transition:64"; see `vlm_prune.pipeline_config`). Patching an
+    already patched model replaces its configuration. On any error the model is left exactly as
+    it was.
     """
     config = make_config(method, keep, **options)
     adapter = get_family(model)  # an unsupported model fails here

@@ -148,11 +148,16 @@ class LLMMethod(Method):
         raise NotImplementedError
 
 
+def check_depth(n_layers: int, method: str) -> None:
+    """A progressive in-LLM method drops tokens between layers: it needs at least two."""
+    if n_layers < 2:
+        raise ValueError(f"{method} needs a decoder of at least 2 layers, this one has {n_layers}")
+
+
 def scaled_stages(layers_of_32: tuple[int, ...], keeps: list, n_layers: int, method: str) -> list[Stage]:
     """A release's stages on a 32-layer decoder, scaled to `n_layers`: layer l -> round(l * depth
     / 32) clamped to [1, depth - 1]; stages landing on one layer merge into the later one."""
-    if n_layers < 2:
-        raise ValueError(f"{method} needs a decoder of at least 2 layers, this one has {n_layers}")
+    check_depth(n_layers, method)
     stages: dict[int, Any] = {}
     for layer, keep in zip(layers_of_32, keeps):
         stages[min(n_layers - 1, max(1, round(layer * n_layers / 32)))] = keep  # a later stage wins

@@ -75,7 +75,7 @@ from __future__ import annotations
 
 from ..config import Option, choice, tokens_to_keep
 from ..registry import register_method
-from .llm_base import LLMMethod, check_schedule, floor_budget, normalise, resolve_stages, scaled_stages
+from .llm_base import LLMMethod, check_depth, check_schedule, floor_budget, normalise, resolve_stages, scaled_stages
 
 RELEASED_LAYERS_OF_32 = (7, 9, 12)
 RELEASED_KEEP = (0.875, 0.625)  # the last stage keeps `keep` (released: 0.125)
@@ -111,7 +111,7 @@ class Transition(LLMMethod):
 
     def stages(self, options, keep, n_layers):
         if options["schedule"] is not None:
-            scaled_stages((), [], n_layers, self.name)  # the depth check
+            check_depth(n_layers, self.name)
             return resolve_stages(options["schedule"], keep, n_layers, "schedule")
         return scaled_stages(RELEASED_LAYERS_OF_32, list(RELEASED_KEEP) + [keep], n_layers, self.name)
 

@@ -62,7 +62,7 @@ import torch
 
 from ..config import Option, PruneConfig, is_number
 from ..registry import register_method
-from .llm_base import LLMMethod, check_schedule, floor_budget, resolve_stages, scaled_stages
+from .llm_base import LLMMethod, check_depth, check_schedule, floor_budget, resolve_stages, scaled_stages
 from .visionzip import assign_to_targets
 
 RELEASED_LAYERS_OF_32 = (8, 16, 24)
@@ -112,7 +112,7 @@ class VisionDrop(LLMMethod):
 
     def stages(self, options, keep, n_layers):
         if options["schedule"] is not None:
-            scaled_stages((), [], n_layers, self.name)  # the depth check
+            check_depth(n_layers, self.name)
             return resolve_stages(options["schedule"], keep, n_layers, "schedule")
         keeps = [Fraction(n, ENTERING) for n in RELEASED_COUNTS[:-1]] + [keep]
         return scaled_stages(RELEASED_LAYERS_OF_32, keeps, n_layers, self.name)

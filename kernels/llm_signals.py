@@ -60,8 +60,7 @@ def attention_from_rows(
     logits = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scale
     logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(1)  # [B, R, L]
-    if row_group is None:
-        weights = row_valid.float()
-        return (probs * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
-    weights = ((row_group[:, :, None] == column_group[:, None, :]) & row_valid[..., None]).float()  # [B, R, L]
+    weights = row_valid[..., None].float()  # [B, R, 1]: every valid row counts for every column
+    if row_group is not None:  # [B, R, L]: only the rows of the column's own group
+        weights = weights * (row_group[:, :, None] == column_group[:, None, :])
     return (probs * weights).sum(1) / weights.sum(1).clamp(min=1.0)

@@ -174,7 +174,12 @@ def release_reference(model, inputs, schedule, keep, iga="next", softmax="sequen
 
 def patched(model, inputs, keep, **options):
     """(kept indices of the one image, logits) through the public API."""
-    with vlm_prune.pruned(model, "transition", keep, schedule=SCHEDULE, **options) as handle:
+    return kept_and_logits(model, inputs, "transition", keep, schedule=SCHEDULE, **options)
+
+
+def kept_and_logits(model, inputs, method, keep, **options):
+    """(kept indices of the prompt's one image, logits) of `method` through the public API."""
+    with vlm_prune.pruned(model, method, keep, **options) as handle:
         with torch.no_grad():
             out = model(**inputs).logits
         (kept,) = handle.kept_indices

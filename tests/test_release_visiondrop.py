@@ -28,7 +28,8 @@ import vlm_prune
 from vlm_prune import tiny
 from vlm_prune.methods.visiondrop import VisionDrop
 
-from .test_release_transprune import LLAVA_PROMPT, QUESTION, _embedded, _rotate, llava4, qwen4  # noqa: F401 (fixtures)
+from .test_release_transprune import (LLAVA_PROMPT, QUESTION, _embedded, _rotate, kept_and_logits,  # noqa: F401
+                                      llava4, qwen4)  # (fixtures)
 
 
 def _counts(n_image: int, keep: int) -> list[tuple[int, int]]:
@@ -98,11 +99,7 @@ def release_reference(model, inputs, keep, renumber=True):
 
 
 def _patched(model, inputs, keep, **options):
-    with vlm_prune.pruned(model, "visiondrop", keep, vision_stage=False, **options) as handle:
-        with torch.no_grad():
-            out = model(**inputs).logits
-        (kept,) = handle.kept_indices
-    return kept, out
+    return kept_and_logits(model, inputs, "visiondrop", keep, vision_stage=False, **options)
 
 
 @pytest.mark.parametrize("seed, keep", [(0, 12), (1, 9), (2, 20)])
